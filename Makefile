@@ -1,0 +1,63 @@
+# edgekit: every set-up step lives here, so a fresh clone needs only `make demo`
+# or `make test`.
+PY       ?= python3
+VENV     ?= .venv
+DEVICE   ?= .venv-device
+TFLITE   ?= .venv-tflite
+PIP_FLAGS ?= --quiet --disable-pip-version-check
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help install device-env tflite-env demo test test-host test-device test-tflite bench docs clean
+
+help:
+	@echo "make demo    train, convert (QAT), run an agent, collect, relabel, retrain: the whole loop"
+	@echo "make test    every test: host side, then device side on ai-edge-litert and on tflite-runtime"
+	@echo "make bench   the measurements in bench/"
+
+# Workstation environment: TensorFlow, tf-keras, tfmot, plus the device side.
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[host,dev]'
+	touch $@
+install: $(VENV)/.installed
+
+# Board environments: no TensorFlow. One per interpreter the boards may have.
+$(DEVICE)/.installed: pyproject.toml
+	test -x $(DEVICE)/bin/python || $(PY) -m venv $(DEVICE)
+	$(DEVICE)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(DEVICE)/bin/pip install $(PIP_FLAGS) -e '.[device,dev]'
+	touch $@
+device-env: $(DEVICE)/.installed
+
+$(TFLITE)/.installed: pyproject.toml
+	test -x $(TFLITE)/bin/python || $(PY) -m venv $(TFLITE)
+	$(TFLITE)/bin/pip install $(PIP_FLAGS) --upgrade pip
+	$(TFLITE)/bin/pip install $(PIP_FLAGS) -e '.[device-tflite,dev]'
+	touch $@
+tflite-env: $(TFLITE)/.installed
+
+demo: install
+	$(VENV)/bin/edgekit demo
+
+test: test-host test-device test-tflite
+
+test-host: install
+	$(VENV)/bin/python -m pytest tests/edgekit tests/test_layout.py
+
+test-device: device-env
+	EDGEKIT_EXPECT_RUNTIME=ai_edge_litert $(DEVICE)/bin/python -m pytest tests/device_agent
+
+test-tflite: tflite-env
+	EDGEKIT_EXPECT_RUNTIME=tflite_runtime $(TFLITE)/bin/python -m pytest tests/device_agent
+
+bench: install device-env
+	$(VENV)/bin/python bench/bench_convert.py
+	$(VENV)/bin/python bench/bench_agent.py
+	$(VENV)/bin/python bench/bench_collector.py
+	$(VENV)/bin/python bench/bench_loop.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache demo-out
