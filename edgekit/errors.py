@@ -7,6 +7,7 @@ One root; the CLI catches it, prints ``Type: message`` and exits 1::
      +-- ModelError         a model file is missing, corrupt or not a classifier
      +-- ConversionError    quantization or TFLite conversion failed
      +-- StoreError         the sample store cannot be opened or queried
+ +-- BrokerError        the MQTT broker cannot be reached or refused the collector
      +-- OutputExistsError  the output path exists (pass --force to replace it)
 
 device_agent's ``AgentError`` (bundle, runtime, input, protocol errors) is
@@ -15,7 +16,7 @@ caught by the CLI the same way.
 
 from __future__ import annotations
 
-__all__ = ["EdgekitError", "DataError", "ModelError", "ConversionError", "StoreError", "OutputExistsError"]
+__all__ = ["EdgekitError", "DataError", "ModelError", "ConversionError", "StoreError", "BrokerError", "OutputExistsError"]
 
 
 class EdgekitError(Exception):
@@ -36,6 +37,10 @@ class ConversionError(EdgekitError):
 
 class StoreError(EdgekitError):
     """The sample store cannot be opened or queried."""
+
+
+class BrokerError(EdgekitError):
+    """The MQTT broker cannot be reached or refused the connection or a subscription."""
 
 
 class OutputExistsError(EdgekitError):
