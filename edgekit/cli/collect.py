@@ -1,0 +1,64 @@
+"""``edgekit collect``: run a collector until Ctrl-C (or a duration, or until idle)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..store import DEFAULT_STORE
+
+    p = sub.add_parser("collect", help="store what the boards send (samples, telemetry, status) from an MQTT broker",
+                       description="Subscribe to a fleet's samples, telemetry and status (docs/protocol.md), validate "
+                                   "every payload and store it; malformed payloads are counted and quarantined.")
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", help="mqtt(s)://[user:pass@]host:port")
+    p.add_argument("--store", default=DEFAULT_STORE, help=f"sqlite:///path.db or postgresql://... (default {DEFAULT_STORE})")
+    p.add_argument("--fleet", help="only this fleet (default: every fleet)")
+    p.add_argument("--client-id", default="edgekit-collector",
+                   help="MQTT client id; keep it across restarts so the broker keeps what arrived meanwhile")
+    p.add_argument("--share-group", help="join $share/<group>/... so several collectors split the fleet")
+    p.add_argument("--session-expiry", type=int, default=3600, metavar="S",
+                   help="seconds the broker keeps the session while the collector is away (default 3600)")
+    p.add_argument("--max-payload-bytes", type=int, default=None, help="refuse bigger payloads (default 1 MiB)")
+    p.add_argument("--ca-file", help="CA certificate for mqtts://")
+    p.add_argument("--cert-file", help="client certificate for mqtts://")
+    p.add_argument("--key-file", help="client key for mqtts://")
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--until-idle", type=float, metavar="S", help="stop once nothing arrived for S seconds")
+    p.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="print counters every S seconds")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..collect import DEFAULT_MAX_PAYLOAD_BYTES, Collector
+    from ..store import open_store
+
+    with open_store(args.store) as store:
+        collector = Collector(
+            args.broker, store, fleet=args.fleet, client_id=args.client_id, share_group=args.share_group,
+            session_expiry_s=args.session_expiry,
+            max_payload_bytes=args.max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES,
+            ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+        )
+        collector.start()
+        print(f"collecting into {store.url} (Ctrl-C to stop)", flush=True)
+        start = last = time.monotonic()
+        try:
+            while True:
+                if args.until_idle is not None and collector.wait_idle(args.until_idle, timeout=0.2):
+                    break
+                if args.until_idle is None:
+                    time.sleep(0.2)
+                now = time.monotonic()
+                if args.duration is not None and now - start >= args.duration:
+                    break
+                if now - last >= args.stats_every:
+                    print(collector.stats.line(), flush=True)
+                    last = now
+        except KeyboardInterrupt:
+            pass
+        finally:
+            collector.stop()
+        print(collector.stats.line(), flush=True)
+    return 0
