@@ -1,0 +1,75 @@
+"""``edgekit convert MODEL --data DATA --mode qat|ptq -o BUNDLE_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a Keras model to an int8 TFLite bundle (QAT or PTQ) and evaluate it",
+        description="Convert a Keras model (.keras, .h5, SavedModel dir, or 'example' to train the example digits CNN) "
+        "to a full-integer int8 TFLite bundle, then evaluate float vs int8 on the test split.",
+    )
+    p.add_argument("model", metavar="MODEL", help="a .keras/.h5 file, a SavedModel directory, or 'example'")
+    p.add_argument("--data", required=True, help="'digits', an .npz (x_train, y_train, x_test, y_test) or an image folder")
+    p.add_argument("--mode", choices=("qat", "ptq"), default="qat", help="quantization-aware training or post-training (default qat)")
+    p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="the bundle directory to write")
+    p.add_argument("--epochs", type=int, default=3, help="QAT fine-tuning epochs (default 3)")
+    p.add_argument("--train-epochs", type=int, default=15, help="epochs to train the 'example' model first (default 15)")
+    p.add_argument("--calibration-samples", type=int, default=200, help="representative inputs for int8 calibration (default 200)")
+    p.add_argument("--name", help="bundle name (default: the model's name)")
+    p.add_argument("--version", default="1", help="bundle version (default 1)")
+    p.add_argument("--labels", help="class names: comma list or a file with one per line (default: from the data)")
+    p.add_argument("--baseline", metavar="OTHER_BUNDLE", help="a previous bundle to compare against (default: majority class)")
+    p.add_argument("--force", action="store_true", help="replace BUNDLE_DIR if it exists")
+    p.add_argument("--fallback", choices=("ptq", "fail"), default="ptq",
+                   help="when QAT cannot handle the model: convert with PTQ (default) or stop with an error")
+    p.add_argument("--runtime", action="append", dest="runtimes", metavar="RUNTIME",
+                   help="time this runtime in the report (repeatable; default: every one installed)")
+    p.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from ..bundle import check_output
+
+    check_output(args.output, args.force)  # before the slow imports
+    from ..convert import convert
+    from ..data import load_dataset
+
+    data = load_dataset(args.data, seed=args.seed)
+    model = args.model
+    if model == "example":
+        from ..models import digits_cnn, train
+
+        model = digits_cnn(num_classes=data.num_classes, input_shape=data.input_shape, seed=args.seed)
+        print(f"training the example CNN ({model.count_params():,} parameters) on {data.name} for {args.train_epochs} epochs")
+        train(model, data, args.train_epochs, seed=args.seed, progress=not args.no_progress)
+    result = convert(
+        model,
+        data,
+        mode=args.mode,
+        output=args.output,
+        epochs=args.epochs,
+        calibration_samples=args.calibration_samples,
+        name=args.name,
+        version=args.version,
+        labels=args.labels,
+        baseline=args.baseline,
+        force=args.force,
+        fallback=args.fallback,
+        progress=not args.no_progress,
+        runtimes=args.runtimes,
+        seed=args.seed,
+    )
+    for layer, action in result.fallbacks:
+        print(f"fallback: {layer}: {action}")
+    print(result.report.to_markdown())
+    print(f"bundle: {result.bundle_path}  (report: {result.bundle_path / 'report' / 'report.md'})")
+    return 0

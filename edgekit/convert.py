@@ -1,0 +1,222 @@
+"""``edgekit convert``: a Keras model and data become a proven int8 bundle.
+
+Steps: load the model, check the data fits it, quantize (QAT with tfmot, or
+PTQ), convert to full-integer int8 TFLite, write ``model.tflite`` and
+``manifest.json`` into a temporary directory beside the output, evaluate
+float vs int8 (``report/``), fill the measured metrics, thresholds and
+reference statistics into the manifest, then rename the directory into place.
+On any failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from device_agent.manifest import Manifest, load_bundle, read_labels
+
+from .bundle import atomic_dir, check_output, rewrite_manifest, write_bundle
+from .data import Dataset
+from .errors import ConversionError
+from .evaluate import EvalReport, evaluate, scores_to_probs
+from .keras_io import load_model, model_file_size
+
+__all__ = ["ConvertResult", "convert", "load_model", "reference_stats", "MODES"]
+
+log = logging.getLogger(__name__)
+
+MODES = ("qat", "ptq")
+REPORT_DIR = "report"
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    bundle_path: Path
+    manifest: Manifest
+    report: EvalReport
+    fallbacks: Tuple[Tuple[str, str], ...]
+
+
+def _hist(values: np.ndarray, bins: int, lo: float, hi: float) -> Dict[str, Any]:
+    if hi <= lo:
+        hi = lo + 1.0
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    return {"edges": [round(float(e), 6) for e in edges], "counts": [int(c) for c in counts]}
+
+
+def reference_stats(model_inputs: np.ndarray, probs: np.ndarray, bins: int = 20) -> Dict[str, Any]:
+    """Statistics of the training inputs (model units, per channel) and of the model's confidence on them."""
+    x = np.asarray(model_inputs, dtype=np.float64)
+    flat = x.reshape(len(x), -1, x.shape[-1]) if x.ndim >= 3 else x.reshape(len(x), -1, 1)
+    per_channel = flat.transpose(2, 0, 1).reshape(flat.shape[2], -1)
+    lo, hi = float(x.min()), float(x.max())
+    conf = np.asarray(probs).max(axis=1)
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    margin = top2[:, -1] - top2[:, 0] if probs.shape[1] > 1 else conf
+    q = [0.05, 0.25, 0.5, 0.75, 0.95]
+    return {
+        "samples": int(len(x)),
+        "units": "model input (after preprocessing)",
+        "input": {
+            "mean": [round(float(v), 6) for v in per_channel.mean(axis=1)],
+            "std": [round(float(v), 6) for v in per_channel.std(axis=1)],
+            "min": [round(float(v), 6) for v in per_channel.min(axis=1)],
+            "max": [round(float(v), 6) for v in per_channel.max(axis=1)],
+            "histogram": _hist(x, bins, lo, hi),
+        },
+        "confidence": {
+            "mean": round(float(conf.mean()), 6),
+            "quantiles": {str(k): round(float(v), 6) for k, v in zip(q, np.quantile(conf, q))},
+            "histogram": _hist(conf, bins, 0.0, 1.0),
+            "margin_mean": round(float(margin.mean()), 6),
+        },
+    }
+
+
+def convert(
+    model: Any,
+    data: Dataset,
+    *,
+    mode: str,
+    output: os.PathLike | str,
+    epochs: int = 3,
+    calibration_samples: int = 200,
+    name: Optional[str] = None,
+    version: str = "1",
+    labels: Optional[Sequence[str] | str] = None,
+    baseline: Optional[os.PathLike | str] = None,
+    force: bool = False,
+    fallback: str = "ptq",
+    progress: bool = True,
+    runtimes: Optional[Sequence[str]] = None,
+    report: bool = True,
+    seed: int = 0,
+) -> ConvertResult:
+    """Convert ``model`` (a Keras model or a path) to an int8 bundle at ``output``; see the module doc."""
+    from . import quantize as q
+    from .models import seed_everything
+
+    if mode not in MODES:
+        raise ConversionError(f"mode={mode!r} is not supported; use 'qat' or 'ptq'")
+    if fallback not in ("ptq", "fail"):
+        raise ConversionError(f"fallback={fallback!r} is not supported; use 'ptq' or 'fail'")
+    if epochs < 0:
+        raise ConversionError(f"epochs={epochs} must be >= 0")
+    if calibration_samples <= 0:
+        raise ConversionError(f"calibration_samples={calibration_samples} must be > 0")
+    output = check_output(output, force)
+    if baseline is not None:
+        load_bundle(baseline)  # a bad baseline fails before the slow work
+    label_names = read_labels(labels)
+    if label_names:
+        data = data.with_labels(label_names)
+    keras_size: Optional[int] = None
+    if isinstance(model, (str, os.PathLike)):
+        keras_size = model_file_size(model) if Path(model).exists() else None
+        model = load_model(model)
+    q.check_fits(model, data)
+    seed_everything(seed)
+    activation = q.output_activation(model, data)
+    calibration = q.representative_inputs(data, calibration_samples, seed)
+    float_bytes = q.to_tflite_float(model)
+    if keras_size is None:
+        with tempfile.TemporaryDirectory(prefix="edgekit-keras-") as tmp:
+            try:
+                model.save(os.path.join(tmp, "model.keras"))
+                keras_size = model_file_size(os.path.join(tmp, "model.keras"))
+            except Exception as exc:  # noqa: BLE001 - a subclassed model may not serialize; size is then unknown
+                log.info("Keras file size unknown (%s)", exc)
+    fallbacks: Tuple[Tuple[str, str], ...] = ()
+    used = mode
+    if mode == "qat":
+        qat = q.quantize_aware(
+            model, data, epochs=epochs, fallback=fallback, progress=progress, from_logits=activation == "logits", seed=seed
+        )
+        fallbacks, used = qat.fallbacks, qat.mode
+        if qat.model is not None:
+            try:
+                int8_bytes = q.to_tflite_int8(qat.model, calibration)
+            except ConversionError as exc:
+                if fallback == "fail":
+                    raise
+                fallbacks += ((model.name, f"QAT model did not convert ({exc}); whole model converted with PTQ"),)
+                used = "ptq"
+        if used == "ptq":
+            int8_bytes = q.to_tflite_int8(model, calibration)
+    else:
+        int8_bytes = q.to_tflite_int8(model, calibration)
+    quantization = {
+        "mode": used,
+        "requested_mode": mode,
+        "weights": "int8 per-channel",
+        "activations": "int8",
+        "calibration_samples": int(len(calibration)),
+        "qat_epochs": int(epochs) if used == "qat" else 0,
+        "fallbacks": [{"layer": n, "action": a} for n, a in fallbacks],
+    }
+    bundle_name = name or getattr(model, "name", None) or data.name
+    with atomic_dir(output, force) as tmp:
+        manifest = write_bundle(
+            tmp,
+            int8_bytes,
+            name=bundle_name,
+            version=version,
+            labels=data.labels,
+            preprocessing=data.preprocessing,
+            quantization=quantization,
+            output_activation=activation,
+        )
+        float_path = Path(tempfile.mkdtemp(prefix="edgekit-float-")) / "float.tflite"
+        try:
+            float_path.write_bytes(float_bytes)
+            rep = evaluate(
+                tmp,
+                data,
+                float_model=float_path,
+                baseline=baseline,
+                runtimes=runtimes,
+                output_dir=(tmp / REPORT_DIR) if report else None,
+                keras_size=keras_size,
+            )
+        finally:
+            float_path.unlink(missing_ok=True)
+            float_path.parent.rmdir()
+        from device_agent.interpreter import TFLiteModel
+
+        with TFLiteModel.open(tmp / manifest.model_file) as tm:
+            train_probs = scores_to_probs(tm.predict(data.model_inputs(data.x_train)), activation)
+        manifest = replace(
+            manifest,
+            confidence_threshold=rep.thresholds.confidence,
+            margin_threshold=rep.thresholds.margin,
+            metrics=_metrics(rep),
+            reference=reference_stats(data.model_inputs(data.x_train), train_probs),
+        )
+        rewrite_manifest(tmp, manifest)
+    log.info("bundle written to %s (int8 top-1 %.2f%%)", output, 100 * rep.int8.accuracy)
+    report_obj = replace(rep, bundle=str(output))
+    if report:
+        (output / REPORT_DIR / "report.md").write_text(report_obj.to_markdown(), encoding="utf-8")
+    return ConvertResult(bundle_path=output, manifest=manifest, report=report_obj, fallbacks=fallbacks)
+
+
+def _metrics(rep: EvalReport) -> Dict[str, Any]:
+    lat = {f"{x.runtime}_{x.model}_median_ms": round(x.median_ms, 5) for x in rep.latency}
+    lat.update({f"{x.runtime}_{x.model}_p95_ms": round(x.p95_ms, 5) for x in rep.latency})
+    return {
+        "data": rep.data,
+        "test_size": rep.test_size,
+        "accuracy_float": rep.float.accuracy if rep.float else None,
+        "accuracy_int8": rep.int8.accuracy,
+        "macro_f1_int8": rep.int8.macro_f1,
+        "agreement": rep.agreement,
+        "baseline_accuracy": rep.baseline.accuracy,
+        "size_bytes": dict(rep.sizes),
+        "latency_ms": lat,
+    }

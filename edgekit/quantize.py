@@ -1,0 +1,235 @@
+"""TFLite conversion: float, post-training int8 (PTQ) and quantization-aware training (QAT).
+
+Full-integer int8 everywhere: int8 weights (per-channel for convolutions and
+dense layers, the converter's default), int8 activations calibrated on a
+representative dataset, int8 input and output tensors.
+
+QAT annotates every layer tfmot can quantize and leaves the others float
+(they are quantized post-training by the converter from the representative
+dataset); each such layer is reported by name in the ``fallbacks``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, List, Tuple
+
+import numpy as np
+
+from .data import Dataset
+from .errors import ConversionError, DataError, ModelError
+
+__all__ = [
+    "QatResult",
+    "check_fits",
+    "output_activation",
+    "representative_inputs",
+    "to_tflite_float",
+    "to_tflite_int8",
+    "unsupported_layers",
+    "quantize_aware",
+]
+
+log = logging.getLogger(__name__)
+
+Fallback = Tuple[str, str]
+
+
+def check_fits(model: Any, data: Dataset) -> None:
+    """Raise DataError/ModelError when ``data`` does not fit ``model`` (one input, one output, sizes)."""
+    try:
+        in_shape, out_shape = model.input_shape, model.output_shape
+    except (AttributeError, RuntimeError) as exc:
+        raise ModelError(f"model {getattr(model, 'name', '?')} is not built ({exc}); call model.build(input_shape) first") from exc
+    if isinstance(in_shape, list) or isinstance(out_shape, list):
+        raise ModelError(
+            f"model has {len(in_shape) if isinstance(in_shape, list) else 1} inputs and "
+            f"{len(out_shape) if isinstance(out_shape, list) else 1} outputs; edgekit converts classifiers with one of each"
+        )
+    expected = tuple(in_shape[1:])
+    if any(d is not None and d != g for d, g in zip(expected, data.input_shape)) or len(expected) != len(data.input_shape):
+        raise DataError(
+            f"data input shape={list(data.input_shape)} does not fit the model's input shape={list(expected)}; "
+            "resize the data or pass the matching model"
+        )
+    classes = out_shape[-1]
+    if classes != data.num_classes:
+        raise DataError(
+            f"data has {data.num_classes} classes ({', '.join(data.labels[:12])}) but the model outputs {classes} scores; "
+            "pass the data the model was trained for, or --labels with one name per output"
+        )
+
+
+def output_activation(model: Any, data: Dataset, rows: int = 64) -> str:
+    """``softmax`` when the model's outputs are probabilities, else ``logits``."""
+    out = np.asarray(model(data.model_inputs(data.x_train[:rows]), training=False))
+    if np.all(out >= -1e-6) and np.all(out <= 1 + 1e-6) and np.allclose(out.sum(axis=-1), 1.0, atol=1e-3):
+        return "softmax"
+    return "logits"
+
+
+def representative_inputs(data: Dataset, samples: int, seed: int = 0) -> np.ndarray:
+    """Up to ``samples`` training inputs (model units), a fixed stratified-enough random pick."""
+    if samples <= 0:
+        raise DataError(f"calibration_samples={samples} must be > 0")
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(data.x_train))[: int(samples)]
+    return data.model_inputs(data.x_train[np.sort(idx)])
+
+
+def _rep_dataset(inputs: np.ndarray) -> Callable[[], Iterator[List[np.ndarray]]]:
+    def gen() -> Iterator[List[np.ndarray]]:
+        for x in inputs:
+            yield [x[None, ...].astype(np.float32)]
+
+    return gen
+
+
+def _convert(model: Any, configure: Callable[[Any], None], what: str) -> bytes:
+    from ._keras import tf
+
+    try:
+        converter = tf.lite.TFLiteConverter.from_keras_model(model)
+        configure(converter)
+        return bytes(converter.convert())
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types
+        msg = " ".join(str(exc).split())
+        raise ConversionError(
+            f"{what} conversion failed ({type(exc).__name__}: {msg[:240]}); check the model's layers are TFLite "
+            "built-ins, or try --mode ptq"
+        ) from exc
+
+
+def to_tflite_float(model: Any) -> bytes:
+    """The float32 TFLite model (the reference for size and accuracy)."""
+    return _convert(model, lambda c: None, "float TFLite")
+
+
+def to_tflite_int8(model: Any, calibration: np.ndarray) -> bytes:
+    """Full-integer int8 TFLite with int8 input/output tensors, calibrated on ``calibration``."""
+    from ._keras import tf
+
+    def configure(c: Any) -> None:
+        c.optimizations = [tf.lite.Optimize.DEFAULT]
+        c.representative_dataset = _rep_dataset(calibration)
+        c.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        c.inference_input_type = tf.int8
+        c.inference_output_type = tf.int8
+
+    return _convert(model, configure, "int8")
+
+
+def _registry() -> Any:
+    from ._keras import tfmot
+
+    tfmot()
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry as reg,
+    )
+
+    return reg.Default8BitQuantizeRegistry()
+
+
+def _is_graph_model(model: Any) -> bool:
+    from ._keras import keras
+
+    return isinstance(model, keras.Sequential) or bool(getattr(model, "_is_graph_network", False))
+
+
+def unsupported_layers(model: Any) -> List[Tuple[str, str]]:
+    """(layer name, class name) of every layer tfmot's default 8-bit scheme cannot quantize."""
+    from ._keras import keras
+
+    registry = _registry()
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue  # folded into the preceding convolution by quantize_apply
+        if isinstance(layer, keras.Model) or not registry.supports(layer):
+            out.append((layer.name, type(layer).__name__))
+    return out
+
+
+@dataclass(frozen=True)
+class QatResult:
+    """The fine-tuned QAT model (None when the whole model fell back to PTQ) and what was done."""
+
+    model: Any
+    fallbacks: Tuple[Fallback, ...]
+    mode: str  # "qat" or "ptq" when the whole model fell back
+
+
+def quantize_aware(
+    model: Any,
+    data: Dataset,
+    *,
+    epochs: int,
+    fallback: str,
+    progress: bool,
+    from_logits: bool,
+    learning_rate: float = 1e-4,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> QatResult:
+    """tfmot QAT: annotate what can be quantized, apply, fine-tune ``epochs`` on the train split."""
+    from ._keras import keras, tfmot
+
+    from .models import seed_everything
+
+    if fallback not in ("ptq", "fail"):
+        raise ConversionError(f"fallback={fallback!r} must be 'ptq' or 'fail'")
+    mot = tfmot()
+    if not _is_graph_model(model):
+        reason = f"subclassed model {type(model).__name__}: tfmot QAT needs a Sequential or functional model"
+        if fallback == "fail":
+            raise ConversionError(f"{reason}; rerun with --fallback ptq or --mode ptq")
+        log.warning("%s; converting the whole model with PTQ", reason)
+        return QatResult(None, ((model.name, f"{reason}; whole model converted with PTQ"),), "ptq")
+    skipped = unsupported_layers(model)
+    if skipped and fallback == "fail":
+        names = ", ".join(f"{n} ({c})" for n, c in skipped)
+        raise ConversionError(f"QAT cannot quantize layers {names}; rerun with --fallback ptq or --mode ptq")
+    skip_names = {n for n, _ in skipped}
+    fallbacks: List[Fallback] = [
+        (n, f"{c} is not supported by tfmot QAT: left float during QAT, quantized post-training by the converter")
+        for n, c in skipped
+    ]
+    for name, what in fallbacks:
+        log.warning("layer %s: %s", name, what)
+
+    def annotate(layer: Any) -> Any:
+        if layer.name in skip_names or isinstance(layer, keras.layers.InputLayer):
+            return layer.__class__.from_config(layer.get_config())
+        return mot.quantization.keras.quantize_annotate_layer(layer.__class__.from_config(layer.get_config()))
+
+    try:
+        annotated = keras.models.clone_model(model, clone_function=annotate)
+        annotated.set_weights(model.get_weights())
+        with mot.quantization.keras.quantize_scope():
+            qat_model = mot.quantization.keras.quantize_apply(annotated)
+    except Exception as exc:  # noqa: BLE001 - tfmot raises many types for unsupported graphs
+        reason = f"tfmot quantize_apply failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+        if fallback == "fail":
+            raise ConversionError(f"{reason}; rerun with --fallback ptq or --mode ptq") from exc
+        log.warning("%s; converting the whole model with PTQ", reason)
+        return QatResult(None, tuple(fallbacks) + ((model.name, f"{reason}; whole model converted with PTQ"),), "ptq")
+    if epochs > 0:
+        seed_everything(seed)
+        qat_model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+            metrics=["accuracy"],
+        )
+        log.info("QAT fine-tuning for %d epoch(s) on %d inputs", epochs, len(data.x_train))
+        qat_model.fit(
+            data.model_inputs(data.x_train),
+            data.y_train,
+            epochs=int(epochs),
+            batch_size=int(batch_size),
+            shuffle=True,
+            verbose=1 if progress else 0,
+        )
+    return QatResult(qat_model, tuple(fallbacks), "qat")
