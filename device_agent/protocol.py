@@ -41,6 +41,8 @@ __all__ = [
     "decode_array",
     "sample_payload",
     "status_payload",
+    "telemetry_payload",
+    "prediction_payload",
     "parse_cmd",
 ]
 
@@ -155,6 +157,39 @@ def status_payload(*, device: str, fleet: str, state: str, model: Optional[Mappi
         "model": dict(model or {}),
         "agent_version": agent_version,
     }
+
+
+def telemetry_payload(*, device: str, fleet: str, model: Mapping[str, str], uptime_s: float, inferences: int,
+                      outbox: Mapping[str, int], ts: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
+    """Periodic health, as ``edgekit.telemetry/1``; ``fields`` are the optional properties of the schema."""
+    out: Dict[str, Any] = {
+        "schema": "edgekit.telemetry/1",
+        "device": device,
+        "fleet": fleet,
+        "ts": ts if ts is not None else now(),
+        "uptime_s": round(float(uptime_s), 3),
+        "inferences": int(inferences),
+        "outbox": {k: int(v) for k, v in outbox.items()},
+        "model": dict(model),
+    }
+    out.update(fields)
+    return out
+
+
+def prediction_payload(*, device: str, seq: int, label: str, confidence: float, sample_id: Optional[str] = None,
+                       ts: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
+    """One prediction (published only when ``[mqtt].publish_predictions`` is on), as ``edgekit.prediction/1``."""
+    out: Dict[str, Any] = {
+        "schema": "edgekit.prediction/1",
+        "device": device,
+        "seq": int(seq),
+        "ts": ts if ts is not None else now(),
+        "label": label,
+        "confidence": float(confidence),
+        "sample_id": sample_id,
+    }
+    out.update(fields)
+    return out
 
 
 COMMANDS = ("ping", "set_thresholds", "flush", "reload_bundle", "send_telemetry")

@@ -1,0 +1,368 @@
+"""The agent's configuration: a TOML file (``firmware_configs/<board>.toml``), one frozen dataclass per table.
+
+Every value is checked when the file is loaded; an error names the key and
+the fix, e.g. ``config [policy].random_fraction=1.5 must be within [0, 1]``.
+Command-line flags override the file through :meth:`AgentConfig.with_overrides`.
+See docs/agent.md for every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.9/3.10 boards
+    import tomli as tomllib
+
+__all__ = [
+    "DeviceConfig",
+    "BundleConfig",
+    "RuntimeConfig",
+    "SourceConfig",
+    "PolicyConfig",
+    "MqttConfig",
+    "OutboxConfig",
+    "TelemetryConfig",
+    "ResultsConfig",
+    "AgentConfig",
+    "load_config",
+    "default_state_dir",
+]
+
+RUNTIME_NAMES = ("auto", "ai_edge_litert", "tflite_runtime", "tensorflow")
+SOURCE_KINDS = ("folder", "npy", "npz", "camera", "mqtt")
+
+
+def default_state_dir() -> Path:
+    """Where the outbox and the benchmark choice live unless configured."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "edgekit-agent"
+
+
+def _hostname() -> str:
+    name = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:64]
+    return name or "device"
+
+
+def _err(table: str, key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"config [{table}].{key}={value!r} {why}")
+
+
+def _within(table: str, key: str, value: float, lo: float, hi: Optional[float] = None) -> None:
+    if value < lo or (hi is not None and value > hi):
+        rng = f"within [{lo:g}, {hi:g}]" if hi is not None else f">= {lo:g}"
+        raise ConfigError(f"config [{table}].{key}={value!r} must be {rng}")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    id: str = ""
+    fleet: str = "default"
+
+    def __post_init__(self) -> None:
+        from .protocol import check_name
+        from .errors import ProtocolError
+
+        if not self.id:
+            object.__setattr__(self, "id", _hostname())
+        for key in ("id", "fleet"):
+            try:
+                check_name(getattr(self, key), key)
+            except ProtocolError:
+                raise _err("device", key, getattr(self, key), "is not a valid name; use 1-64 letters, digits, '.', '_' or '-'") from None
+
+
+@dataclass(frozen=True)
+class BundleConfig:
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    name: str = "auto"
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.name not in RUNTIME_NAMES:
+            raise _err("runtime", "name", self.name, f"is unknown; expected one of {RUNTIME_NAMES}")
+        _within("runtime", "threads", self.threads, 1, 64)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = "folder"
+    path: str = ""
+    watch: bool = False
+    poll_interval_s: float = 1.0
+    camera_index: int = 0
+    fps: float = 0.0  # camera: frames per second to classify, 0 = as fast as the model goes
+    topic: str = ""
+    key: str = "x"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise _err("source", "kind", self.kind, f"is unknown; expected one of {SOURCE_KINDS}")
+        _within("source", "poll_interval_s", self.poll_interval_s, 0.01)
+        _within("source", "camera_index", self.camera_index, 0)
+        _within("source", "fps", self.fps, 0)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    confidence_threshold: Optional[float] = None  # None: the manifest's
+    margin_threshold: Optional[float] = None  # None: the manifest's
+    random_fraction: float = 0.0
+    max_per_minute: int = 0  # 0: no limit
+    max_per_hour: int = 0
+    max_per_day: int = 0
+    max_per_class_per_hour: int = 0
+    dedupe: bool = True
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for key in ("confidence_threshold", "margin_threshold", "random_fraction"):
+            value = getattr(self, key)
+            if value is not None:
+                _within("policy", key, value, 0, 1)
+        for key in ("max_per_minute", "max_per_hour", "max_per_day", "max_per_class_per_hour"):
+            _within("policy", key, getattr(self, key), 0)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    broker: str = "mqtt://127.0.0.1:1883"  # "" runs offline: samples wait in the outbox
+    protocol: str = "5"
+    username: str = ""
+    password: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    keepalive_s: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    max_inflight: int = 50
+    publish_predictions: bool = False
+
+    def __post_init__(self) -> None:
+        if self.broker:
+            url = urlparse(self.broker)
+            if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+                raise _err("mqtt", "broker", self.broker, "must look like mqtt://host:1883 or mqtts://host:8883")
+            try:
+                url.port
+            except ValueError:
+                raise _err("mqtt", "broker", self.broker, "has an invalid port") from None
+        if self.protocol not in ("5", "3.1.1"):
+            raise _err("mqtt", "protocol", self.protocol, "must be \"5\" or \"3.1.1\"")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("config [mqtt].cert_file and [mqtt].key_file go together; set both or neither")
+        if self.password and not self.username:
+            raise ConfigError("config [mqtt].password is set without [mqtt].username; set the username too")
+        _within("mqtt", "keepalive_s", self.keepalive_s, 5, 3600)
+        _within("mqtt", "reconnect_min_s", self.reconnect_min_s, 0.01)
+        _within("mqtt", "reconnect_max_s", self.reconnect_max_s, self.reconnect_min_s)
+        _within("mqtt", "max_inflight", self.max_inflight, 1, 65535)
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.broker).hostname or ""
+
+    @property
+    def port(self) -> int:
+        url = urlparse(self.broker)
+        return url.port or (8883 if url.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlparse(self.broker).scheme == "mqtts" or bool(self.ca_file)
+
+
+@dataclass(frozen=True)
+class OutboxConfig:
+    path: str = ""  # "": <state dir>/outbox-<device>.sqlite
+    max_bytes: int = 64 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+    sync: str = "normal"  # normal: survives kill -9; full: survives power loss too (slower)
+
+    def __post_init__(self) -> None:
+        _within("outbox", "max_bytes", self.max_bytes, 1024)
+        _within("outbox", "drain_timeout_s", self.drain_timeout_s, 0)
+        if self.sync not in ("normal", "full"):
+            raise _err("outbox", "sync", self.sync, "must be \"normal\" or \"full\"")
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    period_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _within("telemetry", "period_s", self.period_s, 0.1)
+
+
+@dataclass(frozen=True)
+class ResultsConfig:
+    path: str = "-"  # "-": stdout, "": off
+
+
+_TABLES: Dict[str, type] = {
+    "device": DeviceConfig,
+    "bundle": BundleConfig,
+    "runtime": RuntimeConfig,
+    "source": SourceConfig,
+    "policy": PolicyConfig,
+    "mqtt": MqttConfig,
+    "outbox": OutboxConfig,
+    "telemetry": TelemetryConfig,
+    "results": ResultsConfig,
+}
+
+# Flag-style overrides (the CLI's and the Python API's) -> (table, key).
+_SHORTCUTS: Dict[str, Tuple[str, str]] = {
+    "bundle": ("bundle", "path"),
+    "source": ("source", "path"),
+    "watch": ("source", "watch"),
+    "broker": ("mqtt", "broker"),
+    "device_id": ("device", "id"),
+    "fleet": ("device", "fleet"),
+    "results": ("results", "path"),
+    "runtime": ("runtime", "name"),
+    "threads": ("runtime", "threads"),
+    "outbox": ("outbox", "path"),
+}
+
+
+def _coerce(table: str, f: dataclasses.Field, value: Any) -> Any:
+    kind = str(f.type).replace("Optional[", "").rstrip("]")
+    if value is None:
+        if "Optional" in str(f.type):
+            return None
+        raise _err(table, f.name, value, "must be set")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _err(table, f.name, value, "must be true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _err(table, f.name, value, "must be an integer")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _err(table, f.name, value, "must be a number")
+        return float(value)
+    if kind == "str":
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name in ("protocol", "id", "fleet"):
+            return str(value)
+        if not isinstance(value, str):
+            raise _err(table, f.name, value, "must be a string")
+        return value
+    return value
+
+
+def _build(table: str, values: Mapping[str, Any]):
+    klass = _TABLES[table]
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"config [{table}] must be a table, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"config [{table}].{unknown[0]} is not a known key; expected one of {sorted(fields)}")
+    return klass(**{k: _coerce(table, fields[k], v) for k, v in values.items()})
+
+
+def _infer_kind(path: str) -> Optional[str]:
+    low = path.lower()
+    if low.endswith(".npz"):
+        return "npz"
+    if low.endswith(".npy") and not os.path.isdir(path):
+        return "npy"
+    if os.path.isdir(path):
+        return "folder"
+    return None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    bundle: BundleConfig = field(default_factory=BundleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
+    origin: str = "<defaults>"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "<dict>") -> "AgentConfig":
+        unknown = sorted(set(data) - set(_TABLES))
+        if unknown:
+            raise ConfigError(f"config [{unknown[0]}] is not a known table; expected one of {sorted(_TABLES)}")
+        return cls(origin=origin, **{t: _build(t, data.get(t, {})) for t in _TABLES})
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        return {t: dataclasses.asdict(getattr(self, t)) for t in _TABLES}
+
+    def with_overrides(self, **overrides: Any) -> "AgentConfig":
+        """A copy with flag-style values (``bundle=``, ``source=``, ``watch=``, ``broker=``,
+        ``device_id=``, ``fleet=``, ``results=``, ``runtime=``, ``threads=``, ``outbox=``)
+        or whole-table updates (``policy={"random_fraction": 1.0}``) applied. ``None`` is ignored.
+        """
+        data = self.to_dict()
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name in _SHORTCUTS:
+                table, key = _SHORTCUTS[name]
+                data[table][key] = value
+                if name == "source":
+                    kind = _infer_kind(str(value))
+                    if kind:
+                        data["source"]["kind"] = kind
+            elif name in _TABLES:
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"override {name}= must be a mapping of [{name}] keys")
+                data[name].update(value)
+            else:
+                raise ConfigError(f"override {name}= is unknown; expected one of {sorted(_SHORTCUTS) + sorted(_TABLES)}")
+        return AgentConfig.from_dict(data, origin=self.origin)
+
+    # -- derived paths ------------------------------------------------------
+    @property
+    def outbox_path(self) -> Path:
+        if self.outbox.path:
+            return Path(self.outbox.path).expanduser()
+        return default_state_dir() / f"outbox-{self.device.id}.sqlite"
+
+    @property
+    def bench_path(self) -> Path:
+        """The benchmark's runtime choice, next to the outbox (``runtime = "auto"`` reads it)."""
+        return self.outbox_path.parent / "bench.json"
+
+
+def load_config(path: Optional[os.PathLike | str] = None, **overrides: Any) -> AgentConfig:
+    """Read a TOML config (or start from the defaults) and apply overrides."""
+    if path is None:
+        config = AgentConfig()
+    else:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config {p} cannot be read ({exc.__class__.__name__}: {exc}); check the path") from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {p} is not valid TOML ({exc}); fix the line it names") from exc
+        config = AgentConfig.from_dict(data, origin=str(p))
+    return config.with_overrides(**overrides) if overrides else config

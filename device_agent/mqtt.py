@@ -1,0 +1,171 @@
+"""The one module that imports paho-mqtt: the agent's connection to the broker.
+
+:class:`Link` owns a paho ``Client(CallbackAPIVersion.VERSION2)`` with its
+network thread (``loop_start``), MQTT 5 by default (3.1.1 as an option), TLS
+with a CA and client certificates, username/password, and a retained last
+will that says ``offline``. Reconnects back off exponentially
+(``reconnect_delay_set``) plus a random extra of up to half the delay, so a
+fleet that lost its broker does not come back in lock step.
+
+paho keeps unacknowledged messages in memory only. Persistence is the
+outbox's job: :class:`Link` reports every PUBACK (its ``mid`` and whether the
+broker accepted it) on :attr:`Link.acks`, and bumps :attr:`Link.generation`
+on every successful connection so the publisher replays the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+from typing import Callable, Dict, Optional, Tuple
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from .errors import ConfigError
+
+__all__ = ["Link"]
+
+log = logging.getLogger(__name__)
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class Link:
+    """A supervised MQTT connection. ``start()``, ``publish()``, ``close()``."""
+
+    def __init__(
+        self,
+        cfg,
+        *,
+        client_id: str,
+        will: Optional[Tuple[str, bytes]] = None,
+        on_connect: Optional[Callable[[], None]] = None,
+    ):
+        self.cfg = cfg
+        self.acks: "queue.SimpleQueue[Tuple[int, bool]]" = queue.SimpleQueue()
+        self.generation = 0
+        self.connected = threading.Event()
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._failures = 0
+        self._on_connect_hook = on_connect
+        self._handlers: Dict[str, MessageHandler] = {}
+        protocol = paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311
+        kwargs = {"client_id": client_id, "protocol": protocol}
+        if protocol == paho.MQTTv311:
+            kwargs["clean_session"] = True
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
+        self.client.max_inflight_messages_set(cfg.max_inflight)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(min_delay=cfg.reconnect_min_s, max_delay=cfg.reconnect_max_s)
+        if cfg.username:
+            self.client.username_pw_set(cfg.username, cfg.password or None)
+        if cfg.tls:
+            try:
+                self.client.tls_set(
+                    ca_certs=cfg.ca_file or None,
+                    certfile=cfg.cert_file or None,
+                    keyfile=cfg.key_file or None,
+                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
+                )
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(
+                    f"config [mqtt] TLS files cannot be used (ca_file={cfg.ca_file!r}, cert_file={cfg.cert_file!r}, "
+                    f"key_file={cfg.key_file!r}): {exc}; check the paths and that the key matches the certificate"
+                ) from exc
+        if will:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_connect = self._connected
+        self.client.on_disconnect = self._disconnected
+        self.client.on_connect_fail = self._connect_failed
+        self.client.on_publish = self._published
+        self.client.on_message = self._message
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> "Link":
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self.client.loop_start()
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def close(self, last: Optional[Tuple[str, bytes]] = None, timeout: float = 2.0) -> None:
+        """Publish ``last`` (retained, e.g. status offline) if connected, disconnect, stop the thread."""
+        self._stop.set()
+        if self.connected.is_set() and last is not None:
+            info = self.client.publish(last[0], last[1], qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- traffic ------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Optional[int]:
+        """Hand one message to paho; its ``mid`` (acknowledged later on :attr:`acks`), or None if offline."""
+        if not self.connected.is_set():
+            return None
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+            return None
+        return info.mid
+
+    def subscribe(self, topic: str, handler: MessageHandler) -> None:
+        """Call ``handler(topic, payload)`` (in the MQTT thread) for each message; re-subscribed on reconnect."""
+        self._handlers[topic] = handler
+        self.client.message_callback_add(topic, lambda c, u, m: handler(m.topic, m.payload))
+        if self.connected.is_set():
+            self.client.subscribe(topic, qos=1)
+
+    # -- paho callbacks (network thread) -----------------------------------
+    def _connected(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.last_error = f"broker refused the connection: {reason_code}"
+            log.error("%s; check [mqtt].username/password/certificates", self.last_error)
+            return
+        self._failures = 0
+        self.last_error = ""
+        for topic in self._handlers:
+            client.subscribe(topic, qos=1)
+        self.generation += 1
+        self.connected.set()
+        log.info("connected to %s (%s)", self.cfg.broker, "MQTT 5" if self.cfg.protocol == "5" else "MQTT 3.1.1")
+        if self._on_connect_hook:
+            self._on_connect_hook()
+
+    def _backoff(self) -> None:
+        delay = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * (2 ** min(self._failures, 20)))
+        self._failures += 1
+        # paho waits `delay` itself; the random extra spreads a fleet's reconnects.
+        self._stop.wait(random.uniform(0, delay / 2))
+
+    def _disconnected(self, client, userdata, flags, reason_code, properties) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if self._stop.is_set():
+            return
+        if was:
+            log.warning("lost the broker %s (%s); samples wait in the outbox", self.cfg.broker, reason_code)
+        self._backoff()
+
+    def _connect_failed(self, client, userdata) -> None:
+        if self._failures == 0:
+            log.warning("cannot reach the broker %s; retrying with backoff, samples wait in the outbox", self.cfg.broker)
+        self.last_error = f"cannot reach the broker {self.cfg.broker}"
+        self._backoff()
+
+    def _published(self, client, userdata, mid, reason_code, properties) -> None:
+        ok = not getattr(reason_code, "is_failure", False)
+        if not ok:
+            log.warning("broker rejected message %d: %s", mid, reason_code)
+        self.acks.put((mid, ok))
+
+    def _message(self, client, userdata, message) -> None:
+        log.debug("message on %s with no handler", message.topic)
