@@ -152,10 +152,13 @@ class Collector:
         keepalive_s: int = 30,
     ) -> None:
         self.broker = parse_broker_url(broker_url)
-        if fleet is not None:
-            protocol.check_name(fleet, "fleet")
-        if share_group is not None:
-            protocol.check_name(share_group, "share_group")
+        try:
+            if fleet is not None:
+                protocol.check_name(fleet, "fleet")
+            if share_group is not None:
+                protocol.check_name(share_group, "share_group")
+        except protocol.ProtocolError as exc:
+            raise EdgekitError(str(exc)) from None
         if not client_id or len(client_id) > 128:
             raise EdgekitError(f"client_id={client_id!r}: give 1-128 characters, the same on every restart")
         if int(session_expiry_s) < 0:

@@ -141,16 +141,17 @@ class Store:
             self._commit()
 
     def put_status(self, payload: Mapping[str, Any]) -> None:
-        """Record an ``edgekit.status/1`` (online, or offline from the last will); older ones are ignored."""
+        """Record an ``edgekit.status/1`` (online, or offline from the last will)."""
         now = time.time()
         model = payload.get("model") or {}
         with self._lock:
             self._touch_device(payload["fleet"], payload["device"], now, model,
                                seen=payload.get("state") == "online")
+            # The latest to arrive wins, not the latest ts: a last will is composed when
+            # the board connects, so its ts is older than the "online" that follows it.
             self._exec(
-                "UPDATE devices SET state = ?, state_ts = ? WHERE fleet = ? AND device = ? "
-                "AND (state_ts IS NULL OR state_ts <= ?)",
-                (payload["state"], float(payload["ts"]), payload["fleet"], payload["device"], float(payload["ts"])),
+                "UPDATE devices SET state = ?, state_ts = ? WHERE fleet = ? AND device = ?",
+                (payload["state"], float(payload["ts"]), payload["fleet"], payload["device"]),
             )
             self._commit()
 

@@ -1,0 +1,104 @@
+"""The sample store, on SQLite and on the local PostgreSQL: one suite, both backends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from collecting import sample, store, store_url, telemetry  # noqa: F401  (fixtures)
+from device_agent import protocol
+from edgekit.errors import StoreError
+from edgekit.store import open_store
+
+
+def test_a_sample_is_stored_once_and_reads_back_as_sent(store):
+    raw = np.arange(64, dtype=np.uint8).reshape(8, 8, 1)
+    p = sample(7, raw=raw, confidence=0.31)
+    assert store.put_sample(p, "t") is True
+    assert store.put_sample(p, "t") is False
+    assert store.count_samples() == 1
+    r = store.get_sample(p["sample_id"])
+    assert (r.device, r.fleet, r.seq, r.model_version, r.label_pred) == ("pi-1", "lab", 7, "1.0.0", "3")
+    assert r.confidence == pytest.approx(0.31)
+    assert r.reasons == ("low_confidence",)
+    assert r.source == {"file": "in-7.npy"}
+    assert r.array().dtype == np.uint8 and np.array_equal(r.array(), raw)
+    assert r.label is None
+
+
+def test_filters_select_what_a_labeler_asks_for(store):
+    rows = [
+        sample(1, device="a", confidence=0.2),
+        sample(2, device="a", confidence=0.6, reasons=["random"]),
+        sample(3, device="b", confidence=0.4, version="2.0.0", reasons=["low_margin", "low_confidence"]),
+    ]
+    for p in rows:
+        store.put_sample(p, "t")
+    ids = lambda recs: [r.seq for r in recs]  # noqa: E731
+    assert ids(store.list_samples(device="a")) == [1, 2]
+    assert ids(store.list_samples(model_version="2.0.0")) == [3]
+    assert ids(store.list_samples(reason="low_confidence")) == [1, 3]
+    assert ids(store.list_samples(reason="random")) == [2]
+    assert ids(store.list_samples(max_confidence=0.45)) == [1, 3]
+    assert ids(store.list_samples(min_confidence=0.3, max_confidence=0.7)) == [2, 3]
+    assert ids(store.list_samples(limit=2)) == [1, 2]
+    store.set_label(rows[1]["sample_id"], "8", by="ann")
+    assert ids(store.list_samples(labeled=True)) == [2]
+    assert ids(store.list_samples(labeled=False)) == [1, 3]
+    r = store.get_sample(rows[1]["sample_id"])
+    assert (r.label, r.labeled_by) == ("8", "ann") and r.labeled_at is not None
+    assert store.count_samples(labeled=True) == 1
+
+
+def test_labeling_an_unknown_id_changes_nothing(store):
+    p = sample(1)
+    store.put_sample(p, "t")
+    with pytest.raises(StoreError, match="not in the store"):
+        store.set_labels({p["sample_id"]: "4", "00000000-0000-0000-0000-000000000000": "5"})
+    assert store.get_sample(p["sample_id"]).label is None
+    with pytest.raises(StoreError, match="not in the store"):
+        store.get_sample("nope")
+
+
+def test_telemetry_and_status_make_a_device_record(store):
+    store.put_status(protocol.status_payload(device="pi-1", fleet="lab", state="online", model={"version": "1.0.0"}))
+    store.put_telemetry(telemetry(inferences=10, ts=100.0))
+    store.put_telemetry(telemetry(inferences=5, ts=50.0))  # arrives late: not the latest
+    store.put_sample(sample(1), "t")
+    (d,) = store.devices()
+    assert (d.fleet, d.device, d.state, d.model_version, d.samples) == ("lab", "pi-1", "online", "1.0.0", 1)
+    assert (d.inferences, d.outbox_depth, d.dropped, d.temperature_c) == (10, 3, 2, 51.5)
+    assert store.count_telemetry() == 2
+    # The last will is composed at connect time, so it is older than "online" and still wins.
+    store.put_status(protocol.status_payload(device="pi-1", fleet="lab", state="offline", ts=1.0))
+    assert store.devices()[0].state == "offline"
+
+
+def test_quarantine_keeps_the_payload_and_why(store):
+    store.quarantine("edgekit/v1/lab/pi-1/samples", b"\x00\xffnot json", "not_json", "payload is not UTF-8 JSON")
+    store.quarantine("edgekit/v1/lab/pi-1/samples", b"x" * 200_000, "oversized", "too big")
+    q = store.quarantined()
+    assert [x["reason"] for x in q] == ["not_json", "oversized"]
+    assert q[0]["payload"] == b"\x00\xffnot json"
+    assert q[1]["size"] == 200_000 and len(q[1]["payload"]) == 64 * 1024
+    assert store.quarantine_counts() == {"not_json": 1, "oversized": 1}
+
+
+def test_a_store_that_cannot_open_says_why(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(f"sqlite:///{tmp_path}/missing/dir/s.db")
+    with pytest.raises(StoreError, match="unknown scheme"):
+        open_store("mysql://host/db")
+    with pytest.raises(StoreError, match="cannot open PostgreSQL store"):
+        open_store("postgresql://postgres@127.0.0.1:1/test")
+    with pytest.raises(StoreError, match="schema="):
+        open_store("postgresql://postgres@127.0.0.1:5432/test?schema=Bad;Name")
+
+
+def test_a_plain_path_is_a_sqlite_store(tmp_path):
+    with open_store(str(tmp_path / "plain.db")) as s:
+        s.put_sample(sample(1), "t")
+    with open_store(f"sqlite:///{tmp_path}/plain.db") as s:
+        assert s.count_samples() == 1
+    with pytest.raises(StoreError, match="closed"):
+        s.count_samples()
