@@ -90,7 +90,9 @@ class Agent:
                 margin_threshold=m.margin_threshold,
                 seen=self.outbox.seen,
             )
-            self.source = source or open_source(config.source, m.preprocessing.color, m.preprocessing.raw_dtype)
+            self.source = source or open_source(
+                config.source, m.preprocessing.color, m.preprocessing.raw_dtype, m.preprocessing.shape
+            )
             self._closers.append(self.source.close)
             self.results = ResultsWriter(config.results.path)
             self._closers.append(self.results.close)

@@ -322,17 +322,17 @@ class AgentConfig:
         for name, value in overrides.items():
             if value is None:
                 continue
-            if name in _SHORTCUTS:
+            if name in _TABLES and isinstance(value, Mapping):
+                data[name].update(value)
+            elif name in _SHORTCUTS:
                 table, key = _SHORTCUTS[name]
-                data[table][key] = value
+                data[table][key] = str(value) if isinstance(value, os.PathLike) else value
                 if name == "source":
                     kind = _infer_kind(str(value))
                     if kind:
                         data["source"]["kind"] = kind
             elif name in _TABLES:
-                if not isinstance(value, Mapping):
-                    raise ConfigError(f"override {name}= must be a mapping of [{name}] keys")
-                data[name].update(value)
+                raise ConfigError(f"override {name}= must be a mapping of [{name}] keys")
             else:
                 raise ConfigError(f"override {name}= is unknown; expected one of {sorted(_SHORTCUTS) + sorted(_TABLES)}")
         return AgentConfig.from_dict(data, origin=self.origin)

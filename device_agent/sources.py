@@ -217,11 +217,12 @@ class MqttSource(Source):
 
     finite = False
 
-    def __init__(self, topic: str, dtype: str = "float32", max_queue: int = 1000):
+    def __init__(self, topic: str, dtype: str = "float32", shape: Sequence[int] = (), max_queue: int = 1000):
         if not topic:
             raise ConfigError("config [source].topic is empty; kind='mqtt' needs the topic the sensor publishes on")
         self.topic = topic
         self.dtype = dtype
+        self.shape = tuple(int(d) for d in shape)
         self._queue: "queue.Queue[Tuple[str, bytes]]" = queue.Queue(max_queue)
         self.overflow = 0
 
@@ -243,17 +244,22 @@ class MqttSource(Source):
             info = {"uri": f"mqtt:{topic}", "index": i}
             i += 1
             try:
-                yield info, decode_reading(payload, self.dtype)
+                x = decode_reading(payload, self.dtype)
             except InputError as exc:
                 yield info, exc
+                continue
+            if self.shape and x.size == int(np.prod(self.shape)) and x.shape != self.shape:
+                x = x.reshape(self.shape)  # a flat reading of an image-shaped input
+            yield info, x
 
 
-def open_source(cfg, color: str = "grayscale", raw_dtype: str = "float32") -> Source:
-    """Build the configured source (``cfg`` is a :class:`~device_agent.config.SourceConfig`)."""
+def open_source(cfg, color: str = "grayscale", raw_dtype: str = "float32", shape: Sequence[int] = ()) -> Source:
+    """Build the configured source (``cfg`` is a :class:`~device_agent.config.SourceConfig`);
+    ``color``, ``raw_dtype`` and ``shape`` come from the bundle's preprocessing."""
     if cfg.kind == "camera":
         return CameraSource(cfg.camera_index, cfg.fps)
     if cfg.kind == "mqtt":
-        return MqttSource(cfg.topic, raw_dtype)
+        return MqttSource(cfg.topic, raw_dtype, shape)
     if not cfg.path:
         raise ConfigError(f"config [source].path is empty; kind={cfg.kind!r} needs a path (or pass --source PATH)")
     if not Path(cfg.path).exists():
