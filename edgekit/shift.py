@@ -85,7 +85,7 @@ SHIFTS: Dict[str, Shift] = {
     "rotation": Shift(rotation=30.0),
     "contrast": Shift(contrast=0.35),
     "translation": Shift(translate=1.5),
-    "field": Shift(rotation=30.0, translate=1.0, contrast=0.4, noise=30.0),
+    "field": Shift(rotation=20.0, translate=1.0, contrast=0.6, noise=20.0),
 }
 DEFAULT_SHIFT = SHIFTS["field"]
 
