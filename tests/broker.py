@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,9 @@ class Mosquitto:
             f"persistence_location {self.workdir}/",
             "autosave_interval 1",
             "max_queued_messages 100000",
+            # Started as root, mosquitto would switch to user `mosquitto`, which cannot write
+            # the persistence file or the log in a test's temp dir: stay who we are.
+            f"user {getpass.getuser()}",
             "log_type error",
             "log_type warning",
             f"log_dest file {self.workdir / 'mosquitto.log'}",
