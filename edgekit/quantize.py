@@ -40,8 +40,16 @@ def check_fits(model: Any, data: Dataset) -> None:
     """Raise DataError/ModelError when ``data`` does not fit ``model`` (one input, one output, sizes)."""
     try:
         in_shape, out_shape = model.input_shape, model.output_shape
-    except (AttributeError, RuntimeError) as exc:
-        raise ModelError(f"model {getattr(model, 'name', '?')} is not built ({exc}); call model.build(input_shape) first") from exc
+    except (AttributeError, RuntimeError):
+        # a subclassed model has no static shapes: call it on one input
+        try:
+            out = model(data.model_inputs(data.x_train[:1]), training=False)
+        except Exception as exc:  # noqa: BLE001 - any failure means the data does not fit
+            raise DataError(
+                f"model {getattr(model, 'name', '?')} cannot run on data of shape={list(data.input_shape)} "
+                f"({type(exc).__name__}); pass data of the model's input shape"
+            ) from exc
+        in_shape, out_shape = (None,) + tuple(data.input_shape), tuple(out.shape)
     if isinstance(in_shape, list) or isinstance(out_shape, list):
         raise ModelError(
             f"model has {len(in_shape) if isinstance(in_shape, list) else 1} inputs and "
@@ -200,16 +208,41 @@ def quantize_aware(
     for name, what in fallbacks:
         log.warning("layer %s: %s", name, what)
 
-    def annotate(layer: Any) -> Any:
-        if layer.name in skip_names or isinstance(layer, keras.layers.InputLayer):
-            return layer.__class__.from_config(layer.get_config())
-        return mot.quantization.keras.quantize_annotate_layer(layer.__class__.from_config(layer.get_config()))
+    # the model is already in memory (the user's own code): let quantize_apply rebuild its Lambda layers
+    from tf_keras.src.saving.serialization_lib import SafeModeScope
 
-    try:
+    def apply(skip: set) -> Any:
+        def annotate(layer: Any) -> Any:
+            fresh = layer.__class__.from_config(layer.get_config())
+            if layer.name in skip or isinstance(layer, keras.layers.InputLayer):
+                return fresh
+            return mot.quantization.keras.quantize_annotate_layer(fresh)
+
         annotated = keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
-        with mot.quantization.keras.quantize_scope():
-            qat_model = mot.quantization.keras.quantize_apply(annotated)
+        with mot.quantization.keras.quantize_scope(), SafeModeScope(False):
+            return mot.quantization.keras.quantize_apply(annotated)
+
+    batch_norms = [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    try:
+        try:
+            qat_model = apply(skip_names)
+        except Exception:  # noqa: BLE001 - a BatchNormalization tfmot cannot fold: leave those float, try again
+            if not batch_norms:
+                raise
+            if fallback == "fail":
+                raise ConversionError(
+                    f"QAT cannot quantize BatchNormalization layers {', '.join(batch_norms)} (not after a convolution); "
+                    "rerun with --fallback ptq or --mode ptq"
+                ) from None
+            qat_model = apply(skip_names | set(batch_norms))
+            extra = [(n, "BatchNormalization not foldable into a convolution: left float during QAT, "
+                         "quantized post-training by the converter") for n in batch_norms]
+            for name, what in extra:
+                log.warning("layer %s: %s", name, what)
+            fallbacks += extra
+    except ConversionError:
+        raise
     except Exception as exc:  # noqa: BLE001 - tfmot raises many types for unsupported graphs
         reason = f"tfmot quantize_apply failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
         if fallback == "fail":
