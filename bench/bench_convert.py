@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     latency = []
     print(f"\nlatency per inference, 1 thread, {args.runs} invokes each (median / p95, microseconds)")
-    print(f"{"runtime":30} {"model":5} {'float':>16} {'int8':>16} {'int8/float':>10}")
+    print(f"{'runtime':30} {'model':5} {'float':>16} {'int8':>16} {'int8/float':>10}")
     for mode in ("ptq", "qat"):
         for rt in runtimes:
             f = _time(float_path, rt, x, args.runs)
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"tflite_runtime timing failed: {proc.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
     for row in latency:
         f, q = row["float_s"], row["int8_s"]
-        print(f"{row["runtime"]:30} {row['model']:5} {1e6 * f[0]:>7.1f} / {1e6 * f[1]:>6.1f} "
+        print(f"{row['runtime']:30} {row['model']:5} {1e6 * f[0]:>7.1f} / {1e6 * f[1]:>6.1f} "
               f"{1e6 * q[0]:>7.1f} / {1e6 * q[1]:>6.1f} {row['ratio']:>9.2f}x")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"params": params, "float_top1": float_acc, "conversion": rows, "latency": latency,
