@@ -77,7 +77,8 @@ class Sub:
     def start(self) -> "Sub":
         # -c with a fixed id: the broker queues QoS 1 messages for us while we are away.
         self.proc = subprocess.Popen(
-            ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(self.port), "-t", self.topic, "-q", "1", "-v",
+            # stdbuf -oL: one line per message as it arrives (a pipe is block-buffered otherwise)
+            ["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(self.port), "-t", self.topic, "-q", "1", "-v",
              "-c", "-i", self.client_id, "-V", "mqttv311"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
@@ -109,6 +110,17 @@ class Sub:
                 return True
             time.sleep(0.1)
         return predicate(self)
+
+    def synced(self, timeout: float = 10.0) -> bool:
+        """Publish a probe and wait for it: the subscriber is (re)connected and subscribed."""
+        token = f"probe-{time.monotonic_ns()}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port), "-q", "1",
+                            "-t", "edgekit/v1/_probe", "-m", json.dumps({"probe": token})], capture_output=True)
+            if self.wait(lambda s: any(token in p for _, p in s.lines), 1.0):
+                return True
+        return False
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
