@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -213,11 +214,18 @@ def _float_tflite(float_model: Any, workdir: Path) -> Tuple[Path, Optional[int]]
     return out, keras_size
 
 
+def _open(path: os.PathLike | str, runtime: str) -> TFLiteModel:
+    """TFLiteModel.open, without tf.lite's deprecation warning when the runtime is tensorflow."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+        return TFLiteModel.open(path, runtime=runtime)
+
+
 def _latency(path: Path, which: str, runtimes: Sequence[str], x: np.ndarray, runs: int) -> list:
     rows = []
     for rt in runtimes:
         try:
-            with TFLiteModel.open(path, runtime=rt) as model:
+            with _open(path, rt) as model:
                 t = model.time_invoke(x, runs=runs, warmup=max(5, runs // 10))
         except Exception as exc:  # noqa: BLE001 - a runtime that cannot run this model is reported, not fatal
             log.warning("runtime %s cannot time %s model (%s)", rt, which, exc)
@@ -245,7 +253,7 @@ def evaluate(
     runtimes = list(runtimes) if runtimes else available_runtimes(include_tensorflow=True)
     if not runtimes:
         raise ModelError("no TFLite runtime is installed; pip install ai-edge-litert")
-    with TFLiteModel.open(b.model_path, runtime=runtimes[0]) as model:
+    with _open(b.model_path, runtimes[0]) as model:
         int8_scores = model.predict(x)
     probs = scores_to_probs(int8_scores, m.output_activation)
     int8_pred = probs.argmax(axis=1)
@@ -260,14 +268,14 @@ def evaluate(
             sizes["float_tflite"] = fpath.stat().st_size
             if ksize is not None:
                 sizes["keras_file"] = ksize
-            with TFLiteModel.open(fpath, runtime=runtimes[0]) as fm:
+            with _open(fpath, runtimes[0]) as fm:
                 float_pred = fm.predict(x).argmax(axis=1)
             flt = _metrics(y, float_pred, data.num_classes)
             agreement = float(np.mean(float_pred == int8_pred))
             latency += _latency(fpath, "float", runtimes, x[0], latency_runs)
     if baseline is not None:
         ob = load_bundle(baseline)
-        with TFLiteModel.open(ob.model_path, runtime=runtimes[0]) as om:
+        with _open(ob.model_path, runtimes[0]) as om:
             base_pred = om.predict(_inputs(ob, data, data.x_test)).argmax(axis=1)
         base = Baseline("bundle", f"{ob.manifest.name} v{ob.manifest.version}", float(np.mean(base_pred == y)))
     else:

@@ -18,14 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and TensorFlow, and ask TensorFlow for deterministic ops."""
-    from ._keras import keras, tf
+    """Seed Python, numpy and TensorFlow (process-wide settings such as op determinism are left alone)."""
+    from ._keras import keras
 
     keras.utils.set_random_seed(int(seed))
-    try:
-        tf.config.experimental.enable_op_determinism()
-    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the TF build
-        pass
 
 
 def digits_cnn(num_classes: int = 10, input_shape: Tuple[int, ...] = (8, 8, 1), seed: int = 0, *, width: int = 32) -> Any:

@@ -12,6 +12,7 @@ dataset); each such layer is reported by name in the ``fallbacks``.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Tuple
 
@@ -98,9 +99,11 @@ def _convert(model: Any, configure: Callable[[Any], None], what: str) -> bytes:
     from ._keras import tf
 
     try:
-        converter = tf.lite.TFLiteConverter.from_keras_model(model)
-        configure(converter)
-        return bytes(converter.convert())
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs", category=UserWarning)
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            configure(converter)
+            return bytes(converter.convert())
     except Exception as exc:  # noqa: BLE001 - the converter raises many types
         msg = " ".join(str(exc).split())
         raise ConversionError(
