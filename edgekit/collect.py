@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from device_agent import protocol
+from device_agent import protocol as wire
 
 from .errors import BrokerError, EdgekitError, StoreError
 from .mqtt_url import parse_broker_url
@@ -56,7 +56,7 @@ def _validator(schema_id: str) -> Any:
     if schema_id not in _validators:
         import jsonschema
 
-        _validators[schema_id] = jsonschema.Draft202012Validator(protocol.SCHEMAS[schema_id])
+        _validators[schema_id] = jsonschema.Draft202012Validator(wire.SCHEMAS[schema_id])
     return _validators[schema_id]
 
 
@@ -68,8 +68,8 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
     if len(payload) > max_bytes:
         raise Malformed("oversized", f"payload has {len(payload)} bytes, limit={max_bytes}")
     try:
-        parts = protocol.parse_topic(topic)
-    except protocol.ProtocolError as exc:
+        parts = wire.parse_topic(topic)
+    except wire.ProtocolError as exc:
         raise Malformed("bad_topic", str(exc)) from None
     kind = parts["kind"]
     if kind not in _KINDS:
@@ -89,8 +89,8 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
         raise Malformed("schema", f"{expected} at {where}: {error.message[:200]}")
     if kind == "samples":
         try:
-            protocol.decode_array(obj["input"])
-        except protocol.ProtocolError as exc:
+            wire.decode_array(obj["input"])
+        except wire.ProtocolError as exc:
             raise Malformed("bad_input", str(exc)) from None
     if (obj["fleet"], obj["device"]) != (parts["fleet"], parts["device"]):
         raise Malformed("topic_mismatch", f"payload says {obj['fleet']}/{obj['device']}, topic says "
@@ -150,14 +150,22 @@ class Collector:
         cert_file: Optional[str] = None,
         key_file: Optional[str] = None,
         keepalive_s: int = 30,
+        protocol: str = "5",
     ) -> None:
         self.broker = parse_broker_url(broker_url)
+        if protocol not in ("5", "3.1.1"):
+            raise EdgekitError(f"protocol={protocol!r} is not supported; use '5' or '3.1.1'")
+        # "3.1.1" is for brokers without MQTT 5 (e.g. the demo's embedded one): a persistent
+        # session by clean_session=False, no session expiry, no shared subscriptions.
+        self.protocol = protocol
+        if protocol == "3.1.1" and share_group is not None:
+            raise EdgekitError("shared subscriptions (share_group) need MQTT 5; use protocol '5'")
         try:
             if fleet is not None:
-                protocol.check_name(fleet, "fleet")
+                wire.check_name(fleet, "fleet")
             if share_group is not None:
-                protocol.check_name(share_group, "share_group")
-        except protocol.ProtocolError as exc:
+                wire.check_name(share_group, "share_group")
+        except wire.ProtocolError as exc:
             raise EdgekitError(str(exc)) from None
         if not client_id or len(client_id) > 128:
             raise EdgekitError(f"client_id={client_id!r}: give 1-128 characters, the same on every restart")
@@ -197,8 +205,8 @@ class Collector:
     def subscriptions(self) -> List[str]:
         """Samples and telemetry may be shared by a group; status never is (shared
         subscriptions get no retained messages, and every collector wants them)."""
-        subs = [protocol.subscription(self.fleet, k, self.share_group) for k in ("samples", "telemetry")]
-        subs.append(protocol.subscription(self.fleet, "status"))
+        subs = [wire.subscription(self.fleet, k, self.share_group) for k in ("samples", "telemetry")]
+        subs.append(wire.subscription(self.fleet, "status"))
         return subs
 
     def start(self, timeout: float = 10.0) -> "Collector":
@@ -206,8 +214,10 @@ class Collector:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
+        v5 = self.protocol == "5"
+        extra = {} if v5 else {"clean_session": False}
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             protocol=mqtt.MQTTv5, manual_ack=True)
+                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, manual_ack=True, **extra)
         if self.broker.username:
             client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
@@ -225,8 +235,11 @@ class Collector:
         self._writer = threading.Thread(target=self._write_loop, name="edgekit-collector-writer", daemon=True)
         self._writer.start()
         try:
-            client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive,
-                           clean_start=False, properties=props)
+            if v5:
+                client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive,
+                               clean_start=False, properties=props)
+            else:
+                client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive)
         except (OSError, ValueError) as exc:
             self._shutdown_writer()
             raise BrokerError(f"cannot connect to {self.broker.redacted()}: {exc}; is the broker running?") from exc
@@ -289,7 +302,10 @@ class Collector:
         self._generation += 1
         from paho.mqtt.subscribeoptions import SubscribeOptions
 
-        client.subscribe([(s, SubscribeOptions(qos=1)) for s in self.subscriptions()])
+        if self.protocol == "5":
+            client.subscribe([(s, SubscribeOptions(qos=1)) for s in self.subscriptions()])
+        else:
+            client.subscribe([(s, 1) for s in self.subscriptions()])
         log.debug("connected (session present=%s)", getattr(flags, "session_present", None))
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
