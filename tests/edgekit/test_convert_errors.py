@@ -209,3 +209,13 @@ def test_keras3_saved_model_loads_and_converts(tmp_path, digits, suffix):
         result = convert(path, digits, mode="qat", output=tmp_path / "b", epochs=1, progress=False,
                          runtimes=["ai_edge_litert"], report=False)
         assert result.manifest.quantization["mode"] == "qat" and result.manifest.input.dtype == "int8"
+
+
+def test_savedmodel_directory_loads(tmp_path, float_model_path, digits):
+    from edgekit.convert import load_model
+
+    model = load_model(float_model_path)
+    model.save(tmp_path / "sm", save_format="tf")
+    again = load_model(tmp_path / "sm")
+    x = digits.model_inputs(digits.x_test[:8])
+    np.testing.assert_allclose(again.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
