@@ -53,3 +53,23 @@ def test_report_json_round_trips_and_markdown_names_every_class(qat_result, tmp_
     for label in r.labels:
         assert f"| {label} |" in md
     assert "int8 / float median latency" in md
+
+
+def test_evaluate_cli_bad_inputs_are_one_line(capsys, tmp_path, ptq_result):
+    from edgekit.cli import main
+
+    data = tmp_path / "three.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x_train=rng.integers(0, 255, (30, 8, 8, 1)), y_train=np.arange(30) % 3,
+             x_test=rng.integers(0, 255, (9, 8, 8, 1)), y_test=np.arange(9) % 3)
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(ptq_result.bundle_path), "--data", str(data), "-o", str(out)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("DataError")]
+    assert len(err) == 1 and "3 classes" in err[0] and not out.exists()
+
+    assert main(["evaluate", str(tmp_path / "nobundle"), "--data", "digits"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("BundleError: ")
+
+    out.mkdir()
+    assert main(["evaluate", str(ptq_result.bundle_path), "--data", "digits", "-o", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
