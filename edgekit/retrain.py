@@ -39,7 +39,7 @@ import numpy as np
 from .errors import DataError
 
 __all__ = ["Feedback", "Verdict", "RetrainResult", "bump_version", "load_feedback", "split_feedback", "fine_tune",
-           "judge", "retrain", "write_reports", "FLOAT_MODEL_NAME"]
+           "judge", "retrain", "write_reports", "bundle_accuracy", "FLOAT_MODEL_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -158,11 +158,11 @@ def fine_tune(
     x_feedback: np.ndarray,
     y_feedback: np.ndarray,
     *,
-    epochs: int = 5,
+    epochs: int = 10,
     freeze: int = 0,
-    feedback_share: float = 0.3,
+    feedback_share: float = 0.5,
     batch_size: int = 32,
-    learning_rate: float = 5e-4,
+    learning_rate: float = 1e-3,
     from_logits: bool = False,
     seed: int = 0,
     progress: bool = False,
@@ -217,7 +217,7 @@ def fine_tune(
     return tuned, info
 
 
-def _accuracy(bundle_path: Path, x_raw: np.ndarray, y: np.ndarray) -> Optional[float]:
+def bundle_accuracy(bundle_path: Path, x_raw: np.ndarray, y: np.ndarray) -> Optional[float]:
     """Top-1 accuracy of an int8 bundle through the board's interpreter and preprocessing."""
     from device_agent.classify import classify
     from device_agent.interpreter import TFLiteModel
@@ -253,7 +253,8 @@ def judge(current: Mapping[str, Optional[float]], new: Mapping[str, Optional[flo
                                + ("improved" if better else "did not improve"))
     fb_part = f"held-out feedback {pts(current['feedback'])} -> {pts(new['feedback'])}"
     if new["feedback"] > current["feedback"]:
-        return Verdict(True, f"{fb_part} and {test_part} (within {max_regression:g} points)")
+        return Verdict(True, f"{fb_part}, and {test_part} (at most {max_regression:g} point"
+                               f"{'' if max_regression == 1 else 's'} may be lost)")
     return Verdict(False, f"{fb_part}: no better on the data it was retrained for ({test_part})")
 
 
@@ -298,7 +299,7 @@ def write_reports(directory: Path, *, verdict: Verdict, metrics: Mapping[str, Ma
         f"original training inputs plus {counts['feedback_train']} labeled feedback samples; the feedback was "
         f"repeated x{tune['feedback_repeats']} so it made up {100 * tune['feedback_share']:.0f}% of each epoch.",
         f"- Frozen layers: {', '.join(tune['frozen_layers']) or 'none'}.",
-        f"- Then quantization-aware training for {details['qat_epochs']} epochs and full int8 conversion "
+        f"- Then quantization-aware training for {details['qat_epochs']} epochs on the same mix and full int8 conversion "
         "(see `report/report.md` for float vs int8 and the comparison with the current bundle).",
         f"- Feedback split by a hash of each sample id: {counts['feedback_train']} to train, "
         f"{counts['feedback_holdout']} held out ({100 * details['holdout_fraction']:.0f}% asked); "
@@ -316,11 +317,12 @@ def retrain(
     data: str,
     feedback: str,
     output: str | Path,
-    epochs: int = 5,
+    epochs: int = 10,
     freeze: int = 0,
     holdout_fraction: float = 0.3,
-    feedback_share: float = 0.3,
-    qat_epochs: int = 2,
+    feedback_share: float = 0.5,
+    learning_rate: float = 1e-3,
+    qat_epochs: int = 3,
     version: Optional[str] = None,
     max_regression: float = 1.0,
     seed: int = 0,
@@ -360,14 +362,16 @@ def retrain(
     tuned, tune_info = fine_tune(
         model, dataset.model_inputs(dataset.x_train), dataset.y_train,
         dataset.model_inputs(fb_train.x), fb_train.y,
-        epochs=epochs, freeze=freeze, feedback_share=feedback_share,
+        epochs=epochs, freeze=freeze, feedback_share=feedback_share, learning_rate=learning_rate,
         from_logits=m.output_activation == "logits", seed=seed, progress=progress,
     )
-    # The converter's own QAT and evaluation see the same mix: train = original + feedback
-    # train, test = original test + held-out feedback.
+    # The converter's QAT trains on the same mix as the fine-tuning (feedback repeated as
+    # often), so it does not wash the feedback out; its evaluation sees original test +
+    # held-out feedback.
+    k = max(1, tune_info["feedback_repeats"])
     mixed = Dataset(
-        x_train=np.concatenate([dataset.x_train, fb_train.x]),
-        y_train=np.concatenate([dataset.y_train, fb_train.y]),
+        x_train=np.concatenate([dataset.x_train] + [fb_train.x] * k),
+        y_train=np.concatenate([dataset.y_train] + [fb_train.y] * k),
         x_test=np.concatenate([dataset.x_test, fb_held.x]),
         y_test=np.concatenate([dataset.y_test, fb_held.y]),
         labels=tuple(m.labels), preprocessing=dataset.preprocessing, name=f"{dataset.name}+feedback",
@@ -384,8 +388,8 @@ def retrain(
         parts = {"test": (dataset.x_test, dataset.y_test), "feedback": (fb_held.x, fb_held.y),
                  "combined": (mixed.x_test, mixed.y_test)}
         metrics = {
-            "current": {k: _accuracy(current.path, *v) for k, v in parts.items()},
-            "new": {k: _accuracy(staged, *v) for k, v in parts.items()},
+            "current": {k: bundle_accuracy(current.path, *v) for k, v in parts.items()},
+            "new": {k: bundle_accuracy(staged, *v) for k, v in parts.items()},
         }
         verdict = judge(metrics["current"], metrics["new"], max_regression=max_regression)
         counts = {"original_train": len(dataset.x_train), "original_test": len(dataset.x_test),

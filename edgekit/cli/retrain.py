@@ -21,13 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--feedback", required=True, metavar="STORE_URL",
                    help="the sample store with labeled samples: sqlite:///path.db or postgresql://...")
     p.add_argument("-o", "--output", required=True, metavar="NEW_BUNDLE", help="the new bundle directory to write")
-    p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs (default 5)")
-    p.add_argument("--qat-epochs", type=int, default=2, help="quantization-aware training epochs after fine-tuning (default 2)")
+    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
+    p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate for fine-tuning (default 0.001)")
+    p.add_argument("--qat-epochs", type=int, default=3, help="quantization-aware training epochs after fine-tuning (default 3)")
     p.add_argument("--freeze", type=int, default=0, metavar="N", help="keep the first N layers' weights (default 0)")
     p.add_argument("--holdout-fraction", type=float, default=0.3, metavar="F",
                    help="share of the feedback held out to judge the new model, split by sample id (default 0.3)")
-    p.add_argument("--feedback-share", type=float, default=0.3, metavar="F",
-                   help="the feedback is repeated to make up about this share of each epoch (default 0.3)")
+    p.add_argument("--feedback-share", type=float, default=0.5, metavar="F",
+                   help="the feedback is repeated to make up about this share of each epoch (default 0.5)")
     p.add_argument("--max-regression", type=float, default=1.0, metavar="POINTS",
                    help="accuracy points the new model may lose on the original test split and still be promoted (default 1)")
     p.add_argument("--version", help="the new version (default: the current one bumped, 1 -> 2, 1.3 -> 1.4)")
@@ -46,7 +47,7 @@ def handle(args: argparse.Namespace) -> int:
     result = retrain(
         args.bundle, float_model=args.float_model, data=args.data, feedback=args.feedback, output=args.output,
         epochs=args.epochs, qat_epochs=args.qat_epochs, freeze=args.freeze, holdout_fraction=args.holdout_fraction,
-        feedback_share=args.feedback_share, max_regression=args.max_regression, version=args.version,
+        feedback_share=args.feedback_share, learning_rate=args.learning_rate, max_regression=args.max_regression, version=args.version,
         seed=args.seed, force=args.force, progress=not args.no_progress,
     )
     print(result.report_path.read_text(encoding="utf-8"))

@@ -1,0 +1,354 @@
+"""``edgekit demo``: the whole loop on one machine, in a few minutes (docs/demo.md).
+
+train the example CNN on real digits -> convert with QAT (bundle v1) -> find or
+start a broker -> start the collector -> an agent streams digits the model has
+not seen, a shifted part among them -> the collector stores what it flags ->
+those samples are labeled from the known ground truth (standing in for a
+person) -> retrain (bundle v2) -> accuracy before and after, on a held-out
+shifted test set and on the clean test set.
+
+Everything lands in one directory (default ``./demo-out``), replaced on each
+run: the data, the float model, both bundles with their reports, the agent's
+outbox and results, and the SQLite sample store, so ``edgekit samples list``
+and ``edgekit fleet status`` work on it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Mapping, Optional
+
+import numpy as np
+
+from .errors import EdgekitError
+
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "MARKER"]
+
+log = logging.getLogger(__name__)
+
+MARKER = ".edgekit-demo"
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo does; every field is keyword-only and checked."""
+
+    output: Path = Path("demo-out")
+    seed: int = 0
+    broker: str = "auto"  # auto | local | mosquitto | embedded
+    train_size: int = 900  # digits the first model learns from
+    stream_size: int = 500  # digits the agent sees (the rest of the 1,797 are the test sets)
+    shifted_fraction: float = 0.6  # share of the stream under the shift
+    shift: str = "field"
+    base_epochs: int = 15
+    qat_epochs: int = 3
+    retrain_epochs: int = 10
+    retrain_qat_epochs: int = 3
+    feedback_share: float = 0.5
+    random_fraction: float = 0.02  # the policy's unbiased random sample
+    fleet: str = "demo"
+    device: str = "demo-board-1"
+    native_log: bool = True  # TensorFlow's and TFLite's own console messages go to OUTPUT/demo.log
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output", Path(self.output))
+        if self.train_size < 100 or self.stream_size < 50:
+            raise EdgekitError(f"train_size={self.train_size} / stream_size={self.stream_size}: give >= 100 / >= 50")
+        if self.train_size + self.stream_size > 1797 - 100:
+            raise EdgekitError(f"train_size + stream_size = {self.train_size + self.stream_size} leaves fewer than "
+                               "100 of the 1,797 digits to test on")
+        if not 0.0 <= self.shifted_fraction <= 1.0:
+            raise EdgekitError(f"shifted_fraction={self.shifted_fraction} must be within [0, 1]")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    output: Path
+    broker: str
+    accuracy: Mapping[str, Mapping[str, float]]  # {"v1"|"v2": {"shifted", "clean"}}
+    counts: Mapping[str, int]
+    verdict: str
+    stages: Mapping[str, float] = field(default_factory=dict)  # seconds per stage
+    seconds: float = 0.0
+
+
+def _prepare_output(out: Path) -> None:
+    if out.exists():
+        if not out.is_dir() or not ((out / MARKER).exists() or not any(out.iterdir())):
+            raise EdgekitError(f"{out} exists and was not made by the demo; remove it or pass another --output")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("made by `edgekit demo`; replaced on each run\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _native_output_to(path: Path):
+    """Send file descriptors 1 and 2 (where TensorFlow's C++ code writes) to ``path``;
+    yield a writer for the real stdout. Python's own stdout/stderr objects follow
+    the descriptors, so library logs land in the file too."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    real = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")
+    with open(path, "ab") as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda line: (real.write(line + "\n"), real.flush())
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            os.close(saved_out)
+            os.close(saved_err)
+            real.close()
+
+
+class _Stages:
+    """One line per stage: ``[i/n] what ... result (seconds)``."""
+
+    def __init__(self, total: int, say: Callable[[str], None]):
+        self.total, self.say, self.i, self.seconds = total, say, 0, {}
+
+    def run(self, title: str, fn: Callable[[], object], result: Callable[[object], str] = lambda r: "") -> object:
+        self.i += 1
+        t0 = time.perf_counter()
+        self.say(f"[{self.i}/{self.total}] {title} ...")
+        value = fn()
+        dt = time.perf_counter() - t0
+        self.seconds[title] = dt
+        detail = result(value)
+        self.say(f"      done in {dt:.1f} s" + (f": {detail}" if detail else ""))
+        return value
+
+
+def run_demo(config: DemoConfig = DemoConfig(), say: Callable[[str], None] = print) -> DemoResult:
+    """Run the loop end to end; ``say`` gets the progress lines (``print`` by default).
+
+    With ``config.native_log`` (and ``say`` left as ``print``) the console shows only
+    the demo's lines; everything TensorFlow prints goes to ``OUTPUT/demo.log``.
+    """
+    _prepare_output(Path(config.output))
+    if config.native_log and say is print:
+        with _native_output_to(Path(config.output) / "demo.log") as real_say:
+            real_say(f"(TensorFlow's own messages go to {Path(config.output) / 'demo.log'})")
+            return _run(config, real_say)
+    return _run(config, say)
+
+
+def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
+    from device_agent.config import load_config
+    from device_agent.sources import ArraySource
+
+    from .broker import find_or_start_broker
+    from .collect import Collector
+    from .convert import convert
+    from .data import Dataset, load_dataset
+    from .models import digits_cnn, train
+    from .retrain import bundle_accuracy, retrain
+    from .shift import apply_shift, get_shift
+    from .store import open_store
+
+    t_start = time.perf_counter()
+    c = config
+    out = c.output
+    stages = _Stages(10, say)
+    shift = get_shift(c.shift)
+
+    # 1. data: one seeded split of the 1,797 real digits, so no input is used twice.
+    def prepare() -> Dict[str, np.ndarray]:
+        full = load_dataset("digits", seed=c.seed)
+        x = np.concatenate([full.x_train, full.x_test])
+        y = np.concatenate([full.y_train, full.y_test])
+        order = np.random.default_rng(c.seed).permutation(len(x))
+        tr, st, te = np.split(order, [c.train_size, c.train_size + c.stream_size])
+        rng = np.random.default_rng(c.seed + 1)
+        shifted = rng.random(len(st)) < c.shifted_fraction
+        x_stream = x[st].copy()
+        x_stream[shifted] = apply_shift(x[st][shifted], shift, seed=c.seed + 2)
+        d = {
+            "x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te], "labels": np.array(full.labels),
+            "x_stream": np.round(x_stream).astype(np.uint8), "y_stream": y[st], "stream_shifted": shifted,
+            "x_test_shifted": np.round(apply_shift(x[te], shift, seed=c.seed + 3)).astype(np.uint8),
+        }
+        np.savez_compressed(out / "data.npz", x_train=d["x_train"].astype(np.uint8), y_train=d["y_train"],
+                            x_test=d["x_test"].astype(np.uint8), y_test=d["y_test"], labels=d["labels"])
+        np.savez_compressed(out / "stream.npz", x=d["x_stream"], y=d["y_stream"], shifted=shifted,
+                            x_test_shifted=d["x_test_shifted"], y_test_shifted=d["y_test"])
+        d["preprocessing"] = full.preprocessing
+        return d
+
+    d = stages.run(
+        "split the 1,797 real digits (scikit-learn)", prepare,
+        lambda d: (f"{len(d['y_train'])} to train, {len(d['y_stream'])} for the agent's stream "
+                   f"({int(d['stream_shifted'].sum())} of them shifted: {shift.describe()}), "
+                   f"{len(d['y_test'])} held out as the clean and the shifted test sets -> {out / 'data.npz'}"),
+    )
+    data = load_dataset(str(out / "data.npz"))
+
+    # 2. the example model
+    model_path = out / "model" / "digits.keras"
+
+    def train_model():
+        model = digits_cnn(num_classes=data.num_classes, input_shape=data.input_shape, seed=c.seed)
+        train(model, data, c.base_epochs, seed=c.seed, progress=False)
+        model_path.parent.mkdir()
+        model.save(str(model_path))
+        return model
+
+    model = stages.run(f"train the example CNN for {c.base_epochs} epochs", train_model,
+                       lambda m: f"{m.count_params():,} parameters -> {model_path}")
+
+    # 3. QAT + int8
+    v1 = out / "bundle-v1"
+    conv = stages.run(
+        f"convert with QAT ({c.qat_epochs} epochs) to an int8 bundle",
+        lambda: convert(model, data, mode="qat", output=v1, epochs=c.qat_epochs, name="digits", version="1",
+                        progress=False, seed=c.seed),
+        lambda r: (f"int8 top-1 {100 * r.report.int8.accuracy:.1f}% on the clean test split, "
+                   f"confidence threshold {r.manifest.confidence_threshold:.2f} -> {v1}"),
+    )
+
+    # 4. broker
+    broker = stages.run("find an MQTT broker", lambda: find_or_start_broker(out, prefer=c.broker),
+                        lambda b: f"{b.description} ({b.url})")
+    store_url = f"sqlite:///{out / 'samples.db'}"
+    store = open_store(store_url)
+    collector: Optional[Collector] = None
+    try:
+        # 5. collector
+        def start_collector() -> Collector:
+            # A fresh client id and a short session: a shared broker keeps no queue for old demo runs.
+            return Collector(broker.url, store, fleet=c.fleet, client_id=f"edgekit-demo-collector-{uuid.uuid4().hex[:12]}",
+                             session_expiry_s=60, protocol=broker.protocol).start()
+
+        collector = stages.run("start the collector", start_collector,
+                               lambda col: f"subscribed to {', '.join(col.subscriptions())}; store {store_url}")
+
+        # 6. the agent, on the board's code path (device_agent, no TensorFlow in it)
+        agent_dir = out / "agent"
+        agent_dir.mkdir()
+        agent_cfg = load_config(
+            bundle=str(v1), broker=broker.url, device_id=c.device, fleet=c.fleet,
+            results=str(agent_dir / "results.jsonl"), outbox=str(agent_dir / "outbox.sqlite"), threads=1,
+            policy={"random_fraction": c.random_fraction, "seed": c.seed},
+            mqtt={"protocol": broker.protocol}, telemetry={"period_s": 1},
+        )
+        ids = [int(i) for i in range(len(d["y_stream"]))]
+
+        def run_agent():
+            from device_agent.agent import Agent
+
+            with Agent(agent_cfg, source=ArraySource(d["x_stream"], ids=ids, uri="demo-stream")) as agent:
+                return agent.run()
+
+        stats = stages.run(
+            f"run the agent as device {c.fleet}/{c.device} over the {len(ids)}-digit stream", run_agent,
+            lambda s: (f"{s.inferences} inferences on {s.runtime}, {s.flagged} flagged, {s.published} acknowledged "
+                       f"by the broker, {s.pending} left in the outbox"),
+        )
+
+        def wait_collected() -> int:
+            deadline = time.monotonic() + 30
+            while store.count_samples(labeled=None) < stats.published and time.monotonic() < deadline:
+                time.sleep(0.1)
+            collector.wait_idle(0.5, timeout=10)
+            return store.count_samples()
+
+        n_stored = stages.run("wait for the collector to store them", wait_collected,
+                              lambda n: f"{n} samples in {store_url}")
+        if n_stored < stats.published:
+            raise EdgekitError(f"the collector stored {n_stored} of {stats.published} published samples within 30 s")
+    finally:
+        if collector is not None:
+            collector.stop()
+        broker.stop()
+
+    # 7. labels from the ground truth, standing in for a person
+    def label() -> Dict[str, int]:
+        # The agent's result lines name the sample id of each input it flagged: that is how a
+        # sample is traced from the board to the store, and it keeps out anything another
+        # client may have published on a shared broker.
+        ours = set()
+        with open(agent_dir / "results.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                sid = json.loads(line).get("sample_id")
+                if sid:
+                    ours.add(sid)
+        records = [r for r in store.list_samples(fleet=c.fleet) if r.sample_id in ours]
+        mapping, shifted, wrong = {}, 0, 0
+        for r in records:
+            i = int(r.source["id"])
+            truth = data.labels[int(d["y_stream"][i])]
+            mapping[r.sample_id] = truth
+            shifted += int(d["stream_shifted"][i])
+            wrong += int(r.label_pred != truth)
+        if not mapping:
+            raise EdgekitError("the agent flagged nothing, so there is nothing to label; lower the threshold")
+        store.set_labels(mapping, by="demo-ground-truth")
+        return {"labeled": len(mapping), "shifted": shifted, "wrong": wrong}
+
+    say("      (the next step stands in for a person: the demo knows each streamed digit's true class and labels "
+        "the flagged samples with it, as `edgekit samples label` would)")
+    lab = stages.run(
+        "label the flagged samples from the known ground truth", label,
+        lambda r: (f"{r['labeled']} labeled; {r['shifted']} of them were shifted inputs "
+                   f"({100 * float(d['stream_shifted'].mean()):.0f}% of the stream was), "
+                   f"v1 had {r['wrong']} of them wrong"),
+    )
+    store.close()
+
+    # 8. retrain
+    v2 = out / "bundle-v2"
+    res = stages.run(
+        f"retrain: fine-tune {c.retrain_epochs} epochs on the original data + feedback, QAT, int8",
+        lambda: retrain(v1, float_model=model_path, data=str(out / "data.npz"), feedback=store_url, output=v2,
+                        epochs=c.retrain_epochs, qat_epochs=c.retrain_qat_epochs, feedback_share=c.feedback_share,
+                        seed=c.seed, progress=False),
+        lambda r: f"bundle v{r.version} -> {v2}; verdict: {r.verdict.word} ({r.verdict.reason})",
+    )
+
+    # 9. before and after, on test sets no step has seen
+    def measure() -> Dict[str, Dict[str, float]]:
+        return {
+            name: {"shifted": bundle_accuracy(path, d["x_test_shifted"], d["y_test"]),
+                   "clean": bundle_accuracy(path, d["x_test"].astype(np.uint8), d["y_test"])}
+            for name, path in (("v1", v1), ("v2", v2))
+        }
+
+    acc = stages.run("measure v1 and v2 (int8, the board's interpreter) on the held-out test sets", measure)
+    n_test = len(d["y_test"])
+    say("")
+    say(f"accuracy of the int8 bundles on {n_test} held-out digits that no step trained on")
+    say(f"(shifted: {shift.describe()}, drawn afresh)")
+    say(f"  {'test set':<10} {'before (v1)':>12} {'after (v2)':>12} {'change':>14}")
+    for part in ("shifted", "clean"):
+        a, b = acc["v1"][part], acc["v2"][part]
+        say(f"  {part:<10} {100 * a:>11.1f}% {100 * b:>11.1f}% {100 * (b - a):>+8.1f} points")
+    say(f"retrain verdict: {res.verdict.word} ({res.verdict.reason})")
+    say("")
+    total = time.perf_counter() - t_start
+    say(f"the loop took {total:.0f} s. Reports:")
+    say(f"  {v1 / 'report' / 'report.md'}   (v1: float vs int8)")
+    say(f"  {v2 / 'retrain.md'}   (v2 vs v1, with the verdict)")
+    say(f"  {v2 / 'report' / 'report.md'}   (v2: float vs int8, v1 as the baseline)")
+    say("Look around:")
+    say(f"  edgekit samples list --store {store_url} --fleet {c.fleet}")
+    say(f"  edgekit fleet status --store {store_url} --stale-after 3600")
+    say(f"  edgekit evaluate {v2} --data {out / 'data.npz'} --baseline {v1}")
+    say(f"  edgekit retrain {v2} --float-model {res.float_model_path} "
+        f"--data {out / 'data.npz'} --feedback {store_url} -o {out / 'bundle-v3'}")
+    counts = {"stream": len(ids), "stream_shifted": int(d["stream_shifted"].sum()), "inferences": stats.inferences,
+              "flagged": stats.flagged, "published": stats.published, "stored": n_stored, **lab}
+    return DemoResult(output=out, broker=broker.kind, accuracy=acc, counts=counts, verdict=res.verdict.word,
+                      stages=dict(stages.seconds), seconds=total)
