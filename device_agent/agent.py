@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
@@ -29,7 +29,7 @@ from .bench import choose_runtime
 from .classify import classify
 from .config import AgentConfig
 from .errors import ConfigError, InputError, ProtocolError
-from .interpreter import TFLiteModel
+from .interpreter import TFLiteModel, quantize
 from .manifest import load_bundle
 from .outbox import Outbox, Publisher
 from .policy import Policy
@@ -99,6 +99,7 @@ class Agent:
         except BaseException:
             self.close()
             raise
+        self._lut, self._lut_shape = self._lookup_table()
         self.stats = Stats()
         self.watchdog = Watchdog()
         self._cmds: "queue.SimpleQueue[bytes]" = queue.SimpleQueue()
@@ -123,6 +124,17 @@ class Agent:
             self.fleet, self.device, m.name, m.version, self.model.runtime, self.model.num_threads,
             self.outbox.path, self.outbox.depth,
         )
+
+    def _lookup_table(self):
+        """For uint8 images already at the model's size: raw byte -> quantized model input, computed
+        once with the very arithmetic of preprocess() + quantize(), so results are identical."""
+        pre, spec = self.manifest.preprocessing, self.model.input_spec
+        shape = tuple(pre.shape)
+        if pre.kind != "image" or not spec.quantized or len(shape) != 3 or int(np.prod(shape)) != int(np.prod(spec.shape)):
+            return None, None
+        values = np.arange(256, dtype=np.uint8).reshape(256, 1, 1)
+        table = quantize(preprocess(values, replace(pre, shape=(256, 1, 1), resize="none")), spec)
+        return table.reshape(256), shape
 
     # -- payloads -----------------------------------------------------------
     def _status(self, state: str) -> bytes:
@@ -168,7 +180,13 @@ class Agent:
             return None
         t0 = time.perf_counter()
         try:
-            scores = self.model(preprocess(raw, self.manifest.preprocessing))
+            lut = self._lut
+            if lut is not None and raw.dtype == np.uint8 and raw.shape == self._lut_shape:
+                self.model.set_raw_input(lut[raw])  # same values as preprocess + quantize, in one lookup
+                self.model.invoke()
+                scores = self.model.output()
+            else:
+                scores = self.model(preprocess(raw, self.manifest.preprocessing))
         except InputError as exc:
             self.stats.error("input")
             log.warning("input %s#%s skipped: %s", info.get("uri"), info.get("index"), exc)
@@ -176,7 +194,13 @@ class Agent:
         latency = time.perf_counter() - t0
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)
-        dig = digest(raw) if self.config.policy.dedupe else ""
+        digests: list = []
+
+        def dig() -> str:  # only hashed when the prediction is a candidate to send
+            if not digests:
+                digests.append(digest(raw))
+            return digests[0]
+
         decision = self.policy.decide(pred, dig, time.time())
         self.stats.record(latency, decision.low_confidence)
         ts = protocol.now()
@@ -188,7 +212,8 @@ class Agent:
                 device=self.device, fleet=self.fleet, seq=seq, model=m.model_ref, prediction=pred.to_dict(),
                 reasons=decision.reasons, raw=np.asarray(raw), source=info, sample_id=sample_id, ts=ts,
             )
-            self.outbox.put(self.topics["samples"], _DUMPS(payload).encode(), sample_id, dig or None, seq)
+            self.outbox.put(self.topics["samples"], _DUMPS(payload).encode(), sample_id,
+                            dig() if self.config.policy.dedupe else None, seq)
             self.stats.flagged += 1
         line = {
             "seq": self.stats.inferences - 1,
@@ -197,7 +222,7 @@ class Agent:
             "label": pred.label,
             "confidence": round(pred.confidence, 6),
             "margin": round(pred.margin, 6),
-            "entropy": round(pred.entropy, 6),
+            "entropy": round(pred.entropy, 6) + 0.0,
             "flagged": decision.flagged,
             "reasons": list(decision.reasons),
             "sample_id": sample_id,
@@ -225,6 +250,7 @@ class Agent:
             if now >= self._telemetry_due and self.link.connected.is_set():
                 self._telemetry_due = now + self.config.telemetry.period_s
                 self.send_telemetry()
+        self.results.tick()
         self.watchdog.feed()
 
     def send_telemetry(self) -> None:
@@ -277,8 +303,10 @@ class Agent:
             return self.outbox.depth == 0
         deadline = time.monotonic() + timeout
         while self.outbox.depth and time.monotonic() < deadline:
+            self.publisher.pump(wait_s=0.02)
             self.service()
-            time.sleep(0.005)
+            if not self.link.connected.is_set():
+                time.sleep(0.05)
         if self.outbox.depth:
             log.warning("%d samples still wait in the outbox %s; they go out on the next start",
                         self.outbox.depth, self.outbox.path)

@@ -51,6 +51,7 @@ class Link:
         self.connected = threading.Event()
         self.last_error = ""
         self._stop = threading.Event()
+        self._started = False
         self._failures = 0
         self._on_connect_hook = on_connect
         self._handlers: Dict[str, MessageHandler] = {}
@@ -87,8 +88,11 @@ class Link:
 
     # -- lifecycle ----------------------------------------------------------
     def start(self) -> "Link":
-        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
-        self.client.loop_start()
+        """Connect in the background (idempotent); reconnects happen by themselves until :meth:`close`."""
+        if not self._started:
+            self._started = True
+            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            self.client.loop_start()
         return self
 
     def wait_connected(self, timeout: float) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Outbox:
         self._bytes = int(total)
         self._seen_count = self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
         self._seq = self._meta("seq")
+        self.last_id = int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0])
 
     # -- counters kept in the database -------------------------------------
     def _meta(self, key: str) -> int:
@@ -125,10 +127,11 @@ class Outbox:
                             break
                     self._db.executemany("DELETE FROM samples WHERE id=?", [(r,) for r in dropped])
                     self._bump("dropped", len(dropped))
-                self._db.execute(
+                cur = self._db.execute(
                     "INSERT INTO samples(sample_id, topic, payload, size, created) VALUES(?, ?, ?, ?, ?)",
                     (sample_id, topic, payload, size, time.time()),
                 )
+                new_id = int(cur.lastrowid)
                 self._depth += 1 - len(dropped)
                 self._bytes += size - freed
             if digest:
@@ -144,6 +147,8 @@ class Outbox:
             self._db.execute("ROLLBACK")
             self._reload_counts()
             raise
+        if size <= self.max_bytes:
+            self.last_id = new_id
         if dropped:
             log.warning("outbox full (%d bytes max): dropped the %d oldest samples", self.max_bytes, len(dropped))
         return dropped
@@ -171,16 +176,18 @@ class Outbox:
         ids = list(ids)
         if not ids:
             return 0
+        removed = freed = 0
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            removed = 0
-            freed = 0
-            for rid in ids:  # no DELETE ... RETURNING: Pi OS bullseye ships SQLite 3.34
-                row = self._db.execute("SELECT size FROM samples WHERE id=?", (rid,)).fetchone()
-                if row:
-                    self._db.execute("DELETE FROM samples WHERE id=?", (rid,))
-                    removed += 1
-                    freed += int(row[0])
+            for start in range(0, len(ids), 500):  # old SQLite builds bind at most 999 parameters
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                n, size = self._db.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE id IN ({marks})", chunk
+                ).fetchone()
+                self._db.execute(f"DELETE FROM samples WHERE id IN ({marks})", chunk)
+                removed += int(n)
+                freed += int(size)
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -216,6 +223,9 @@ class Publisher:
     ``sample_id``). A row is deleted only when its PUBACK says success.
     """
 
+    ACK_BATCH = 32
+    ACK_DELAY_S = 0.05
+
     def __init__(self, outbox: Outbox, link, window: int = 50):
         self.outbox = outbox
         self.link = link
@@ -225,20 +235,25 @@ class Publisher:
         self._generation = -1
         self._inflight: dict = {}
         self._cursor = 0
+        self._acked: list = []  # acknowledged, deleted in batches (a duplicate after a crash is harmless)
+        self._acked_since = 0.0
 
-    def pump(self) -> int:
-        """Process acknowledgements, then publish what fits the window; returns rows acknowledged."""
+    def pump(self, wait_s: float = 0.0) -> int:
+        """Process acknowledgements (waiting up to ``wait_s`` for the first), then publish what fits
+        the window; returns rows acknowledged."""
         link = self.link
         if link.generation != self._generation:
             self._generation = link.generation
             self._inflight.clear()
             self._cursor = 0
         acked = []
+        block = wait_s > 0 and bool(self._inflight)
         while True:
             try:
-                mid, ok = link.acks.get_nowait()
-            except Exception:  # queue.Empty
+                mid, ok = link.acks.get(timeout=wait_s) if block else link.acks.get_nowait()
+            except queue.Empty:
                 break
+            block = False
             rid = self._inflight.pop(mid, None)
             if rid is None:
                 continue
@@ -246,10 +261,18 @@ class Publisher:
                 acked.append(rid)
             else:
                 self.rejected += 1  # stays in the outbox; replayed on the next connection
-        removed = self.outbox.ack(acked) if acked else 0
+        if acked:
+            if not self._acked:
+                self._acked_since = time.monotonic()
+            self._acked.extend(acked)
+        removed = 0
+        if self._acked and (wait_s > 0 or len(self._acked) >= self.ACK_BATCH or not self._inflight
+                            or time.monotonic() - self._acked_since >= self.ACK_DELAY_S):
+            removed = self.outbox.ack(self._acked)
+            self._acked = []
         self.published += removed
         room = self.window - len(self._inflight)
-        if room > 0 and link.connected.is_set() and self.outbox.depth:
+        if room > 0 and self.outbox.last_id > self._cursor and link.connected.is_set():
             for row in self.outbox.pending(self._cursor, room):
                 mid = link.publish(row.topic, row.payload, qos=1)
                 if mid is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import random
 from dataclasses import dataclass
-from typing import Callable, Deque, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, Optional, Tuple, Union
 
 from .classify import Prediction
 
@@ -95,12 +95,16 @@ class Policy:
                 return True
         return False
 
-    def decide(self, pred: Prediction, digest: str, now: float) -> Decision:
-        """Flag or not; a flag is counted against the caps at once."""
+    def decide(self, pred: Prediction, digest: Union[str, Callable[[], str]], now: float) -> Decision:
+        """Flag or not; a flag is counted against the caps at once.
+
+        ``digest`` identifies the raw input for dedupe; pass a callable to
+        compute it only when the prediction has a reason to be sent.
+        """
         reasons = self.reasons(pred)
         if not reasons:
             return Decision(False)
-        if self.cfg.dedupe and self._seen(digest):
+        if self.cfg.dedupe and self._seen(digest() if callable(digest) else digest):
             self.skipped["duplicate"] += 1
             return Decision(False, reasons, "duplicate")
         if self._full(pred.label, now):

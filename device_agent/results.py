@@ -45,6 +45,12 @@ class ResultsWriter:
             self._fh.flush()
             self._last_flush = now
 
+    def tick(self) -> None:
+        """Flush if a line has waited ``flush_every_s`` (called while the loop idles, too)."""
+        if self._fh is not None and time.monotonic() - self._last_flush >= self.flush_every_s:
+            self._fh.flush()
+            self._last_flush = time.monotonic()
+
     def flush(self) -> None:
         if self._fh is not None:
             self._fh.flush()

@@ -46,8 +46,9 @@ class Source:
 class ArraySource(Source):
     """Rows of an in-memory array (the first axis indexes inputs); ``ids`` travel in ``source.id``."""
 
-    def __init__(self, x: np.ndarray, ids: Optional[Sequence[Any]] = None, uri: str = "array"):
-        self.x = np.asarray(x)
+    def __init__(self, x: Union[np.ndarray, Sequence[np.ndarray]], ids: Optional[Sequence[Any]] = None,
+                 uri: str = "array"):
+        self.x = list(x) if isinstance(x, (list, tuple)) else np.asarray(x)  # a list may mix shapes
         if ids is not None and len(ids) != len(self.x):
             raise ConfigError(f"ArraySource ids has {len(ids)} entries, expected={len(self.x)} (one per row)")
         self.ids = ids
@@ -61,7 +62,7 @@ class ArraySource(Source):
             if self.ids is not None:
                 v = self.ids[i]
                 info["id"] = v.item() if isinstance(v, np.generic) else v
-            yield info, self.x[i]
+            yield info, np.asarray(self.x[i])
 
 
 class NpySource(ArraySource):
