@@ -40,8 +40,8 @@ def _fill_store(path, x_raw, labels, model_ref, start=0):
 
 @pytest.fixture(scope="module")
 def feedback_store(tmp_path_factory, digits, ptq_result):
-    x = np.round(apply_shift(digits.x_test[:120], DEFAULT_SHIFT, seed=1))
-    labels = [digits.labels[int(i)] for i in digits.y_test[:120]]
+    x = np.round(apply_shift(digits.x_test[:200], DEFAULT_SHIFT, seed=1))
+    labels = [digits.labels[int(i)] for i in digits.y_test[:200]]
     return _fill_store(tmp_path_factory.mktemp("store") / "samples.db", x, labels, ptq_result.manifest.model_ref)
 
 
@@ -49,7 +49,7 @@ def feedback_store(tmp_path_factory, digits, ptq_result):
 def retrained(tmp_path_factory, ptq_result, float_model_path, feedback_store):
     out = tmp_path_factory.mktemp("retrain") / "v2"
     return retrain(ptq_result.bundle_path, float_model=float_model_path, data="digits", feedback=feedback_store,
-                   output=out, epochs=3, qat_epochs=1, progress=False)
+                   output=out, epochs=5, qat_epochs=2, progress=False)
 
 
 def test_retrain_writes_a_new_version_that_differs(retrained, ptq_result):
@@ -72,8 +72,8 @@ def test_report_compares_with_the_old_version_and_says_whether_to_promote(retrai
     for who in ("current", "new"):
         for part in ("test", "feedback", "combined"):
             assert 0.0 <= doc["accuracy"][who][part] <= 1.0
-    assert doc["counts"]["feedback"] == 120
-    assert doc["counts"]["feedback_train"] + doc["counts"]["feedback_holdout"] == 120
+    assert doc["counts"]["feedback"] == 200
+    assert doc["counts"]["feedback_train"] + doc["counts"]["feedback_holdout"] == 200
     assert set(doc["feedback_train_ids"]).isdisjoint(doc["feedback_holdout_ids"])
     # the shifted feedback is what the retrain was for: the new model must do better on its held-out part
     assert doc["accuracy"]["new"]["feedback"] > doc["accuracy"]["current"]["feedback"]
