@@ -17,6 +17,9 @@ from .errors import AgentError, BundleError, ConfigError, InputError, ProtocolEr
 from .interpreter import TFLiteModel, available_runtimes, dequantize, quantize
 from .manifest import FORMAT, Bundle, Manifest, Preprocessing, TensorSpec, load_bundle, sha256_file
 from .preprocess import load_raw, preprocess
+from .config import AgentConfig, load_config
+from .sources import ArraySource
+from .agent import Agent, RunStats
 
 __all__ = [
     "__version__",
@@ -43,4 +46,9 @@ __all__ = [
     "probabilities",
     "load_raw",
     "preprocess",
+    "AgentConfig",
+    "load_config",
+    "ArraySource",
+    "Agent",
+    "RunStats",
 ]
