@@ -1,0 +1,62 @@
+"""`edgekit demo` end to end with the embedded broker: the path that needs nothing installed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from device_agent.manifest import load_bundle
+from edgekit.demo import MARKER, DemoConfig, run_demo
+from edgekit.errors import EdgekitError
+from edgekit.store import open_store
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo-out"
+    lines = []
+    result = run_demo(DemoConfig(output=out, broker="embedded"), say=lines.append)
+    return result, lines
+
+
+def test_the_loop_runs_over_the_embedded_broker_and_improves_the_shifted_accuracy(demo):
+    result, lines = demo
+    assert result.broker == "embedded"
+    c = result.counts
+    assert c["inferences"] == c["stream"] == 500
+    assert 0 < c["flagged"] == c["published"] == c["stored"] == c["labeled"]
+    # the agent's confidence signal found the shifted inputs: they are over-represented among the flagged
+    assert c["shifted"] / c["labeled"] > c["stream_shifted"] / c["stream"]
+    acc = result.accuracy
+    assert acc["v2"]["shifted"] > acc["v1"]["shifted"]
+    assert acc["v1"]["clean"] > 0.9 and acc["v2"]["clean"] > 0.9
+    assert sum(result.stages.values()) <= result.seconds
+
+
+def test_every_artifact_is_where_the_output_says(demo):
+    result, lines = demo
+    out = result.output
+    text = "\n".join(lines)
+    v1, v2 = load_bundle(out / "bundle-v1").manifest, load_bundle(out / "bundle-v2").manifest
+    assert (v1.version, v2.version) == ("1", "2") and v1.sha256 != v2.sha256
+    assert (out / "bundle-v2" / "retrain.md").is_file() and (out / "bundle-v2" / "float_model.keras").is_file()
+    assert json.loads((out / "bundle-v2" / "retrain.json").read_text())["verdict"] == result.verdict
+    with open_store(f"sqlite:///{out / 'samples.db'}") as store:
+        labeled = store.list_samples(labeled=True)
+        assert len(labeled) == result.counts["labeled"]
+        assert {r.labeled_by for r in labeled} == {"demo-ground-truth"}
+        assert {r.device for r in labeled} == {"demo-board-1"} and {r.fleet for r in labeled} == {"demo"}
+    assert "stands in for a person" in text
+    assert f"edgekit samples list --store sqlite:///{out / 'samples.db'}" in text
+    assert "edgekit fleet status" in text
+    assert str(out / "bundle-v2" / "retrain.md") in text
+    assert [ln.split("]")[0] for ln in lines if ln.startswith("[")] == [f"[{i}/10" for i in range(1, 11)]
+
+
+def test_output_not_made_by_the_demo_is_left_alone(tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(EdgekitError, match="not made by the demo"):
+        run_demo(DemoConfig(output=tmp_path), say=lambda line: None)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+    assert not (tmp_path / MARKER).exists()
