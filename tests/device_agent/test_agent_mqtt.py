@@ -42,7 +42,7 @@ class SlowSource(ArraySource):
 def test_samples_arrive_with_the_documented_schema(broker, sub_factory, make_config, digits, expected_runtime, tmp_path):
     x, y = digits
     sub = sub_factory(broker.port)
-    config = make_config(broker.url, policy=FLAG_ALL)
+    config = make_config(broker.url, policy=FLAG_ALL, mqtt={"publish_predictions": True})
     ids = [f"digit-{i}" for i in range(40)]
     with Agent(config, source=ArraySource(x[:40], ids)) as agent:
         stats = agent.run()
@@ -75,6 +75,11 @@ def test_samples_arrive_with_the_documented_schema(broker, sub_factory, make_con
     assert last["inferences"] == 40 and last["runtime"] == expected_runtime
     assert last["outbox"] == {"depth": 0, "bytes": 0, "dropped": 0}
     assert last["latency_ms"]["p50"] > 0 and last["memory_rss_bytes"] > 0
+
+    predictions = sub.messages("predictions")  # QoS 0 and optional, but on a quiet local broker all arrive
+    for m in predictions:
+        validate(m)
+    assert {m["sample_id"] for m in predictions} <= {s["sample_id"] for s in samples} and predictions
 
     # Every prediction is a result line; a flagged one names the sample it became.
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
