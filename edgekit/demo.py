@@ -221,7 +221,7 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
 
     # 4. broker
     broker = stages.run("find an MQTT broker", lambda: find_or_start_broker(out, prefer=c.broker),
-                        lambda b: f"{b.description} ({b.url})")
+                        lambda b: b.description)
     store_url = f"sqlite:///{out / 'samples.db'}"
     store = open_store(store_url)
     collector: Optional[Collector] = None
