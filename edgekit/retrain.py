@@ -246,7 +246,7 @@ def judge(current: Mapping[str, Optional[float]], new: Mapping[str, Optional[flo
     drop = 100 * (current["test"] - new["test"])
     test_part = f"original test {pts(current['test'])} -> {pts(new['test'])}"
     if drop > max_regression:
-        return Verdict(False, f"{test_part}: it lost {drop:.1f} points, more than the {max_regression:g} allowed")
+        return Verdict(False, f"{test_part}: it lost {drop:.2f} points, more than the {max_regression:g} allowed")
     if new.get("feedback") is None:
         better = new["test"] > current["test"]
         return Verdict(better, f"no held-out feedback to judge on; {test_part} "
@@ -334,6 +334,7 @@ def retrain(
 
     from .bundle import atomic_dir, check_output
     from .convert import convert, load_model
+    from .quantize import check_fits
     from .data import Dataset, load_dataset
 
     t0 = time.perf_counter()
@@ -357,6 +358,7 @@ def retrain(
     if len(fb_train) == 0:
         raise DataError(f"all {len(fb)} labeled samples were held out; lower --holdout-fraction or label more")
     model = load_model(float_model)
+    check_fits(model, dataset)  # a float model that does not match the bundle's data: one line, before training
     log.info("fine-tuning on %d original + %d feedback inputs (%d held out)",
              len(dataset.x_train), len(fb_train), len(fb_held))
     tuned, tune_info = fine_tune(

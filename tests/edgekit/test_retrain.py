@@ -122,6 +122,18 @@ def test_empty_or_unlabeled_store_is_one_clear_line_and_no_output(tmp_path, digi
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left either
 
 
+def test_a_float_model_that_does_not_fit_is_one_clear_line(tmp_path, digits, ptq_result, feedback_store, capsys):
+    from edgekit.models import digits_cnn
+
+    other = digits_cnn(num_classes=3, width=4)
+    other.save(tmp_path / "three.keras")
+    out = tmp_path / "v2"
+    code, err = _run_cli(["retrain", str(ptq_result.bundle_path), "--float-model", str(tmp_path / "three.keras"),
+                          "--data", "digits", "--feedback", feedback_store, "-o", str(out), "--no-progress"], capsys)
+    assert code == 1 and len(err) == 1 and "3" in err[0] and "10" in err[0]
+    assert not out.exists()
+
+
 def test_bump_version():
     assert bump_version("1") == "2"
     assert bump_version("1.3") == "1.4"
@@ -151,6 +163,6 @@ def test_judge_promotes_only_a_better_model_that_keeps_the_original_accuracy():
     cur = {"test": 0.97, "feedback": 0.60, "combined": 0.9}
     assert judge(cur, {"test": 0.968, "feedback": 0.75, "combined": 0.92}).promote
     worse = judge(cur, {"test": 0.94, "feedback": 0.80, "combined": 0.92})
-    assert not worse.promote and "lost 3.0 points" in worse.reason
+    assert not worse.promote and "lost 3.00 points" in worse.reason
     same = judge(cur, {"test": 0.97, "feedback": 0.60, "combined": 0.9})
     assert not same.promote and isinstance(same, Verdict) and same.word == "do not promote"
