@@ -56,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     filters(ex)
     ex.add_argument("-o", "--output", required=True)
     ex.add_argument("--format", choices=["npz", "folder"], default=None, help="default: npz when OUTPUT ends in .npz")
-    ex.add_argument("--labels", help="comma-separated class names in index order (default: the model's order)")
+    ex.add_argument("--labels", help="comma-separated class names in index order")
+    ex.add_argument("--bundle", help="take the class names from this bundle's manifest (default: the order the "
+                                     "stored predictions show, which misses classes the model never predicted)")
     ex.add_argument("--test-fraction", type=float, default=0.0)
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--include-unlabeled", action="store_true", help="npz only: unlabeled samples get y=-1")
@@ -133,11 +135,18 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from ..errors import DataError
     from ..samples import export
     from ..store import open_store
 
     fmt = args.format or ("npz" if args.output.endswith(".npz") else "folder")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    if args.bundle:
+        from device_agent.manifest import load_bundle
+
+        if labels:
+            raise DataError("give --labels or --bundle, not both")
+        labels = list(load_bundle(args.bundle).manifest.labels)
     with open_store(args.store) as store:
         out = export(store, args.output, fmt=fmt, labels=labels, test_fraction=args.test_fraction,
                      labeled_only=not args.include_unlabeled, seed=args.seed, force=args.force, **_filters(args))
