@@ -1,0 +1,142 @@
+"""Collector ingest rate into SQLite and PostgreSQL against a raw paho subscriber, in one run.
+
+The same N QoS-1 sample payloads (~1 KB, built with device_agent.protocol)
+go through the same broker (the local Mosquitto on 127.0.0.1:1883) to three
+consumers in turn: a bare paho subscriber that only counts (the ceiling), the
+collector writing into SQLite, and the collector writing into PostgreSQL. A
+publisher keeps at most --window messages ahead of the consumer (Mosquitto
+drops QoS 1 messages queued past max_queued_messages, 1000 by default), so
+each rate is what the pipeline sustains end to end:
+
+    .venv/bin/python bench/bench_collector.py [--n 5000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, List
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from device_agent import protocol  # noqa: E402
+from edgekit.collect import Collector  # noqa: E402
+from edgekit.mqtt_url import parse_broker_url  # noqa: E402
+from edgekit.store import open_store  # noqa: E402
+
+
+def payloads(n: int, fleet: str) -> List[bytes]:
+    rng = np.random.default_rng(0)
+    model = {"name": "bench", "version": "1.0.0", "sha256": "ab" * 32}
+    pred = {"label": "3", "index": 3, "confidence": 0.41, "margin": 0.05, "entropy": 1.7,
+            "top_k": [{"label": "3", "index": 3, "score": 0.41}, {"label": "5", "index": 5, "score": 0.36}]}
+    out = []
+    for i in range(n):
+        p = protocol.sample_payload(device=f"pi-{i % 8}", fleet=fleet, seq=i, model=model, prediction=pred,
+                                    reasons=["low_confidence"], raw=rng.integers(0, 256, (20, 20, 1), dtype=np.uint8))
+        out.append(json.dumps(p, separators=(",", ":")).encode())
+    return out
+
+
+def publish_paced(url: str, fleet: str, data: List[bytes], consumed: Callable[[], int], window: int) -> float:
+    """Publish every payload with QoS 1, at most ``window`` ahead of the consumer; seconds until all consumed."""
+    b = parse_broker_url(url)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.max_queued_messages_set(0)
+    pub.connect(b.host, b.port)
+    pub.loop_start()
+    start = time.perf_counter()
+    for i, payload in enumerate(data):
+        while i - consumed() >= window:
+            time.sleep(0.0005)
+        pub.publish(protocol.topic(fleet, f"pi-{i % 8}", "samples"), payload, qos=1)
+    deadline = time.monotonic() + 120
+    while consumed() < len(data):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"consumer stopped at {consumed()}/{len(data)}; is the broker dropping messages?")
+        time.sleep(0.0005)
+    elapsed = time.perf_counter() - start
+    pub.disconnect()
+    pub.loop_stop()
+    return elapsed
+
+
+def run_raw(url: str, fleet: str, data: List[bytes], window: int) -> float:
+    b = parse_broker_url(url)
+    count = [0]
+    lock = threading.Lock()
+    ready = threading.Event()
+
+    def on_message(client, userdata, msg):
+        with lock:
+            count[0] += 1
+
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-raw-{uuid.uuid4().hex[:8]}",
+                      protocol=mqtt.MQTTv5)
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *a: ready.set()
+    sub.connect(b.host, b.port)
+    sub.loop_start()
+    sub.subscribe(protocol.subscription(fleet, "samples"), options=SubscribeOptions(qos=1))
+    ready.wait(10)
+    try:
+        return len(data) / publish_paced(url, fleet, data, lambda: count[0], window)
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+
+
+def run_collector(url: str, store_url: str, fleet: str, data: List[bytes], window: int) -> float:
+    with open_store(store_url) as store:
+        c = Collector(url, store, fleet=fleet, client_id=f"bench-col-{uuid.uuid4().hex[:8]}", session_expiry_s=0)
+        with c:
+            rate = len(data) / publish_paced(url, fleet, data, lambda: c.stats.handled, window)
+        assert store.count_samples() == len(data), (store.count_samples(), c.stats)
+        if hasattr(store, "drop"):
+            store.drop()
+    return rate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    ap.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--window", type=int, default=500)
+    args = ap.parse_args()
+    fleet = f"bench-{os.getpid()}"
+    data = payloads(args.n, fleet)
+    size = statistics.mean(len(p) for p in data)
+    print(f"{args.n} QoS-1 sample payloads of {size:.0f} bytes via {args.broker}, best of {args.repeat}")
+    rates = {"raw paho subscriber": [], "collector -> SQLite": [], "collector -> PostgreSQL": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeat):  # interleaved, so drift in machine load hits all three alike
+            rates["raw paho subscriber"].append(run_raw(args.broker, fleet, data, args.window))
+            rates["collector -> SQLite"].append(
+                run_collector(args.broker, f"sqlite:///{tmp}/bench-{r}.db", fleet, data, args.window))
+            rates["collector -> PostgreSQL"].append(
+                run_collector(args.broker, f"{args.postgres}?schema=ek_bench_{uuid.uuid4().hex[:8]}", fleet, data,
+                              args.window))
+    raw = max(rates["raw paho subscriber"])
+    for name, values in rates.items():
+        best = max(values)
+        print(f"  {name:26} {best:8.0f} msg/s  (runs: {', '.join(f'{v:.0f}' for v in values)})  "
+              f"ratio to raw {best / raw:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
