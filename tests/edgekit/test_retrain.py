@@ -166,3 +166,18 @@ def test_judge_promotes_only_a_better_model_that_keeps_the_original_accuracy():
     assert not worse.promote and "lost 3.00 points" in worse.reason
     same = judge(cur, {"test": 0.97, "feedback": 0.60, "combined": 0.9})
     assert not same.promote and isinstance(same, Verdict) and same.word == "do not promote"
+
+
+def test_fine_tune_keeps_frozen_layers_and_repeats_the_feedback(digits):
+    from edgekit.models import digits_cnn
+    from edgekit.retrain import fine_tune
+
+    model = digits_cnn(width=4)
+    x, y = digits.model_inputs(digits.x_train[:200]), digits.y_train[:200]
+    fx, fy = digits.model_inputs(digits.x_test[:10]), digits.y_test[:10]
+    tuned, info = fine_tune(model, x, y, fx, fy, epochs=1, freeze=2, feedback_share=0.5)
+    assert info["frozen_layers"] == ["conv1", "conv2"]
+    assert info["feedback_repeats"] == 20 and info["examples_per_epoch"] == 400  # 10 x 20 = half of each epoch
+    for before, after in zip(model.layers, tuned.layers):
+        same = all(np.array_equal(a, b) for a, b in zip(before.get_weights(), after.get_weights()))
+        assert same == (before.name in ("conv1", "conv2") or not before.get_weights()), before.name
