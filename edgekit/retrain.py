@@ -334,8 +334,8 @@ def retrain(
 
     from .bundle import atomic_dir, check_output
     from .convert import convert, load_model
-    from .quantize import check_fits
     from .data import Dataset, load_dataset
+    from .quantize import check_fits
 
     t0 = time.perf_counter()
     output = Path(output)
@@ -370,10 +370,10 @@ def retrain(
     # The converter's QAT trains on the same mix as the fine-tuning (feedback repeated as
     # often), so it does not wash the feedback out; its evaluation sees original test +
     # held-out feedback.
-    k = max(1, tune_info["feedback_repeats"])
+    repeats = max(1, tune_info["feedback_repeats"])
     mixed = Dataset(
-        x_train=np.concatenate([dataset.x_train] + [fb_train.x] * k),
-        y_train=np.concatenate([dataset.y_train] + [fb_train.y] * k),
+        x_train=np.concatenate([dataset.x_train] + [fb_train.x] * repeats),
+        y_train=np.concatenate([dataset.y_train] + [fb_train.y] * repeats),
         x_test=np.concatenate([dataset.x_test, fb_held.x]),
         y_test=np.concatenate([dataset.y_test, fb_held.y]),
         labels=tuple(m.labels), preprocessing=dataset.preprocessing, name=f"{dataset.name}+feedback",
@@ -390,8 +390,8 @@ def retrain(
         parts = {"test": (dataset.x_test, dataset.y_test), "feedback": (fb_held.x, fb_held.y),
                  "combined": (mixed.x_test, mixed.y_test)}
         metrics = {
-            "current": {k: bundle_accuracy(current.path, *v) for k, v in parts.items()},
-            "new": {k: bundle_accuracy(staged, *v) for k, v in parts.items()},
+            "current": {part: bundle_accuracy(current.path, *xy) for part, xy in parts.items()},
+            "new": {part: bundle_accuracy(staged, *xy) for part, xy in parts.items()},
         }
         verdict = judge(metrics["current"], metrics["new"], max_regression=max_regression)
         counts = {"original_train": len(dataset.x_train), "original_test": len(dataset.x_test),
