@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from device_agent import protocol as wire
 
 from .errors import BrokerError, EdgekitError, StoreError
+from .fastschema import Unsupported, compile_schema
 from .mqtt_url import parse_broker_url
 from .store import Store
 
@@ -50,6 +51,7 @@ class Malformed(Exception):
 
 
 _validators: Dict[str, Any] = {}
+_fast: Dict[str, Any] = {}
 
 
 def _validator(schema_id: str) -> Any:
@@ -58,6 +60,21 @@ def _validator(schema_id: str) -> Any:
 
         _validators[schema_id] = jsonschema.Draft202012Validator(wire.SCHEMAS[schema_id])
     return _validators[schema_id]
+
+
+def _schema_error(schema_id: str, obj: Any) -> Any:
+    """The first JSON Schema error, or None. A compiled check answers valid payloads
+    (the common case) fast; jsonschema has the last word and says what is wrong."""
+    if schema_id not in _fast:
+        try:
+            _fast[schema_id] = compile_schema(wire.SCHEMAS[schema_id])
+        except Unsupported as exc:
+            log.debug("schema %s is checked by jsonschema only (%s)", schema_id, exc)
+            _fast[schema_id] = None
+    fast = _fast[schema_id]
+    if fast is not None and fast(obj):
+        return None
+    return next(iter(_validator(schema_id).iter_errors(obj)), None)
 
 
 def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Tuple[str, Dict[str, Any]]:
@@ -83,7 +100,7 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
     expected = _KINDS[kind]
     if obj.get("schema") != expected:
         raise Malformed("schema", f"schema={obj.get('schema')!r} on a {kind} topic, expected={expected!r}")
-    error = next(iter(_validator(expected).iter_errors(obj)), None)
+    error = _schema_error(expected, obj)
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path) or "(root)"
         raise Malformed("schema", f"{expected} at {where}: {error.message[:200]}")

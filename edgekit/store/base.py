@@ -48,6 +48,7 @@ class Store:
         self._lock = threading.RLock()
         self._batch_depth = 0
         self._closed = False
+        self._touches: Dict[Any, Any] = {}  # device rows to update at the end of a batch
 
     # -- backend hooks ---------------------------------------------------
     def _connection(self) -> Any:  # pragma: no cover - abstract
@@ -91,9 +92,16 @@ class Store:
             except BaseException:
                 self._batch_depth -= 1
                 if self._batch_depth == 0:
+                    self._touches.clear()
                     self._rollback()
                 raise
             self._batch_depth -= 1
+            if self._batch_depth == 0:
+                try:
+                    self._flush_touches()
+                except BaseException:
+                    self._rollback()
+                    raise
             self._commit()
 
     # -- writes ----------------------------------------------------------
@@ -119,7 +127,10 @@ class Store:
                 row,
             )
             new = cur.rowcount == 1
-            self._touch_device(payload["fleet"], payload["device"], now, model)
+            if self._batch_depth:  # one device update per batch, not one per sample
+                self._touches[(payload["fleet"], payload["device"])] = (now, model)
+            else:
+                self._touch_device(payload["fleet"], payload["device"], now, model)
             self._commit()
         return new
 
@@ -154,6 +165,11 @@ class Store:
                 (payload["state"], float(payload["ts"]), payload["fleet"], payload["device"]),
             )
             self._commit()
+
+    def _flush_touches(self) -> None:
+        touches, self._touches = self._touches, {}
+        for (fleet, device), (now, model) in touches.items():
+            self._touch_device(fleet, device, now, model)
 
     def _touch_device(self, fleet: str, device: str, now: float, model: Mapping[str, Any], seen: bool = True) -> None:
         name, version = model.get("name") or None, model.get("version") or None
