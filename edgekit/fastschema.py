@@ -69,7 +69,7 @@ def compile_schema(schema: Any) -> Check:
     if "type" in schema:
         names = [schema["type"]] if isinstance(schema["type"], str) else list(schema["type"])
         tests = [_TYPES[n] for n in names]
-        checks.append(lambda x, tests=tests: any(t(x) for t in tests))
+        checks.append(tests[0] if len(tests) == 1 else (lambda x, tests=tests: any(t(x) for t in tests)))
     if "const" in schema:
         const = schema["const"]
         checks.append(lambda x: _equal(x, const))
@@ -99,10 +99,26 @@ def compile_schema(schema: Any) -> Check:
         checks.append(lambda x: not isinstance(x, dict) or all(k in x for k in required))
     props = {k: compile_schema(v) for k, v in (schema.get("properties") or {}).items()}
     if props:
-        checks.append(lambda x: not isinstance(x, dict) or all(c(x[k]) for k, c in props.items() if k in x))
+        items = list(props.items())
+
+        def check_properties(x: Any) -> bool:
+            if isinstance(x, dict):
+                for k, c in items:
+                    if k in x and not c(x[k]):
+                        return False
+            return True
+
+        checks.append(check_properties)
     if "additionalProperties" in schema:
         extra = compile_schema(schema["additionalProperties"])
         checks.append(lambda x: not isinstance(x, dict) or all(extra(v) for k, v in x.items() if k not in props))
     if len(checks) == 1:
         return checks[0]
-    return lambda x: all(c(x) for c in checks)
+
+    def check_all(x: Any) -> bool:
+        for c in checks:
+            if not c(x):
+                return False
+        return True
+
+    return check_all
