@@ -92,3 +92,28 @@ def test_a_thousand_bad_payloads_are_counted_exactly_and_the_good_ones_stored(br
     q = store.quarantined(limit=2000)
     assert all(x["size"] > 0 or x["reason"] == "not_json" for x in q)
     assert any(x["reason"] == "oversized" and x["size"] > 4096 for x in q)
+
+
+def test_a_row_the_database_refuses_is_quarantined_and_the_rest_of_its_batch_stored(broker, tmp_path):
+    """PostgreSQL text cannot hold NUL: such a sample passes the schema but not the INSERT."""
+    import uuid
+
+    from edgekit.store import open_store
+
+    url = f"postgresql://postgres@127.0.0.1:5432/test?schema=ek_test_{uuid.uuid4().hex[:12]}"
+    with open_store(url) as store:
+        try:
+            poison = sample(1)
+            poison["prediction"]["label"] = "a\u0000b"
+            good = [sample(i) for i in range(2, 40)]
+            with Collector(broker.url, store, fleet="lab", client_id="poison") as c:
+                pub = Publisher(broker.port)
+                for p in good[:19] + [poison] + good[19:]:
+                    pub.publish(TOPIC, p)
+                pub.close()
+                assert c.wait_handled(39, timeout=20), c.stats
+            assert c.stats.stored == 38 and c.stats.malformed == {"store_error": 1}
+            assert store.quarantine_counts() == {"store_error": 1}
+            assert store.count_samples() == 38
+        finally:
+            store.drop()
