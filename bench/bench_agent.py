@@ -151,7 +151,7 @@ def worker_throughput(bundle, runtime, threads, n, broker, policy, rounds=3) -> 
     rng = np.random.default_rng(1)
     if Path(bundle) == DIGITS:
         with np.load(DIGITS_X) as d:
-            xs = np.concatenate([d["x"]] * max(1, n // 300))[:n]
+            xs = np.concatenate([d["x"]] * (n // 300 + 1))[:n]
     else:
         xs = rng.integers(0, 256, size=(n, *pre.shape), dtype=np.uint8)
     raw_best, agent_best, flagged = float("inf"), float("inf"), 0
@@ -298,12 +298,12 @@ def main() -> int:
             print(f"{rt:<16}{policy:<9}{r['raw_per_s']:>9.1f}{r['agent_per_s']:>9.1f}{r['ratio']:>7.2f}x"
                   f"{r['flagged']:>9}{r['overhead_us']:>13.0f}")
 
-    print("== 2. agent overhead per inference on the digits model (8x8, 3000 inputs, 1 thread)")
+    print("== 2. agent overhead per inference on the digits model (8x8, 10000 inputs, 1 thread)")
     for rt, py in venvs.items():
-        r = run_worker(py, "throughput", DIGITS, rt, 1, 3000, args.broker, "manifest")
+        r = run_worker(py, "throughput", DIGITS, rt, 1, 10000, args.broker, "manifest")
         report["overhead"].append(r)
         print(f"{rt:<16} raw {r['raw_us']:.1f} us, agent {r['agent_us']:.1f} us per inference: "
-              f"overhead {r['overhead_us']:.1f} us ({r['flagged']} of 3000 flagged)")
+              f"overhead {r['overhead_us']:.1f} us ({r['flagged']} of 10000 flagged)")
 
     print("== 3. start-up to first inference and resident memory of `edgekit-agent run`")
     rng = np.random.default_rng(2)

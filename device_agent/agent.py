@@ -205,6 +205,10 @@ class Agent:
             self.stats.error("input")
             log.warning("input %s#%s skipped: %s", info.get("uri"), info.get("index"), exc)
             return None
+        except (RuntimeError, ValueError) as exc:  # the interpreter refused this input
+            self.stats.error("inference")
+            log.warning("input %s#%s failed in the interpreter (%s); skipped", info.get("uri"), info.get("index"), exc)
+            return None
         latency = time.perf_counter() - t0
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import socket
 import ssl
 import threading
 from typing import Callable, Dict, Optional, Tuple
@@ -136,6 +137,12 @@ class Link:
             return
         self._failures = 0
         self.last_error = ""
+        sock = client.socket()
+        if sock is not None:  # paho leaves Nagle on: small PUBLISHes would wait for the previous segment's ACK
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         for topic in self._handlers:
             client.subscribe(topic, qos=1)
         self.generation += 1

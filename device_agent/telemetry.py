@@ -19,6 +19,11 @@ from typing import Any, Deque, Dict, Optional
 
 import numpy as np
 
+try:  # a dependency of the device extra; imported here so the first telemetry does not pay for it
+    import psutil
+except ImportError:  # pragma: no cover - telemetry then reports nulls
+    psutil = None
+
 __all__ = ["Stats", "machine", "temperature_c", "Watchdog"]
 
 log = logging.getLogger(__name__)
@@ -63,8 +68,8 @@ class Stats:
 def temperature_c() -> Optional[float]:
     """The hottest CPU-ish sensor, or None when the board exposes none."""
     try:
-        import psutil
-
+        if psutil is None:
+            raise ImportError("psutil")
         sensors = getattr(psutil, "sensors_temperatures", lambda: {})() or {}
         for name in ("cpu_thermal", "coretemp", "k10temp", "soc_thermal", "cpu-thermal"):
             if sensors.get(name):
@@ -96,8 +101,8 @@ def machine(disk_path: os.PathLike | str = "/") -> Dict[str, Any]:
         "disk_free_bytes": None,
     }
     try:
-        import psutil
-
+        if psutil is None:
+            raise ImportError("psutil")
         if _proc is None:
             _proc = psutil.Process()
             _proc.cpu_percent(None)
