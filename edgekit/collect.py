@@ -415,9 +415,16 @@ class Collector:
 
     def _apply(self, batch: List[_Msg]) -> Counter:
         counts: Counter = Counter()
+        samples: List[Dict[str, Any]] = []
         with self.store.batch():
             for m in batch:
-                counts[self._handle(m)] += 1
+                outcome = self._handle(m)
+                if isinstance(outcome, dict):
+                    samples.append(outcome)
+                else:
+                    counts[outcome] += 1
+            for new in self.store.put_samples(samples):  # one INSERT for the batch's samples
+                counts["stored" if new else "duplicates"] += 1
         return counts
 
     def _apply_one_or_quarantine(self, m: _Msg) -> Counter:
@@ -428,7 +435,8 @@ class Collector:
             log.warning("message on %s refused by the store (%s); quarantined", m.topic, exc)
             return Counter({"malformed:store_error": 1})
 
-    def _handle(self, m: _Msg) -> str:
+    def _handle(self, m: _Msg) -> Any:
+        """The counter a message goes to, or a valid sample's payload for the batch INSERT."""
         if m.topic.endswith("/status") and not m.payload:
             return "ignored"  # someone cleared the retained status
         try:
@@ -438,7 +446,7 @@ class Collector:
             log.debug("quarantined a payload on %s: %s", m.topic, bad)
             return f"malformed:{bad.reason}"
         if kind == "samples":
-            return "stored" if self.store.put_sample(obj, m.topic) else "duplicates"
+            return obj
         if kind == "telemetry":
             self.store.put_telemetry(obj)
             return "telemetry"

@@ -107,32 +107,40 @@ class Store:
     # -- writes ----------------------------------------------------------
     def put_sample(self, payload: Mapping[str, Any], topic: str = "") -> bool:
         """Store one validated ``edgekit.sample/1``; False when its sample_id is stored already."""
-        model = payload.get("model") or {}
-        pred = payload.get("prediction") or {}
-        inp = payload["input"]
-        data = base64.b64decode(inp["data"])
+        return self.put_samples([payload])[0]
+
+    def put_samples(self, payloads: Sequence[Mapping[str, Any]]) -> List[bool]:
+        """Store validated samples with one multi-row INSERT per 200; for each, whether it was new
+        (a repeat of a stored sample_id, or of an earlier one in the same call, is not)."""
+        if not payloads:
+            return []
         now = time.time()
-        row = (
-            payload["sample_id"], payload["device"], payload["fleet"], int(payload["seq"]), float(payload["ts"]),
-            now, model.get("name", ""), model.get("version", ""), model.get("sha256", ""),
-            str(pred.get("label", "")), int(pred.get("index", -1)), float(pred.get("confidence", 0.0)),
-            float(pred.get("margin", 0.0)), float(pred.get("entropy", 0.0)),
-            json.dumps(list(payload.get("reasons", []))), json.dumps(list(pred.get("top_k", []))),
-            json.dumps(dict(payload.get("source") or {})), str(inp["dtype"]), json.dumps(list(inp["shape"])), data,
-        )
+        rows = [_row(p, now) for p in payloads]
+        width = len(rows[0])
+        new_ids: set = set()
         with self._lock:
-            cur = self._exec(
-                f"INSERT INTO samples ({_INSERT_COLS}) "
-                f"VALUES ({', '.join('?' * len(row))}) ON CONFLICT (sample_id) DO NOTHING",
-                row,
-            )
-            new = cur.rowcount == 1
-            if self._batch_depth:  # one device update per batch, not one per sample
-                self._touches[(payload["fleet"], payload["device"])] = (now, model)
-            else:
-                self._touch_device(payload["fleet"], payload["device"], now, model)
+            for i in range(0, len(rows), 200):
+                chunk = rows[i:i + 200]
+                values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
+                cur = self._exec(
+                    f"INSERT INTO samples ({_INSERT_COLS}) VALUES {values} "
+                    "ON CONFLICT (sample_id) DO NOTHING RETURNING sample_id",
+                    [v for row in chunk for v in row],
+                )
+                new_ids.update(r[0] for r in cur.fetchall())
+            for p in payloads:
+                key, model = (p["fleet"], p["device"]), p.get("model") or {}
+                if self._batch_depth:  # one device update per batch, not one per sample
+                    self._touches[key] = (now, model)
+                else:
+                    self._touch_device(key[0], key[1], now, model)
             self._commit()
-        return new
+        out = []
+        for p in payloads:
+            sid = p["sample_id"]
+            out.append(sid in new_ids)
+            new_ids.discard(sid)
+        return out
 
     def put_telemetry(self, payload: Mapping[str, Any]) -> None:
         """Append one ``edgekit.telemetry/1`` and make it the device's latest."""
@@ -313,6 +321,21 @@ class Store:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def _row(payload: Mapping[str, Any], now: float) -> tuple:
+    model = payload.get("model") or {}
+    pred = payload.get("prediction") or {}
+    inp = payload["input"]
+    return (
+        payload["sample_id"], payload["device"], payload["fleet"], int(payload["seq"]), float(payload["ts"]),
+        now, model.get("name", ""), model.get("version", ""), model.get("sha256", ""),
+        str(pred.get("label", "")), int(pred.get("index", -1)), float(pred.get("confidence", 0.0)),
+        float(pred.get("margin", 0.0)), float(pred.get("entropy", 0.0)),
+        json.dumps(list(payload.get("reasons", []))), json.dumps(list(pred.get("top_k", []))),
+        json.dumps(dict(payload.get("source") or {})), str(inp["dtype"]), json.dumps(list(inp["shape"])),
+        base64.b64decode(inp["data"]),
+    )
 
 
 def _sample(r: Sequence[Any]) -> SampleRecord:

@@ -102,3 +102,12 @@ def test_a_plain_path_is_a_sqlite_store(tmp_path):
         assert s.count_samples() == 1
     with pytest.raises(StoreError, match="closed"):
         s.count_samples()
+
+
+def test_a_batch_insert_says_which_samples_were_new(store):
+    a, b, c = sample(1), sample(2), sample(3)
+    assert store.put_sample(a, "t") is True
+    assert store.put_samples([a, b, b, c]) == [False, True, False, True]
+    assert store.put_samples([]) == []
+    assert store.count_samples() == 3
+    assert [d.samples for d in store.devices()] == [3]
