@@ -430,6 +430,10 @@ class Collector:
     def _apply_one_or_quarantine(self, m: _Msg) -> Counter:
         try:
             return self._apply([m])
+        except StoreError:
+            pass
+        try:  # twice: the first failure may have been a lost connection, now re-opened
+            return self._apply([m])
         except StoreError as exc:
             self.store.quarantine(m.topic, m.payload, "store_error", str(exc).replace("\x00", ""))
             log.warning("message on %s refused by the store (%s); quarantined", m.topic, exc)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -10,6 +12,8 @@ from ..errors import StoreError
 from .base import Store
 
 __all__ = ["PostgresStore"]
+
+log = logging.getLogger(__name__)
 
 DDL = """
 CREATE TABLE IF NOT EXISTS samples (
@@ -61,20 +65,35 @@ class PostgresStore(Store):
             import psycopg
         except ImportError as exc:  # pragma: no cover - host extra installs it
             raise StoreError("PostgreSQL stores need psycopg 3: pip install 'edgekit[host]'") from exc
-        conninfo, self.schema = split_schema(url)
+        self._conninfo, self.schema = split_schema(url)
         self.url = _redact(url)
+        self._conn = self._connect(create=True)
+
+    def _connect(self, create: bool = False) -> Any:
+        import psycopg
+
         try:
-            self._conn = psycopg.connect(conninfo, connect_timeout=10)
+            conn = psycopg.connect(self._conninfo, connect_timeout=10)
             if self.schema:
-                self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-                self._conn.execute(f'SET search_path TO "{self.schema}"')
-            for stmt in filter(str.strip, DDL.split(";")):
-                self._conn.execute(stmt)
-            self._conn.commit()
+                if create:
+                    conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                conn.execute(f'SET search_path TO "{self.schema}"')
+            if create:
+                for stmt in filter(str.strip, DDL.split(";")):
+                    conn.execute(stmt)
+            conn.commit()
+            return conn
         except psycopg.Error as exc:
             raise StoreError(f"cannot open PostgreSQL store {self.url}: {str(exc).strip()}") from exc
 
     def _connection(self) -> Any:
+        if self._conn.closed or self._conn.broken:
+            # The server restarted or dropped us: a new connection, and the caller's
+            # transaction is gone (the collector retries its batch, unacked until stored).
+            log.warning("PostgreSQL connection to %s lost; reconnecting", self.url)
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = self._connect()
         return self._conn
 
     def _close_connection(self) -> None:

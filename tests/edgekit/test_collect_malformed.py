@@ -117,3 +117,34 @@ def test_a_row_the_database_refuses_is_quarantined_and_the_rest_of_its_batch_sto
             assert store.count_samples() == 38
         finally:
             store.drop()
+
+
+def test_postgresql_dropping_the_connection_loses_nothing(broker):
+    """The server ends the collector's session mid-run: the batch is retried on a new connection."""
+    import uuid
+
+    import psycopg
+
+    from edgekit.store import open_store
+
+    url = f"postgresql://postgres@127.0.0.1:5432/test?schema=ek_test_{uuid.uuid4().hex[:12]}"
+    with open_store(url) as store:
+        try:
+            with Collector(broker.url, store, fleet="lab", client_id="pg-drop") as c:
+                pub = Publisher(broker.port)
+                first = [sample(i) for i in range(50)]
+                for p in first:
+                    pub.publish(TOPIC, p)
+                pub.flush()
+                assert c.wait_handled(50, timeout=10)
+                with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (store._conn.info.backend_pid,))
+                second = [sample(i) for i in range(50, 100)]
+                for p in second:
+                    pub.publish(TOPIC, p)
+                pub.close()
+                assert c.wait_handled(100, timeout=20), c.stats
+            assert c.stats.stored == 100 and c.stats.malformed_total == 0
+            assert {r.sample_id for r in store.list_samples()} == {p["sample_id"] for p in first + second}
+        finally:
+            store.drop()
