@@ -183,7 +183,7 @@ sequenceDiagram
 
 
 def render() -> str:
-    from edgekit.collect import DEFAULT_MAX_PAYLOAD_BYTES
+    from edgekit.validate import DEFAULT_MAX_PAYLOAD_BYTES
 
     text = HEAD.replace("{prefix}", protocol.PREFIX)
     text = text.replace("{max_bytes}", f"{protocol.MAX_PAYLOAD_BYTES:,}")

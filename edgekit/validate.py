@@ -1,0 +1,98 @@
+"""Is an MQTT message a valid protocol payload? The collector's gate (docs/protocol.md).
+
+Checks in order: size, topic, UTF-8 JSON object, the JSON Schema of the
+topic's kind (device_agent.protocol.SCHEMAS), a sample's input (base64 size
+against dtype x shape), and the payload's fleet/device against the topic's.
+A failure raises :class:`Malformed` with the counter it goes to.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Dict, Tuple
+
+from device_agent import protocol as wire
+
+from .fastschema import Unsupported, compile_schema
+
+__all__ = ["Malformed", "check_message", "DEFAULT_MAX_PAYLOAD_BYTES", "KIND_SCHEMAS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+KIND_SCHEMAS = {"samples": "edgekit.sample/1", "telemetry": "edgekit.telemetry/1", "status": "edgekit.status/1"}
+
+
+class Malformed(Exception):
+    """A payload the collector refuses; ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+_validators: Dict[str, Any] = {}
+_fast: Dict[str, Any] = {}
+
+
+def _validator(schema_id: str) -> Any:
+    if schema_id not in _validators:
+        import jsonschema
+
+        _validators[schema_id] = jsonschema.Draft202012Validator(wire.SCHEMAS[schema_id])
+    return _validators[schema_id]
+
+
+def _schema_error(schema_id: str, obj: Any) -> Any:
+    """The first JSON Schema error, or None. A compiled check answers valid payloads
+    (the common case) fast; jsonschema has the last word and says what is wrong."""
+    if schema_id not in _fast:
+        try:
+            _fast[schema_id] = compile_schema(wire.SCHEMAS[schema_id])
+        except Unsupported as exc:
+            log.debug("schema %s is checked by jsonschema only (%s)", schema_id, exc)
+            _fast[schema_id] = None
+    fast = _fast[schema_id]
+    if fast is not None and fast(obj):
+        return None
+    return next(iter(_validator(schema_id).iter_errors(obj)), None)
+
+
+def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Tuple[str, Dict[str, Any]]:
+    """Validate one MQTT message; returns ``(kind, payload_dict)`` or raises :class:`Malformed`.
+
+    Reasons: ``oversized``, ``bad_topic``, ``not_json``, ``schema``, ``bad_input``, ``topic_mismatch``.
+    """
+    if len(payload) > max_bytes:
+        raise Malformed("oversized", f"payload has {len(payload)} bytes, limit={max_bytes}")
+    try:
+        parts = wire.parse_topic(topic)
+    except wire.ProtocolError as exc:
+        raise Malformed("bad_topic", str(exc)) from None
+    kind = parts["kind"]
+    if kind not in KIND_SCHEMAS:
+        raise Malformed("bad_topic", f"topic kind={kind!r}, the collector takes {sorted(KIND_SCHEMAS)}")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise Malformed("not_json", f"payload is not UTF-8 JSON ({exc.__class__.__name__})") from None
+    if not isinstance(obj, dict):
+        raise Malformed("not_json", f"payload is a JSON {type(obj).__name__}, expected an object")
+    expected = KIND_SCHEMAS[kind]
+    if obj.get("schema") != expected:
+        raise Malformed("schema", f"schema={obj.get('schema')!r} on a {kind} topic, expected={expected!r}")
+    error = _schema_error(expected, obj)
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        raise Malformed("schema", f"{expected} at {where}: {error.message[:200]}")
+    if kind == "samples":
+        try:
+            wire.decode_array(obj["input"])
+        except wire.ProtocolError as exc:
+            raise Malformed("bad_input", str(exc)) from None
+    if (obj["fleet"], obj["device"]) != (parts["fleet"], parts["device"]):
+        raise Malformed("topic_mismatch", f"payload says {obj['fleet']}/{obj['device']}, topic says "
+                                          f"{parts['fleet']}/{parts['device']}")
+    return kind, obj
