@@ -156,6 +156,21 @@ never blocks the session or crashes the collector:
 
 An empty retained message on `.../status` (someone clearing it) is ignored.
 
+## Where it lands: the store
+
+`edgekit collect --store URL` writes into SQLite (`sqlite:///samples.db`, the default
+`edgekit-samples.db`, WAL journal) or PostgreSQL (`postgresql://user@host:5432/db`, optionally
+`?schema=NAME` to keep a fleet in its own schema); both have the same tables, created on first use:
+
+| table | one row per | key |
+|---|---|---|
+| `samples` | stored sample: payload fields, the raw input bytes, and the human label once given | `sample_id` |
+| `telemetry` | telemetry message received | auto |
+| `devices` | board: last seen, retained state, model, latest telemetry | `(fleet, device)` |
+| `quarantine` | refused message: topic, reason, detail, size, first 64 KiB | auto |
+
+`edgekit samples list|show|label|export` and `edgekit fleet status` read them.
+
 ## A sample's trip
 
 ```mermaid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 
 
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
         )
         collector.start()
+        # SIGTERM (systemd, docker stop) stops as cleanly as Ctrl-C: store and ack what arrived.
+        signal.signal(signal.SIGTERM, _interrupt)
         print(f"collecting into {store.url} (Ctrl-C to stop)", flush=True)
         start = last = time.monotonic()
         try:
@@ -62,3 +65,7 @@ def run(args: argparse.Namespace) -> int:
             collector.stop()
         print(collector.stats.line(), flush=True)
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt

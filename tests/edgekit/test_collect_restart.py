@@ -78,3 +78,12 @@ def test_a_collector_killed_mid_stream_loses_nothing_after_restart(broker, tmp_p
         stored = {r.sample_id for r in store.list_samples()}
         assert stored == sent
         assert store.devices()[0].device == "pi-restart"
+
+
+def test_sigterm_stops_the_collector_cleanly_with_its_counters(broker, tmp_path):
+    proc = _collector(broker.url, f"sqlite:///{tmp_path}/s.db", tmp_path / "collector.log")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, out
+    assert out.strip().splitlines()[-1].startswith("received=0 stored=0")
+    assert "collector stopped" in (tmp_path / "collector.log").read_text()
