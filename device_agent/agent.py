@@ -258,12 +258,8 @@ class Agent:
         """Between inferences: publish from the outbox, run commands, send telemetry, feed the watchdog."""
         if self.publisher is not None:
             self.publisher.pump()
-            while True:
-                try:
-                    payload = self._cmds.get_nowait()
-                except queue.Empty:
-                    break
-                self._command(payload)
+            while not self._cmds.empty():
+                self._command(self._cmds.get_nowait())
             now = time.monotonic()
             if now >= self._telemetry_due and self.link.connected.is_set():
                 self._telemetry_due = now + self.config.telemetry.period_s

@@ -248,7 +248,7 @@ class Publisher:
             self._cursor = 0
         acked = []
         block = wait_s > 0 and bool(self._inflight)
-        while True:
+        while block or not link.acks.empty():  # empty(): no exception raised on the common path
             try:
                 mid, ok = link.acks.get(timeout=wait_s) if block else link.acks.get_nowait()
             except queue.Empty:
