@@ -258,6 +258,10 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
                        f"by the broker, {s.pending} left in the outbox"),
         )
 
+        if stats.flagged and not stats.published:
+            raise EdgekitError(f"the agent flagged {stats.flagged} samples but the broker acknowledged none; "
+                               f"see {out / 'demo.log'} and try --broker embedded")
+
         def wait_collected() -> int:
             deadline = time.monotonic() + 30
             while store.count_samples(labeled=None) < stats.published and time.monotonic() < deadline:
