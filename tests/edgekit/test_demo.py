@@ -60,3 +60,39 @@ def test_output_not_made_by_the_demo_is_left_alone(tmp_path):
         run_demo(DemoConfig(output=tmp_path), say=lambda line: None)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
     assert not (tmp_path / MARKER).exists()
+
+
+@pytest.mark.parametrize("prefer", ["mosquitto", "embedded"])
+def test_a_started_broker_carries_qos1_messages_and_stops(tmp_path, prefer):
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from edgekit.broker import find_or_start_broker, mqtt_answers
+
+    broker = find_or_start_broker(tmp_path, prefer=prefer)
+    port = int(broker.url.rsplit(":", 1)[1])
+    try:
+        assert broker.kind == prefer and broker.protocol == ("5" if prefer == "mosquitto" else "3.1.1")
+        proto = mqtt.MQTTv5 if broker.protocol == "5" else mqtt.MQTTv311
+        got, done = [], threading.Event()
+        sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="t-sub", protocol=proto)
+        sub.on_message = lambda c, u, m: (got.append(m.payload), len(got) == 3 and done.set())
+        subscribed = threading.Event()
+        sub.on_subscribe = lambda *a: subscribed.set()
+        sub.connect("127.0.0.1", port)
+        sub.loop_start()
+        sub.subscribe("edgekit/v1/t/#", qos=1)
+        assert subscribed.wait(5)
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="t-pub", protocol=proto)
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        for i in range(3):
+            pub.publish("edgekit/v1/t/d/samples", f"m{i}".encode(), qos=1).wait_for_publish(5)
+        assert done.wait(5) and got == [b"m0", b"m1", b"m2"]
+        for c in (pub, sub):
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        broker.stop()
+    assert not mqtt_answers("127.0.0.1", port, timeout=1.0, protocol=broker.protocol)
