@@ -20,9 +20,11 @@ With the same labeling budget (default 100) two strategies pick from the pool:
 Each labeled set goes through edgekit.retrain.fine_tune (the code `edgekit
 retrain` runs) from the same base model; a third arm fine-tunes with no new
 labels, to show what the labels add. Accuracy is top-1 of the fine-tuned float
-model on the held-out shifted test set (and on the clean one).
+model on the held-out shifted test set (and on the clean one); with ``--int8``
+each fine-tuned model is also converted with QAT on the same mix, as ``edgekit
+retrain`` does, and the int8 bundle is scored through the board's interpreter.
 
-    .venv/bin/python bench/bench_loop.py [--seeds 5] [--budget 100] [--epochs 10]
+    .venv/bin/python bench/bench_loop.py [--seeds 5] [--budget 100] [--epochs 10] [--int8]
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (default 10)")
     p.add_argument("--feedback-share", type=float, default=0.5, help="fine_tune's feedback share per epoch (default 0.5)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="fine_tune's Adam learning rate (default 0.001)")
+    p.add_argument("--int8", action="store_true",
+                   help="also convert each fine-tuned model with QAT (as edgekit retrain does) and score the int8 bundle")
     p.add_argument("--base-epochs", type=int, default=15, help="epochs to train the base model (default 15)")
     p.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs of the base model's int8 conversion (default 1)")
     return p.parse_args(argv)
@@ -115,12 +119,23 @@ def one_seed(seed: int, args: argparse.Namespace, x: np.ndarray, y: np.ndarray, 
            "pool_confidence_low": float(conf[low].mean()), "pool_confidence_random": float(conf[rand].mean())}
     arms = {"low": low, "random": rand, "none": np.array([], dtype=np.int64)}
     for name, idx in arms.items():
-        tuned, _ = fine_tune(model, ds.model_inputs(ds.x_train), ds.y_train, ds.model_inputs(x_pool[idx]), y_pool[idx],
-                             epochs=args.epochs, feedback_share=args.feedback_share,
-                             learning_rate=args.learning_rate, seed=seed)
+        tuned, info = fine_tune(model, ds.model_inputs(ds.x_train), ds.y_train, ds.model_inputs(x_pool[idx]),
+                                y_pool[idx], epochs=args.epochs, feedback_share=args.feedback_share,
+                                learning_rate=args.learning_rate, seed=seed)
         out[name] = acc(tuned, x_shift_test, y[te])
         out[name + "_clean"] = acc(tuned, x[te], y[te])
         out[name + "_shifted_picked"] = float(np.mean(idx >= n_clean)) if len(idx) else 0.0
+        if args.int8 and name != "none":
+            from edgekit.retrain import bundle_accuracy
+
+            k = max(1, info["feedback_repeats"])
+            mixed = Dataset(np.concatenate([ds.x_train] + [x_pool[idx]] * k),
+                            np.concatenate([ds.y_train] + [y_pool[idx]] * k), ds.x_test, ds.y_test,
+                            ds.labels, ds.preprocessing, ds.name)
+            with tempfile.TemporaryDirectory(prefix="bench-loop-") as tmp:
+                b = convert(tuned, mixed, mode="qat", output=Path(tmp) / name, epochs=3, progress=False,
+                            report=False, seed=seed, runtimes=["ai_edge_litert"]).bundle_path
+                out[name + "_int8"] = bundle_accuracy(b, x_shift_test, y[te])
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -168,6 +183,11 @@ def main(argv=None) -> int:
     print(f"  low-confidence - random      {diff.mean():+.3f} +- {diff.std(ddof=1) if len(diff) > 1 else 0.0:.3f} "
           f"(low-confidence ahead in {wins}/{len(rows)} seeds)")
     print(f"clean test set: before {ms('base_clean')}, random {ms('random_clean')}, low-confidence {ms('low_clean')}")
+    if args.int8:
+        d8 = np.array([r["low_int8"] - r["random_int8"] for r in rows])
+        print(f"int8 after QAT (3 epochs, same mix), shifted test set: random {ms('random_int8')}, "
+              f"low-confidence {ms('low_int8')}, difference {d8.mean():+.3f} +- "
+              f"{d8.std(ddof=1) if len(d8) > 1 else 0.0:.3f} (ahead in {int(np.sum(d8 > 0))}/{len(rows)} seeds)")
     if args.clean_fraction:
         print(f"shifted share of the picks: low-confidence {ms('low_shifted_picked')}, random {ms('random_shifted_picked')}")
     return 0

@@ -153,7 +153,7 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     from .broker import find_or_start_broker
     from .collect import Collector
     from .convert import convert
-    from .data import Dataset, load_dataset
+    from .data import load_dataset
     from .models import digits_cnn, train
     from .retrain import bundle_accuracy, retrain
     from .shift import apply_shift, get_shift
@@ -185,7 +185,6 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
                             x_test=d["x_test"].astype(np.uint8), y_test=d["y_test"], labels=d["labels"])
         np.savez_compressed(out / "stream.npz", x=d["x_stream"], y=d["y_stream"], shifted=shifted,
                             x_test_shifted=d["x_test_shifted"], y_test_shifted=d["y_test"])
-        d["preprocessing"] = full.preprocessing
         return d
 
     d = stages.run(
@@ -211,7 +210,7 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
 
     # 3. QAT + int8
     v1 = out / "bundle-v1"
-    conv = stages.run(
+    stages.run(
         f"convert with QAT ({c.qat_epochs} epochs) to an int8 bundle",
         lambda: convert(model, data, mode="qat", output=v1, epochs=c.qat_epochs, name="digits", version="1",
                         progress=False, seed=c.seed),

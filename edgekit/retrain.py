@@ -24,7 +24,6 @@ next to ``output`` and moved into place at the end.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import re
