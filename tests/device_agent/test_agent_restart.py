@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -107,3 +108,41 @@ def test_sigkill_mid_run_then_restart_loses_nothing(broker, sub_factory, tmp_pat
     assert f"on {expected_runtime}" in text
     assert "Traceback" not in text
     assert wait_for(lambda: sub.messages("status")[-1]["state"] == "offline", 10)
+
+
+def test_last_will_says_offline_when_the_agent_dies(broker, sub_factory, tmp_path, digits, expected_runtime):
+    x, _ = digits
+    (tmp_path / "inbox").mkdir()
+    np.save(tmp_path / "inbox" / "one.npy", x[0])
+    sub = sub_factory(broker.port, topic="edgekit/v1/test/killme/status")
+    config = write_config(tmp_path / "agent.toml", tmp_path, broker.url, expected_runtime)
+    agent = start_agent(config, tmp_path / "agent.log")
+    try:
+        assert sub.wait(lambda s: [m["state"] for m in s.messages("status")][-1:] == ["online"], 30)
+    finally:
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+    assert sub.wait(lambda s: s.messages("status")[-1]["state"] == "offline", 10)  # the broker sent the will
+    validate(sub.messages("status")[-1])
+
+
+def test_cli_run_over_a_batch_exits_when_classified_and_drained(broker, sub_factory, tmp_path, expected_runtime):
+    sub = sub_factory(broker.port)
+    batch = tmp_path / "batch.npy"
+    with np.load(ROOT / "tests/device_agent/data/digits-300.npz") as d:
+        np.save(batch, d["x"][:50])
+    results = tmp_path / "results.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "device_agent", "run", "--config", str(ROOT / "firmware_configs/generic-linux-x86_64.toml"),
+         "--bundle", str(BUNDLE), "--source", str(batch), "--broker", broker.url, "--results", str(results),
+         "--outbox", str(tmp_path / "o.sqlite"), "--device-id", "batch", "--fleet", "test"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [line["source"]["index"] for line in lines] == list(range(50))
+    flagged = {line["sample_id"] for line in lines if line["flagged"]}
+    assert flagged, "the bundle's own thresholds flag a few of these digits"
+    assert f"done: 50 inferences, {len(flagged)} flagged, {len(flagged)} published, 0 dropped, 0 pending" in proc.stderr
+    assert sub.wait(lambda s: {m["sample_id"] for m in s.samples()} >= flagged, 10)
