@@ -130,7 +130,7 @@ def test_cli_run_over_a_batch_exits_when_classified_and_drained(broker, sub_fact
     sub = sub_factory(broker.port)
     batch = tmp_path / "batch.npy"
     with np.load(ROOT / "tests/device_agent/data/digits-300.npz") as d:
-        np.save(batch, d["x"][:50])
+        np.save(batch, d["x"])
     results = tmp_path / "results.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "device_agent", "run", "--config", str(ROOT / "firmware_configs/generic-linux-x86_64.toml"),
@@ -141,8 +141,8 @@ def test_cli_run_over_a_batch_exits_when_classified_and_drained(broker, sub_fact
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(line) for line in results.read_text().splitlines()]
-    assert [line["source"]["index"] for line in lines] == list(range(50))
+    assert [line["source"]["index"] for line in lines] == list(range(300))
     flagged = {line["sample_id"] for line in lines if line["flagged"]}
     assert flagged, "the bundle's own thresholds flag a few of these digits"
-    assert f"done: 50 inferences, {len(flagged)} flagged, {len(flagged)} published, 0 dropped, 0 pending" in proc.stderr
+    assert f"done: 300 inferences, {len(flagged)} flagged, {len(flagged)} published, 0 dropped, 0 pending" in proc.stderr
     assert sub.wait(lambda s: {m["sample_id"] for m in s.samples()} >= flagged, 10)
