@@ -12,10 +12,8 @@ import pytest
 from device_agent.agent import Agent
 from device_agent.sources import ArraySource
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from broker import free_port, port_open  # noqa: E402
-
-from conftest import BUNDLE, ROOT  # noqa: E402
+from broker import free_port, port_open  # tests/broker.py, on the path through tests/conftest.py
+from conftest import BUNDLE, ROOT
 
 
 def openssl(*args, cwd):
