@@ -66,7 +66,7 @@ def export(
     *,
     fmt: str = "npz",
     labels: Optional[Sequence[str]] = None,
-    test_fraction: float = 0.0,
+    test_fraction: Optional[float] = None,
     labeled_only: bool = True,
     seed: int = 0,
     force: bool = False,
@@ -74,8 +74,12 @@ def export(
 ) -> Path:
     """Write the samples (filtered like :meth:`Store.list_samples`) as a data set; returns the path.
 
-    Unlabeled samples (``labeled_only=False``, npz only) get ``y = -1``.
+    Unlabeled samples (``labeled_only=False``, npz only) get ``y = -1``. ``test_fraction`` defaults to
+    0.2 for npz (so ``edgekit convert --data`` takes the file as it is: it needs both splits) and to 0 for
+    a folder (one subfolder per class, no split).
     """
+    if test_fraction is None:
+        test_fraction = 0.2 if fmt == "npz" else 0.0
     if fmt not in ("npz", "folder"):
         raise DataError(f"fmt={fmt!r}, expected 'npz' or 'folder'")
     if fmt == "folder" and not labeled_only:

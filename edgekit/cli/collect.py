@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ca-file", help="CA certificate for mqtts://")
     p.add_argument("--cert-file", help="client certificate for mqtts://")
     p.add_argument("--key-file", help="client key for mqtts://")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5",
+                   help="MQTT version (3.1.1 for brokers without MQTT 5: persistent session, no shared subscriptions)")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--until-idle", type=float, metavar="S", help="stop once nothing arrived for S seconds")
     p.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="print counters every S seconds")
@@ -40,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
             args.broker, store, fleet=args.fleet, client_id=args.client_id, share_group=args.share_group,
             session_expiry_s=args.session_expiry,
             max_payload_bytes=args.max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES,
-            ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file,
+            ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file, protocol=args.protocol,
         )
         collector.start()
         # SIGTERM (systemd, docker stop) stops as cleanly as Ctrl-C: store and ack what arrived.

@@ -59,7 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--labels", help="comma-separated class names in index order")
     ex.add_argument("--bundle", help="take the class names from this bundle's manifest (default: the order the "
                                      "stored predictions show, which misses classes the model never predicted)")
-    ex.add_argument("--test-fraction", type=float, default=0.0)
+    ex.add_argument("--test-fraction", type=float, default=None,
+                    help="share held out as x_test (npz default 0.2, as `edgekit convert --data` needs both splits; "
+                         "folder default 0)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--include-unlabeled", action="store_true", help="npz only: unlabeled samples get y=-1")
     ex.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")

@@ -127,11 +127,14 @@ def test_the_samples_cli_lists_shows_labels_and_exports(tmp_path, capsys):
     assert main(["samples", "label", "--store", url, "--csv", str(labels)]) == 0
     assert main(["samples", "export", "--store", url, "-o", str(tmp_path / "e.npz"), "--labels", "0,1,2"]) == 0
     with np.load(tmp_path / "e.npz") as z:
-        assert list(z["labels"]) == ["0", "1", "2"] and len(z["x_train"]) == 3
+        assert list(z["labels"]) == ["0", "1", "2"] and (len(z["x_train"]), len(z["x_test"])) == (2, 1)
     bundle = __import__("pathlib").Path(__file__).resolve().parents[1] / "device_agent" / "data" / "digits-bundle"
     assert main(["samples", "export", "--store", url, "-o", str(tmp_path / "b.npz"), "--bundle", str(bundle)]) == 0
     with np.load(tmp_path / "b.npz") as z:
         assert list(z["labels"]) == LABELS  # the bundle's classes, in its order
+    # With the default split the export is a data set `edgekit convert --data` accepts as it is.
+    exported = load_dataset(str(tmp_path / "b.npz"))
+    assert (len(exported.x_train), len(exported.x_test)) == (2, 1) and exported.labels == tuple(LABELS)
     assert main(["samples", "export", "--store", url, "-o", str(tmp_path / "e.npz")]) == 1
     assert "OutputExistsError" in capsys.readouterr().err
     assert main(["samples", "show", "--store", url, "nope"]) == 1
