@@ -7,6 +7,7 @@ module only fills it in. See docs/bundle.md.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -18,9 +19,12 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from device_agent.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, Preprocessing, TensorSpec, sha256_file
 
-from .errors import OutputExistsError
+from .errors import ModelError, OutputExistsError
 
-__all__ = ["write_bundle", "rewrite_manifest", "atomic_dir", "check_output", "pack"]
+__all__ = ["write_bundle", "rewrite_manifest", "atomic_dir", "check_output", "pack", "FLOAT_MODEL_NAME"]
+
+#: The float Keras model a bundle came from, kept beside it on the workstation for the next retrain.
+FLOAT_MODEL_NAME = "float_model.keras"
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +121,28 @@ def rewrite_manifest(directory: os.PathLike | str, manifest: Manifest) -> None:
     os.replace(tmp, target)
 
 
-def pack(bundle_dir: os.PathLike | str, output: Optional[os.PathLike | str] = None) -> Path:
-    """``bundle_dir`` as ``<bundle_dir>.tar.gz`` (one top-level folder); returns the archive's path."""
+def pack(bundle_dir: os.PathLike | str, output: Optional[os.PathLike | str] = None, *, everything: bool = False) -> Path:
+    """``bundle_dir`` as ``<bundle_dir>.tar.gz`` (one top-level folder); returns the archive's path.
+
+    By default the archive holds what a board needs, ``manifest.json`` and the model; the report and
+    ``float_model.keras`` stay on the workstation (``everything=True`` packs the whole directory).
+    """
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / MANIFEST_NAME).is_file():
-        raise OutputExistsError(f"{bundle_dir} is not a bundle (no {MANIFEST_NAME}); pass the directory `edgekit convert -o` wrote")
+        raise ModelError(f"{bundle_dir} is not a bundle (no {MANIFEST_NAME}); pass the directory `edgekit convert -o` wrote")
+    model_file = json.loads((bundle_dir / MANIFEST_NAME).read_text(encoding="utf-8")).get("model", {}).get("file", "model.tflite")
     out = Path(output) if output else bundle_dir.with_name(bundle_dir.name + ".tar.gz")
     tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(bundle_dir, arcname=bundle_dir.name)
-    os.replace(tmp, out)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            if everything:
+                tar.add(bundle_dir, arcname=bundle_dir.name)
+            else:
+                tar.add(bundle_dir, arcname=bundle_dir.name, recursive=False)
+                for name in (MANIFEST_NAME, model_file):
+                    tar.add(bundle_dir / name, arcname=f"{bundle_dir.name}/{name}")
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out

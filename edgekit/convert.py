@@ -21,7 +21,7 @@ import numpy as np
 
 from device_agent.manifest import Manifest, load_bundle, read_labels
 
-from .bundle import atomic_dir, check_output, rewrite_manifest, write_bundle
+from .bundle import FLOAT_MODEL_NAME, atomic_dir, check_output, rewrite_manifest, write_bundle
 from .data import Dataset
 from .errors import ConversionError
 from .evaluate import EvalReport, evaluate, scores_to_probs
@@ -97,6 +97,7 @@ def convert(
     runtimes: Optional[Sequence[str]] = None,
     report: bool = True,
     seed: int = 0,
+    save_float: bool = True,
 ) -> ConvertResult:
     """Convert ``model`` (a Keras model or a path) to an int8 bundle at ``output``; see the module doc."""
     from . import quantize as q
@@ -199,11 +200,22 @@ def convert(
             reference=reference_stats(data.model_inputs(data.x_train), train_probs),
         )
         rewrite_manifest(tmp, manifest)
+        if save_float:
+            _save_float(model, tmp / FLOAT_MODEL_NAME)
     log.info("bundle written to %s (int8 top-1 %.2f%%)", output, 100 * rep.int8.accuracy)
     report_obj = replace(rep, bundle=str(output))
     if report:
         (output / REPORT_DIR / "report.md").write_text(report_obj.to_markdown(), encoding="utf-8")
     return ConvertResult(bundle_path=output, manifest=manifest, report=report_obj, fallbacks=fallbacks)
+
+
+def _save_float(model: Any, path: Path) -> None:
+    """Keep the float model beside the bundle (workstation only) so `edgekit retrain` can start from it."""
+    try:
+        model.save(str(path))
+    except Exception as exc:  # noqa: BLE001 - a subclassed model may not serialize; the bundle is still whole
+        path.unlink(missing_ok=True)
+        log.warning("float model not saved beside the bundle (%s); pass --float-model to `edgekit retrain`", exc)
 
 
 def _metrics(rep: EvalReport) -> Dict[str, Any]:

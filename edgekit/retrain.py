@@ -35,14 +35,14 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import DataError
+from .bundle import FLOAT_MODEL_NAME
+from .errors import DataError, ModelError
 
 __all__ = ["Feedback", "Verdict", "RetrainResult", "bump_version", "load_feedback", "split_feedback", "fine_tune",
            "judge", "retrain", "write_reports", "bundle_accuracy", "FLOAT_MODEL_NAME"]
 
 log = logging.getLogger(__name__)
 
-FLOAT_MODEL_NAME = "float_model.keras"
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,7 @@ def write_reports(directory: Path, *, verdict: Verdict, metrics: Mapping[str, Ma
 def retrain(
     bundle: str | Path,
     *,
-    float_model: str | Path,
+    float_model: Optional[str | Path] = None,
     data: str,
     feedback: str,
     output: str | Path,
@@ -328,7 +328,11 @@ def retrain(
     force: bool = False,
     progress: bool = True,
 ) -> RetrainResult:
-    """Fine-tune on original + labeled feedback, QAT to int8, compare with the current bundle."""
+    """Fine-tune on original + labeled feedback, QAT to int8, compare with the current bundle.
+
+    ``float_model`` defaults to the ``float_model.keras`` that `edgekit convert` and `edgekit retrain`
+    keep inside the bundle directory.
+    """
     from device_agent.manifest import load_bundle
 
     from .bundle import atomic_dir, check_output
@@ -341,6 +345,10 @@ def retrain(
     check_output(output, force)
     current = load_bundle(bundle)
     m = current.manifest
+    if float_model is None:
+        float_model = current.path / FLOAT_MODEL_NAME
+        if not float_model.is_file():
+            raise ModelError(f"{current.path} holds no {FLOAT_MODEL_NAME}; pass the float Keras model with --float-model")
     new_version = version or bump_version(m.version)
     if new_version == m.version:
         raise DataError(f"version {new_version!r} is the current bundle's; pass another --version")
@@ -381,7 +389,7 @@ def retrain(
         conv_dir = staged / "converted"
         result = convert(tuned, mixed, mode="qat", output=conv_dir, epochs=qat_epochs, name=m.name,
                          version=new_version, labels=list(m.labels), baseline=current.path, progress=progress,
-                         seed=seed)
+                         seed=seed, save_float=False)
         for item in conv_dir.iterdir():
             os.replace(item, staged / item.name)
         conv_dir.rmdir()

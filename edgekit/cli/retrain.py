@@ -14,9 +14,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(the original test split and held-out feedback, reported apart). The report says 'promote' or 'do not promote'.",
     )
     p.add_argument("bundle", metavar="BUNDLE", help="the current bundle (directory or .tar.gz): the baseline to beat")
-    p.add_argument("--float-model", required=True, metavar="MODEL",
-                   help="the float Keras model the bundle came from (.keras, .h5, SavedModel; a retrained bundle holds "
-                        "float_model.keras)")
+    p.add_argument("--float-model", metavar="MODEL",
+                   help="the float Keras model the bundle came from (.keras, .h5, SavedModel; default: the "
+                        "float_model.keras that convert and retrain keep in the bundle directory)")
     p.add_argument("--data", required=True, metavar="ORIGINAL", help="the original data: 'digits', an .npz or an image folder")
     p.add_argument("--feedback", required=True, metavar="STORE_URL",
                    help="the sample store with labeled samples: sqlite:///path.db or postgresql://...")

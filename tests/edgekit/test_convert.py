@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,7 +161,18 @@ def test_evaluate_against_a_previous_bundle(ptq_result, qat_result, digits, tmp_
     assert r.float is None and (tmp_path / "ev" / "report.md").is_file()
 
 
-def test_packed_bundle_loads(ptq_result, tmp_path):
+def test_packed_bundle_loads_and_holds_only_what_a_board_needs(ptq_result, tmp_path):
     archive = pack(ptq_result.bundle_path, tmp_path / "b.tar.gz")
     b = load_bundle(archive)
     assert b.manifest.sha256 == ptq_result.manifest.sha256
+    with tarfile.open(archive) as tar:
+        names = sorted(Path(n).name for n in tar.getnames() if "/" in n)
+    assert names == ["manifest.json", "model.tflite"]
+
+
+def test_the_float_model_is_kept_beside_the_bundle_for_retraining(ptq_result, digits):
+    from edgekit.convert import load_model
+
+    kept = load_model(ptq_result.bundle_path / "float_model.keras")
+    x = digits.model_inputs(digits.x_test[:50])
+    assert (kept.predict(x, verbose=0).argmax(1) == digits.y_test[:50]).mean() > 0.9

@@ -181,3 +181,20 @@ def test_fine_tune_keeps_frozen_layers_and_repeats_the_feedback(digits):
     for before, after in zip(model.layers, tuned.layers):
         same = all(np.array_equal(a, b) for a, b in zip(before.get_weights(), after.get_weights()))
         assert same == (before.name in ("conv1", "conv2") or not before.get_weights()), before.name
+
+
+def test_without_float_model_the_bundles_own_is_used_or_its_absence_named(tmp_path, digits, ptq_result, capsys):
+    import shutil
+
+    bare = tmp_path / "bare-v1"
+    shutil.copytree(ptq_result.bundle_path, bare)
+    (bare / "float_model.keras").unlink()
+    url = _fill_store(tmp_path / "s.db", digits.x_test[:3], ["1", "7", "2"], ptq_result.manifest.model_ref)
+    out = tmp_path / "v2"
+    code, err = _run_cli(["retrain", str(bare), "--data", "digits", "--feedback", url, "-o", str(out),
+                          "--no-progress"], capsys)
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("ModelError:") and "float_model.keras" in err[0] and "--float-model" in err[0]
+    assert not out.exists()
+    # convert keeps it, so the plain command finds it
+    assert (ptq_result.bundle_path / "float_model.keras").is_file()
