@@ -8,6 +8,10 @@
 A bad input is logged in one line, counted (telemetry ``errors``) and
 skipped; a bad bundle or config stops :class:`Agent` before the interpreter
 opens anything.
+
+Model updates (docs/agent.md, "Model updates"): a bundle pushed on
+``.../<device>/bundle`` is staged by :class:`~device_agent.updater.Updater`
+off the loop, and swapped in by :meth:`Agent.service` between two inferences.
 """
 
 from __future__ import annotations
@@ -28,15 +32,16 @@ from . import __version__, protocol
 from .bench import choose_runtime
 from .classify import classify
 from .config import AgentConfig
-from .errors import ConfigError, InputError, ProtocolError
+from .errors import BundleError, ConfigError, InputError, ProtocolError
 from .interpreter import TFLiteModel, quantize
-from .manifest import load_bundle
+from .manifest import Bundle, load_bundle
 from .outbox import Outbox, Publisher
 from .policy import Policy
 from .preprocess import preprocess
 from .results import ResultsWriter
 from .sources import MqttSource, Source, open_source
 from .telemetry import Stats, Watchdog, machine
+from .updater import Failed, Staged, Updater
 
 __all__ = ["RunStats", "Agent"]
 
@@ -73,15 +78,28 @@ class Agent:
         self.config = config
         if not config.bundle.path:
             raise ConfigError("config [bundle].path is empty; set it or pass --bundle DIR")
-        self.bundle = load_bundle(config.bundle.path)  # sha256 checked before any interpreter opens it
-        self.manifest = m = self.bundle.manifest
         self.device, self.fleet = config.device.id, config.device.fleet
+        self.updater: Optional[Updater] = None
+        self.last_update_error: Optional[str] = None
+        if config.update.enabled:
+            self.updater = Updater(
+                config.state_dir, device=self.device, open_model=self._open_like_running,
+                check=self._check_update, running_sha256=lambda: self.manifest.sha256,
+                max_bytes=config.update.max_bytes, keep=config.update.keep,
+            )
+        installed = self.updater.load_pointer() if self.updater is not None else None
+        if installed is not None:
+            log.info("running the bundle an update installed, %s v%s (%s); `edgekit-agent run --reset-bundle` "
+                     "goes back to the configured %s", installed.manifest.name, installed.manifest.version,
+                     installed.path, config.bundle.path)
+        self.bundle = installed or load_bundle(config.bundle.path)  # sha256 checked before any interpreter opens it
+        self.manifest = m = self.bundle.manifest
         self.topics = {k: protocol.topic(self.fleet, self.device, k) for k in protocol.KINDS}
         self._closers = []
         try:
             runtime, threads = choose_runtime(config)
             self.model = TFLiteModel.open(self.bundle.model_path, runtime, threads)
-            self._closers.append(self.model.close)
+            self._closers.append(lambda: self.model.close())
             self.outbox = Outbox(config.outbox_path, max_bytes=config.outbox.max_bytes, sync=config.outbox.sync)
             self._closers.append(self.outbox.close)
             self.policy = Policy(
@@ -99,14 +117,7 @@ class Agent:
         except BaseException:
             self.close()
             raise
-        self._lut, self._lut_shape = self._lookup_table()
-        self._lut_kind = "take"
-        if self._lut is not None:
-            every = np.arange(256, dtype=np.uint8)
-            if self._lut.dtype == np.uint8 and np.array_equal(self._lut, every):
-                self._lut_kind = "identity"
-            elif self._lut.dtype == np.int8 and np.array_equal(self._lut, (every ^ np.uint8(128)).view(np.int8)):
-                self._lut_kind = "xor"
+        self._prepare_fast_path()
         self.stats = Stats()
         self.watchdog = Watchdog()
         self._cmds: "queue.SimpleQueue[bytes]" = queue.SimpleQueue()
@@ -123,6 +134,9 @@ class Agent:
                 on_connect=self._on_connect,
             )
             self.link.subscribe(self.topics["cmd"], lambda t, p: self._cmds.put(p))
+            if self.updater is not None:
+                self.link.subscribe(self.topics["bundle"], self.updater.offer)
+                self._closers.append(self.updater.close)
             if isinstance(self.source, MqttSource):
                 self.link.subscribe(self.source.topic, self.source.offer)
             self.publisher = Publisher(self.outbox, self.link, window=config.mqtt.max_inflight)
@@ -131,6 +145,16 @@ class Agent:
             self.fleet, self.device, m.name, m.version, self.model.runtime, self.model.num_threads,
             self.outbox.path, self.outbox.depth,
         )
+
+    def _prepare_fast_path(self) -> None:
+        self._lut, self._lut_shape = self._lookup_table()
+        self._lut_kind = "take"
+        if self._lut is not None:
+            every = np.arange(256, dtype=np.uint8)
+            if self._lut.dtype == np.uint8 and np.array_equal(self._lut, every):
+                self._lut_kind = "identity"
+            elif self._lut.dtype == np.int8 and np.array_equal(self._lut, (every ^ np.uint8(128)).view(np.int8)):
+                self._lut_kind = "xor"
 
     def _lookup_table(self):
         """For uint8 images already at the model's size: raw byte -> quantized model input, computed
@@ -148,7 +172,7 @@ class Agent:
         return _DUMPS(
             protocol.status_payload(
                 device=self.device, fleet=self.fleet, state=state, model=self.manifest.model_ref,
-                agent_version=__version__,
+                agent_version=__version__, last_update_error=self.last_update_error,
             )
         ).encode()
 
@@ -244,6 +268,7 @@ class Agent:
             "flagged": decision.flagged,
             "reasons": list(decision.reasons),
             "sample_id": sample_id,
+            "model_version": m.version,
         }
         if decision.skipped:
             line["skipped"] = decision.skipped
@@ -258,6 +283,8 @@ class Agent:
         """Between inferences: publish from the outbox, run commands, send telemetry, feed the watchdog."""
         if self.publisher is not None:
             self.publisher.pump()
+            if self.updater is not None and not self.updater.ready.empty():
+                self._apply_updates()
             while not self._cmds.empty():
                 self._command(self._cmds.get_nowait())
             now = time.monotonic()
@@ -266,6 +293,75 @@ class Agent:
                 self.send_telemetry()
         self.results.tick()
         self.watchdog.feed()
+
+    # -- model updates (staged by the Updater's thread, swapped here) --------
+    def _open_like_running(self, path) -> TFLiteModel:
+        """The new model on the runtime and thread count the running one uses (called off the loop)."""
+        return TFLiteModel.open(path, self.model.runtime, self.model.num_threads)
+
+    def _check_update(self, bundle: Bundle, model: TFLiteModel) -> None:
+        """Refuse a bundle the running source cannot feed, or whose model refuses its own preprocessing."""
+        new, old = bundle.manifest.preprocessing, self.manifest.preprocessing
+        fixed = ("kind", "color", "raw_dtype") + (("shape",) if isinstance(self.source, MqttSource) else ())
+        for key in fixed:
+            if getattr(new, key) != getattr(old, key):
+                raise BundleError(
+                    f"bundle {bundle.manifest.name} v{bundle.manifest.version} has preprocessing.{key}="
+                    f"{getattr(new, key)!r} but the source was opened for {getattr(old, key)!r}; "
+                    "restart the agent with --bundle to change it"
+                )
+        if len(model.output_spec.shape) and int(model.output_spec.shape[-1]) != len(bundle.manifest.labels):
+            raise BundleError(f"bundle {bundle.manifest.name} v{bundle.manifest.version}: the model has "
+                              f"{model.output_spec.shape[-1]} outputs but the manifest {len(bundle.manifest.labels)} labels")
+        raw_shape = tuple(new.shape) if new.shape else tuple(model.input_spec.shape[1:])
+        try:
+            model(preprocess(np.zeros(raw_shape, dtype=new.raw_dtype), new))
+        except (InputError, RuntimeError, ValueError) as exc:
+            raise BundleError(f"bundle {bundle.manifest.name} v{bundle.manifest.version} cannot run its own "
+                              f"preprocessing output ({exc}); re-create it with `edgekit convert`") from exc
+
+    def _apply_updates(self) -> None:
+        while not self.updater.ready.empty():
+            item = self.updater.ready.get_nowait()
+            if isinstance(item, Staged) and item.bundle.manifest.sha256 == self.manifest.sha256:
+                item.model.close()  # the same model was staged twice; it already runs
+            elif isinstance(item, Staged):
+                self._swap(item)
+            elif isinstance(item, Failed):
+                self.stats.error("update")
+                self.last_update_error = item.reason
+                log.warning("update refused: %s; still running %s v%s", item.reason, self.manifest.name,
+                            self.manifest.version)
+                self._publish_status()
+
+    def _swap(self, staged: Staged) -> None:
+        old_model, old = self.model, self.manifest
+        self.model, self.bundle, self.manifest = staged.model, staged.bundle, staged.bundle.manifest
+        old_model.close()
+        self._prepare_fast_path()
+        m, cfg = self.manifest, self.config.policy
+        self.policy.set_thresholds(
+            cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold,
+            cfg.margin_threshold if cfg.margin_threshold is not None else m.margin_threshold,
+        )
+        self.last_update_error = None
+        try:
+            self.updater.save_pointer(self.bundle)
+        except OSError as exc:
+            self.stats.error("update")
+            log.warning("update: %s cannot be written (%s); a restart runs the configured bundle again",
+                        self.updater.pointer_path, exc)
+        self.updater.prune(running=[self.bundle.path])
+        log.info("model updated: %s v%s -> %s v%s (sha256 %s...) from %s", old.name, old.version, m.name, m.version,
+                 m.sha256[:12], self.bundle.path)
+        if self.link is not None:
+            self.link.client.will_set(self.topics["status"], self._status("offline"), qos=1, retain=True)
+        self._publish_status()
+        self._telemetry_due = 0.0
+
+    def _publish_status(self) -> None:
+        if self.link is not None:
+            self.link.publish(self.topics["status"], self._status("online"), qos=1, retain=True)
 
     def send_telemetry(self) -> None:
         if self.link is not None:
@@ -287,7 +383,8 @@ class Agent:
             elif cmd["cmd"] == "flush":
                 self.publisher.pump()
             elif cmd["cmd"] == "reload_bundle":
-                raise ProtocolError("reload_bundle is not supported by this agent; restart the service instead")
+                raise ProtocolError("reload_bundle is not supported; push the bundle with `edgekit fleet push` "
+                                    "(the agent installs it from its bundle topic)")
             log.info("command %s %s done", cmd["cmd"], cmd["id"])
         except ProtocolError as exc:
             self.stats.error("command")

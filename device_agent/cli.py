@@ -43,6 +43,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .agent import Agent
 
     config = _config(args)
+    if args.reset_bundle:
+        from .updater import Updater
+
+        forgot = Updater(config.state_dir, device=config.device.id, open_model=None, check=None,
+                         running_sha256=lambda: "").reset()
+        log.info("%s; starting on the configured bundle %s",
+                 "forgot the bundle an update installed" if forgot else "no installed bundle to forget",
+                 config.bundle.path)
     stop = threading.Event()
 
     def _stop(signum, frame):
@@ -171,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch", action="store_true", help="keep watching the folder for new files")
     run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (overrides [mqtt].broker)")
     run.add_argument("--results", help="JSON lines of every prediction: a file, or - for stdout")
+    run.add_argument("--reset-bundle", action="store_true",
+                     help="forget the bundle an update installed and start on the configured one (a retained "
+                          "bundle message on the broker installs it again: push the old bundle to roll back)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate config, bundle, runtime, source, outbox and broker")

@@ -34,6 +34,7 @@ __all__ = [
     "OutboxConfig",
     "TelemetryConfig",
     "ResultsConfig",
+    "UpdateConfig",
     "AgentConfig",
     "load_config",
     "default_state_dir",
@@ -214,6 +215,19 @@ class ResultsConfig:
     path: str = "-"  # "-": stdout, "": off
 
 
+@dataclass(frozen=True)
+class UpdateConfig:
+    """Model updates pushed on ``.../<device>/bundle`` (``edgekit fleet push``); see docs/agent.md."""
+
+    enabled: bool = True
+    max_bytes: int = 16 * 1024 * 1024  # the largest bundle archive accepted (before base64)
+    keep: int = 2  # previous bundle directories kept under <state dir>/bundles/ for a quick rollback
+
+    def __post_init__(self) -> None:
+        _within("update", "max_bytes", self.max_bytes, 1024)
+        _within("update", "keep", self.keep, 0, 100)
+
+
 _TABLES: Dict[str, type] = {
     "device": DeviceConfig,
     "bundle": BundleConfig,
@@ -224,6 +238,7 @@ _TABLES: Dict[str, type] = {
     "outbox": OutboxConfig,
     "telemetry": TelemetryConfig,
     "results": ResultsConfig,
+    "update": UpdateConfig,
 }
 
 # Flag-style overrides (the CLI's and the Python API's) -> (table, key).
@@ -301,6 +316,7 @@ class AgentConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
     origin: str = "<defaults>"
 
     @classmethod
@@ -348,6 +364,11 @@ class AgentConfig:
     def bench_path(self) -> Path:
         """The benchmark's runtime choice, next to the outbox (``runtime = "auto"`` reads it)."""
         return self.outbox_path.parent / "bench.json"
+
+    @property
+    def state_dir(self) -> Path:
+        """The agent's state: the outbox, bench.json, installed bundles (``bundles/``) and their pointer."""
+        return self.outbox_path.parent
 
 
 def load_config(path: Optional[os.PathLike | str] = None, **overrides: Any) -> AgentConfig:

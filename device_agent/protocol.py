@@ -10,6 +10,7 @@ telemetry      dev -> host 0      no        ``edgekit.telemetry/1``
 status         dev -> host 1      yes       ``edgekit.status/1`` (last will: offline)
 predictions    dev -> host 0      no        ``edgekit.prediction/1`` (optional)
 cmd            host -> dev 1      no        ``edgekit.cmd/1``
+bundle         host -> dev 1      yes       ``edgekit.bundle/1`` (the model the board should run)
 =============  ==========  =====  ========  =======================================
 
 Every payload is a UTF-8 JSON object with a ``schema`` field. The JSON Schemas
@@ -20,10 +21,17 @@ builds its payloads with the functions here so both sides agree.
 from __future__ import annotations
 
 import base64
+import gzip
+import hashlib
+import io
+import json
+import os
 import re
+import tarfile
 import time
 import uuid
-from typing import Any, Dict, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -44,11 +52,17 @@ __all__ = [
     "telemetry_payload",
     "prediction_payload",
     "parse_cmd",
+    "DEFAULT_MAX_BUNDLE_BYTES",
+    "pack_bundle",
+    "bundle_payload",
+    "parse_bundle",
 ]
 
 PREFIX = "edgekit/v1"
-KINDS = ("samples", "telemetry", "status", "predictions", "cmd")
+KINDS = ("samples", "telemetry", "status", "predictions", "cmd", "bundle")
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_BUNDLE_BYTES = 16 * 1024 * 1024
+"""Largest bundle archive (the .tar.gz, before base64) a ``bundle`` message may carry by default."""
 _NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "float16", "float32", "float64"]
 
@@ -147,8 +161,10 @@ def sample_payload(
 
 
 def status_payload(*, device: str, fleet: str, state: str, model: Optional[Mapping[str, str]] = None,
-                   agent_version: str = "", ts: Optional[float] = None) -> Dict[str, Any]:
-    return {
+                   agent_version: str = "", ts: Optional[float] = None,
+                   last_update_error: Optional[str] = None) -> Dict[str, Any]:
+    """``last_update_error``: why the newest ``bundle`` message was refused (absent when it was not)."""
+    out = {
         "schema": "edgekit.status/1",
         "device": device,
         "fleet": fleet,
@@ -157,6 +173,9 @@ def status_payload(*, device: str, fleet: str, state: str, model: Optional[Mappi
         "model": dict(model or {}),
         "agent_version": agent_version,
     }
+    if last_update_error:
+        out["last_update_error"] = str(last_update_error)
+    return out
 
 
 def telemetry_payload(*, device: str, fleet: str, model: Mapping[str, str], uptime_s: float, inferences: int,
@@ -211,6 +230,130 @@ def parse_cmd(payload: bytes) -> Dict[str, Any]:
     if not isinstance(args, dict):
         raise ProtocolError("command args must be a JSON object")
     return {"cmd": obj["cmd"], "args": args, "id": str(obj.get("id", ""))}
+
+
+# ---------------------------------------------------------------------------
+# Model updates: a bundle travels as a base64 .tar.gz in one retained message.
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def pack_bundle(bundle_dir: Union[str, os.PathLike]) -> bytes:
+    """A bundle directory as ``.tar.gz`` bytes (one top-level folder), the same bytes for the same files."""
+    root = Path(bundle_dir)
+    if not (root / "manifest.json").is_file():
+        raise ProtocolError(f"{root} is not a bundle directory (no manifest.json); pass what `edgekit convert -o` wrote")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in [root, *sorted(root.rglob("*"))]:
+            info = tar.gettarinfo(str(path), arcname=str(Path(root.name) / path.relative_to(root)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if info.isfile():
+                with open(path, "rb") as fh:
+                    tar.addfile(info, fh)
+            elif info.isdir():
+                tar.addfile(info)
+    return gzip.compress(buf.getvalue(), mtime=0)
+
+
+def archive_manifest(archive: bytes) -> Dict[str, Any]:
+    """The manifest inside a bundle archive, after checking its model's sha256 (no file is written)."""
+    try:
+        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            manifests = [m for m in members if Path(m.name).name == "manifest.json"]
+            if len(manifests) != 1:
+                raise ProtocolError(f"bundle archive holds {len(manifests)} manifest.json files, expected exactly one")
+            manifest = json.loads(tar.extractfile(manifests[0]).read().decode("utf-8"))
+            model = manifest["model"]
+            model_name = str(Path(manifests[0].name).parent / str(model.get("file", "model.tflite")))
+            found = [m for m in members if m.name == model_name]
+            if not found:
+                raise ProtocolError(f"bundle archive has no {model_name}; pack the whole bundle directory")
+            actual = hashlib.sha256(tar.extractfile(found[0]).read()).hexdigest()
+    except ProtocolError:
+        raise
+    except (tarfile.TarError, OSError, EOFError, KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ProtocolError(f"bundle archive cannot be read ({exc.__class__.__name__}: {exc}); pack it again") from exc
+    if actual != model.get("sha256"):
+        raise ProtocolError(f"bundle archive's {model_name} sha256={actual[:12]}... does not match its manifest's "
+                            f"{str(model.get('sha256'))[:12]}...; the bundle is corrupt: convert or copy it again")
+    return manifest
+
+
+def bundle_payload(source: Union[bytes, str, os.PathLike], *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+                   ts: Optional[float] = None) -> Dict[str, Any]:
+    """``edgekit.bundle/1`` for a bundle directory, a ``.tar.gz`` file or the archive's bytes.
+
+    The archive is refused when it is over ``max_bytes`` or its model does not match its manifest.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        archive = bytes(source)
+    else:
+        path = Path(source)
+        if path.is_dir():
+            archive = pack_bundle(path)
+        elif path.is_file():
+            archive = path.read_bytes()
+        else:
+            raise ProtocolError(f"bundle {path} does not exist; pass a bundle directory or its .tar.gz")
+    if len(archive) > max_bytes:
+        raise ProtocolError(f"bundle archive is {len(archive)} bytes, over max_bytes={max_bytes}; "
+                            "use a smaller model or raise the limit on both sides ([update].max_bytes)")
+    manifest = archive_manifest(archive)
+    return {
+        "schema": "edgekit.bundle/1",
+        "name": str(manifest.get("name", "")),
+        "version": str(manifest.get("version", "")),
+        "sha256": str(manifest["model"]["sha256"]),
+        "archive_sha256": hashlib.sha256(archive).hexdigest(),
+        "size": len(archive),
+        "encoding": "base64",
+        "archive": base64.b64encode(archive).decode("ascii"),
+        "ts": ts if ts is not None else now(),
+    }
+
+
+def parse_bundle(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> Tuple[Dict[str, Any], bytes]:
+    """Check an ``edgekit.bundle/1`` message: its fields (without ``archive``) and the archive's bytes.
+
+    Checks the size limit before decoding and the archive's sha256 after; raises
+    :class:`ProtocolError` with one line.
+    """
+    if len(payload) > max_bytes * 4 // 3 + 65536:
+        raise ProtocolError(f"bundle message is {len(payload)} bytes, too big for max_bytes={max_bytes}; "
+                            "raise [update].max_bytes if the model really is that big")
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"bundle message is not UTF-8 JSON ({exc.__class__.__name__}); see docs/protocol.md") from exc
+    if not isinstance(obj, dict) or obj.get("schema") != "edgekit.bundle/1":
+        raise ProtocolError("bundle message must be a JSON object with schema 'edgekit.bundle/1'")
+    for key in ("name", "version", "sha256", "archive_sha256", "archive"):
+        if not isinstance(obj.get(key), str):
+            raise ProtocolError(f"bundle message field {key!r}={obj.get(key)!r} must be a string")
+    for key in ("sha256", "archive_sha256"):
+        if not _SHA256.match(obj[key]):
+            raise ProtocolError(f"bundle message field {key!r}={obj[key][:16]!r} is not a hex sha256")
+    size = obj.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ProtocolError(f"bundle message field 'size'={size!r} must be a non-negative integer")
+    if size > max_bytes:
+        raise ProtocolError(f"bundle archive size={size} is over max_bytes={max_bytes}; "
+                            "raise [update].max_bytes if the model really is that big")
+    if obj.get("encoding", "base64") != "base64":
+        raise ProtocolError(f"bundle message encoding={obj.get('encoding')!r}, expected 'base64'")
+    try:
+        archive = base64.b64decode(obj["archive"], validate=True)
+    except ValueError as exc:
+        raise ProtocolError(f"bundle message archive is not valid base64 ({exc})") from exc
+    if len(archive) != size:
+        raise ProtocolError(f"bundle archive has {len(archive)} bytes, expected size={size}")
+    actual = hashlib.sha256(archive).hexdigest()
+    if actual != obj["archive_sha256"]:
+        raise ProtocolError(f"bundle archive sha256={actual[:12]}... does not match archive_sha256="
+                            f"{obj['archive_sha256'][:12]}...; it was damaged on the way: push it again")
+    meta = {k: v for k, v in obj.items() if k != "archive"}
+    return meta, archive
 
 
 # ---------------------------------------------------------------------------
@@ -331,6 +474,7 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
             "ts": _NUM,
             "model": {"type": "object"},
             "agent_version": {"type": "string"},
+            "last_update_error": {"type": "string"},
         },
     },
     "edgekit.prediction/1": {
@@ -359,5 +503,22 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
             "args": {"type": "object"},
             "id": {"type": "string"},
         },
+    },
+}
+SCHEMAS["edgekit.bundle/1"] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "edgekit.bundle/1: the bundle a board should run (retained desired state, host to device)",
+    "type": "object",
+    "required": ["schema", "name", "version", "sha256", "archive_sha256", "size", "encoding", "archive", "ts"],
+    "properties": {
+        "schema": {"const": "edgekit.bundle/1"},
+        "name": {"type": "string"},
+        "version": {"type": "string"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "archive_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "size": {"type": "integer", "minimum": 0},
+        "encoding": {"const": "base64"},
+        "archive": {"type": "string", "contentEncoding": "base64", "contentMediaType": "application/gzip"},
+        "ts": _NUM,
     },
 }

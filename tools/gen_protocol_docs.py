@@ -51,8 +51,9 @@ def examples() -> dict:
     prediction = protocol.prediction_payload(device="pi-kitchen-1", seq=1207, label="7", confidence=0.412,
                                              sample_id=sample["sample_id"], ts=TS)
     cmd = {"schema": "edgekit.cmd/1", "cmd": "set_thresholds", "args": {"confidence_threshold": 0.6}, "id": "c-42"}
+    bundle = protocol.bundle_payload(ROOT / "tests" / "device_agent" / "data" / "digits-bundle-v2", ts=TS)
     out = {"edgekit.sample/1": sample, "edgekit.telemetry/1": telemetry, "edgekit.status/1": status,
-           "edgekit.prediction/1": prediction, "edgekit.cmd/1": cmd}
+           "edgekit.prediction/1": prediction, "edgekit.cmd/1": cmd, "edgekit.bundle/1": bundle}
     try:
         import jsonschema
     except ImportError:  # pragma: no cover - the host environment has it
@@ -83,6 +84,7 @@ Every topic is `{prefix}/<fleet>/<device>/<kind>`. Fleet and device names are on
 | `status` | board -> host | 1 | yes | the agent on connect (`online`); the broker as the last will (`offline`) | `edgekit.status/1` |
 | `predictions` | board -> host | 0 | no | the agent, only with `[mqtt].publish_predictions = true` | `edgekit.prediction/1` |
 | `cmd` | host -> board | 1 | no | an operator or a tool | `edgekit.cmd/1` |
+| `bundle` | host -> board | 1 | yes | `edgekit fleet push` (the model the board should run) | `edgekit.bundle/1` |
 
 The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` and `.../status`.
 
@@ -193,6 +195,56 @@ sequenceDiagram
     Note over C,S: a duplicate is counted, a bad payload quarantined; both are acked
 ```
 
+## Model updates: the `bundle` topic
+
+`edgekit fleet push BUNDLE --broker URL --fleet F --device D` (or `--all-devices --store URL`)
+publishes the bundle a board should run on `{prefix}/<fleet>/<device>/bundle`: QoS 1, **retained**.
+The message is a desired state, not a command: the broker keeps the last one per device, so a board
+that was offline, or restarts, receives it as soon as it (re)subscribes. The payload,
+`edgekit.bundle/1`, carries the bundle `.tar.gz` in base64 with its `size` and `archive_sha256`,
+and the model's `name`, `version` and `sha256` (the manifest's). The archive is at most
+`[update].max_bytes` on the board (default {max_bundle} bytes) and `--max-bytes` in
+`edgekit fleet push` (same default); either side refuses a bigger one with one line.
+
+On the board (`device_agent/updater.py`, docs/agent.md "Model updates"):
+
+1. a message whose `sha256` is the running model's is ignored (the retained message comes back on
+   every reconnect);
+2. the size, the base64 and `archive_sha256` are checked, the archive is unpacked into
+   `<state dir>/bundles/<name>-<version>-<sha12>/`, and the manifest's model sha256 is checked
+   before an interpreter opens the file;
+3. the new model is opened on the same runtime and thread count, and run once on its own
+   preprocessing's output; a bundle whose preprocessing the running source cannot feed is refused;
+4. only then, between two inferences, the agent loop swaps it in, writes `current_bundle-<device>.json`
+   (so a restart runs it), republishes its retained status with the new `model`, and its telemetry,
+   samples and result lines name the new version from the next inference on.
+
+Any failure leaves the old model running: one log line, a count under `errors.update` in telemetry,
+and the reason in the retained status's `last_update_error` (cleared by the next successful update).
+
+- **Roll back**: push the old bundle again; the board still holds the last `[update].keep`
+  (default 2) previous bundle directories, so the same model is reused without unpacking.
+- **Clear**: publish an empty retained message on the topic
+  (`mosquitto_pub -t {prefix}/<fleet>/<device>/bundle -r -n`). The board keeps what it runs; the
+  message only stops being handed to boards that connect later.
+- Only the host side should be allowed to publish on `.../bundle` (a broker ACL): whoever can
+  write there chooses the model a board runs. The sha256 checks catch damage, not intent.
+
+```mermaid
+sequenceDiagram
+    participant H as Host (edgekit fleet push)
+    participant M as Broker (Mosquitto)
+    participant U as Board: updater thread
+    participant L as Board: agent loop
+    H->>M: PUBLISH QoS 1, retain .../bundle (edgekit.bundle/1)
+    M-->>H: PUBACK
+    M->>U: the retained message (now, or when the board connects)
+    U->>U: size, base64, archive_sha256; unpack; model sha256; open + trial inference
+    U->>L: staged bundle (queue)
+    L->>L: between two inferences: swap, write current_bundle-<device>.json
+    L->>M: retained status with the new model
+```
+
 ## Schemas and examples
 """
 
@@ -203,8 +255,11 @@ def render() -> str:
     text = HEAD.replace("{prefix}", protocol.PREFIX)
     text = text.replace("{max_bytes}", f"{protocol.MAX_PAYLOAD_BYTES:,}")
     text = text.replace("{collector_max}", f"{DEFAULT_MAX_PAYLOAD_BYTES:,}")
+    text = text.replace("{max_bundle}", f"{protocol.DEFAULT_MAX_BUNDLE_BYTES:,}")
     ex = examples()
     parts = [text]
+    archive = ex["edgekit.bundle/1"]["archive"]  # validated whole above; shown shortened
+    ex["edgekit.bundle/1"]["archive"] = f"{archive[:48]}...({len(archive):,} base64 characters)"
     for name, schema in protocol.SCHEMAS.items():
         parts.append(f"\n### `{name}`\n\n{schema.get('title', name)}\n\nExample:\n\n```json\n"
                      f"{json.dumps(ex[name], indent=2)}\n```\n\nJSON Schema:\n\n```json\n"

@@ -6,6 +6,12 @@ out of the test bundle (only model.tflite + manifest.json are kept); the
 device tests read this bundle, so its format must stay the released one.
 
     .venv/bin/python tools/make_test_bundle.py [--out DIR]
+
+The update tests need a second, different model (the agent keys updates on
+the model's sha256): a different seed and version make one.
+
+    .venv/bin/python tools/make_test_bundle.py --seed 1 --version 2 \
+        --out tests/device_agent/data/digits-bundle-v2
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--width", type=int, default=16, help="CNN width (16 -> about 22k parameters)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and shuffling seed (a new seed, a new model)")
+    parser.add_argument("--version", default="1", help="the manifest's version")
     args = parser.parse_args(argv)
 
     from edgekit.convert import convert
@@ -31,9 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.models import digits_cnn, train
 
     data = load_dataset("digits")
-    model = digits_cnn(width=args.width)
-    train(model, data, args.epochs, progress=False)
-    result = convert(model, data, mode="ptq", output=args.out, force=True, name="digits", version="1", progress=False)
+    model = digits_cnn(width=args.width, seed=args.seed)
+    train(model, data, args.epochs, progress=False, seed=args.seed)
+    result = convert(model, data, mode="ptq", output=args.out, force=True, name="digits", version=args.version,
+                     progress=False)
     shutil.rmtree(args.out / "report", ignore_errors=True)
     size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
     print(f"{args.out}: {size} bytes, int8 top-1 {100 * result.report.int8.accuracy:.2f}%, "

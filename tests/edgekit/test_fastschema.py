@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -17,6 +18,9 @@ _VALUES = [None, True, False, 0, 1, -1, 1.5, 2.0, float("nan"), "", "x", "online
            "3f1d2c4e-8a7b-4c1d-9e2f-0a1b2c3d4e5f", "ab" * 32, "bad name!", [], [1], ["random"], {}, {"a": 1},
            [{"label": "1", "index": 1, "score": 0.5}], {"depth": 1, "bytes": 2, "dropped": -1}, "uint8", [8, 8, 1],
            [0], 10**20]
+
+
+_BUNDLE = Path(__file__).resolve().parents[1] / "device_agent" / "data" / "digits-bundle"
 
 
 def _paths(obj, prefix=()):
@@ -52,6 +56,7 @@ def _bases():
         "edgekit.status/1": protocol.status_payload(device="d", fleet="f", state="online", model={"name": "m"}),
         "edgekit.prediction/1": protocol.prediction_payload(device="d", seq=1, label="3", confidence=0.5),
         "edgekit.cmd/1": {"schema": "edgekit.cmd/1", "cmd": "ping", "args": {}, "id": "1"},
+        "edgekit.bundle/1": protocol.bundle_payload(_BUNDLE),
     }
 
 

@@ -1,0 +1,228 @@
+"""Model updates over MQTT: a bundle pushed retained on the device's bundle topic replaces the running model.
+
+Real Mosquitto, real interpreters, two real bundles (digits-bundle v1 and
+digits-bundle-v2, a model trained with another seed by tools/make_test_bundle.py).
+The payloads are built with device_agent.protocol and published with paho,
+as `edgekit fleet push` does; mosquitto_sub (an independent client) checks
+what the agent sends back.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_agent import cli, protocol
+from device_agent.agent import Agent
+from device_agent.manifest import load_bundle
+from device_agent.sources import ArraySource
+
+from conftest import BUNDLE, DATA, validate
+from test_agent_mqtt import SlowSource
+
+V2 = DATA / "digits-bundle-v2"
+FLAG_ALL = {"random_fraction": 1.0, "dedupe": False}
+TOPIC = protocol.topic("test", "dev1", "bundle")
+
+
+def push(port: int, payload: bytes, retain: bool = True) -> None:
+    """Publish like `edgekit fleet push`: QoS 1, retained, and wait for the PUBACK."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pusher-{time.monotonic_ns()}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        info = client.publish(TOPIC, payload, qos=1, retain=retain)
+        info.wait_for_publish(10)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def results(path: Path) -> list:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+class Running:
+    """An agent running its loop in a thread until stopped."""
+
+    def __init__(self, config, source):
+        self.agent = Agent(config, source=source)
+        self.stop = threading.Event()
+        self.stats = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        self.stats = self.agent.run(self.stop)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        self.agent.close()
+        return self.stats
+
+
+def endless(x):
+    """300 digits over and over, a new one every 10 ms: a board that never runs out of input."""
+    return SlowSource(np.concatenate([x] * 20), period_s=0.01)
+
+
+def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory, make_config, digits, tmp_path):
+    x, _ = digits
+    v1, v2 = load_bundle(BUNDLE).manifest, load_bundle(V2).manifest
+    assert v1.sha256 != v2.sha256 and (v1.version, v2.version) == ("1", "2")
+    sub = sub_factory(broker.port)
+    config = make_config(broker.url, policy=FLAG_ALL)
+    out = tmp_path / "results.jsonl"
+    run = Running(config, endless(x))
+    try:
+        assert wait_for(lambda: len(results(out)) >= 30, 15), "the agent classified nothing"
+        push(broker.port, json.dumps(protocol.bundle_payload(V2)).encode())
+        assert wait_for(lambda: any(r["model_version"] == "2" for r in results(out)[-5:]), 15), "no swap"
+        swapped_at = next(i for i, r in enumerate(results(out)) if r["model_version"] == "2")
+        assert wait_for(lambda: len(results(out)) >= swapped_at + 30, 15)
+    finally:
+        stats = run.finish()
+
+    lines = results(out)
+    versions = [r["model_version"] for r in lines]
+    assert versions[:swapped_at] == ["1"] * swapped_at and swapped_at >= 30
+    assert set(versions[swapped_at:]) == {"2"}  # swapped once, between two inferences, never back
+    assert [r["seq"] for r in lines] == list(range(len(lines)))  # no input lost or classified twice
+    assert "update" not in stats.errors and "inference" not in stats.errors
+
+    assert sub.wait(lambda s: len(s.samples()) >= len(lines), 15)
+    flagged = {s["sample_id"]: s for s in sub.samples()}
+    before = [flagged[r["sample_id"]] for r in lines[:swapped_at]]
+    after = [flagged[r["sample_id"]] for r in lines[swapped_at:]]
+    assert all(s["model"] == v1.model_ref for s in before)
+    assert after and all(s["model"] == v2.model_ref for s in after)
+    for s in after[:5]:
+        validate(s)
+    assert sub.wait(lambda s: s.messages("status")[-1]["state"] == "offline", 10)
+    statuses = sub.messages("status")
+    for m in statuses:
+        validate(m)
+    assert any(m["state"] == "online" and m["model"] == v2.model_ref for m in statuses)
+    assert statuses[-1]["state"] == "offline" and statuses[-1]["model"] == v2.model_ref
+    telemetry = sub.messages("telemetry")
+    assert telemetry[-1]["model"] == v2.model_ref
+
+    pointer = json.loads((tmp_path / "current_bundle-dev1.json").read_text())
+    assert pointer["sha256"] == v2.sha256 and Path(pointer["path"]).parent == tmp_path / "bundles"
+    assert [p.name for p in (tmp_path / "bundles").iterdir()] == [f"digits-2-{v2.sha256[:12]}"]
+
+    # A restart runs v2 at once; the retained v2 message it receives again is what runs: nothing to do.
+    restarted = make_config(broker.url, results={"path": str(tmp_path / "restart.jsonl")})
+    with Agent(restarted, source=SlowSource(x[:20], 0.05)) as agent:
+        assert agent.manifest.sha256 == v2.sha256
+        stats = agent.run()
+    assert {r["model_version"] for r in results(tmp_path / "restart.jsonl")} == {"2"}
+    assert "update" not in stats.errors
+
+    # --reset-bundle goes back to the configured bundle (offline here, so the retained v2 does not return).
+    np.save(tmp_path / "five.npy", x[:5])
+    rc = cli.main(["run", "--reset-bundle", "--bundle", str(BUNDLE), "--source", str(tmp_path / "five.npy"),
+                   "--outbox", str(tmp_path / "outbox.sqlite"), "--device-id", "dev1", "--fleet", "test",
+                   "--broker", "", "--results", str(tmp_path / "reset.jsonl")])
+    assert rc == 0
+    assert [r["model_version"] for r in results(tmp_path / "reset.jsonl")] == ["1"] * 5
+    assert not (tmp_path / "current_bundle-dev1.json").exists()
+
+
+def _bad_model_bundle(tmp_path: Path) -> Path:
+    """A bundle whose manifest matches its model file, but the file is no TFLite model."""
+    bad = tmp_path / "bad-model"
+    shutil.copytree(V2, bad)
+    (bad / "model.tflite").write_bytes(b"not a tflite model " * 200)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["version"] = "3"
+    manifest["model"]["sha256"] = hashlib.sha256((bad / "model.tflite").read_bytes()).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    return bad
+
+
+def test_a_bad_update_leaves_the_old_model_running_and_says_why(broker, sub_factory, make_config, digits, tmp_path):
+    x, _ = digits
+    v1 = load_bundle(BUNDLE).manifest
+    sub = sub_factory(broker.port, topic="edgekit/v1/test/dev1/status")
+    config = make_config(broker.url)
+    out = tmp_path / "results.jsonl"
+    good = protocol.bundle_payload(V2)
+    garbage = os.urandom(3000)
+    cases = [
+        ("archive sha256", dict(good, archive_sha256="0" * 64)),
+        ("corrupt", dict(good, archive=base64.b64encode(garbage).decode(), size=len(garbage),
+                         archive_sha256=hashlib.sha256(garbage).hexdigest())),
+        ("not a valid TFLite model", protocol.bundle_payload(_bad_model_bundle(tmp_path))),
+        ("not UTF-8 JSON", None),
+    ]
+    run = Running(config, endless(x))
+    try:
+        assert wait_for(lambda: len(results(out)) >= 10, 15)
+        for n, (why, payload) in enumerate(cases, start=1):
+            push(broker.port, b"\xff{not json" if payload is None else json.dumps(payload).encode())
+            assert wait_for(lambda: run.agent.stats.errors.get("update", 0) >= n, 15), why
+            assert why in run.agent.last_update_error
+            assert sub.wait(lambda s: why in s.messages()[-1].get("last_update_error", ""), 10), why
+        seen = len(results(out))
+        assert wait_for(lambda: len(results(out)) >= seen + 20, 15), "the old model stopped"
+    finally:
+        stats = run.finish()
+    assert stats.errors["update"] == len(cases)
+    assert {r["model_version"] for r in results(out)} == {"1"}
+    for m in sub.messages():
+        validate(m)
+        assert m["model"] == v1.model_ref
+    assert not (tmp_path / "current_bundle-dev1.json").exists()
+    assert not any((tmp_path / "bundles").iterdir()) if (tmp_path / "bundles").exists() else True
+
+
+def test_a_board_that_was_offline_gets_the_retained_bundle_when_it_connects(broker, make_config, digits, tmp_path):
+    x, _ = digits
+    v2 = load_bundle(V2).manifest
+    push(broker.port, json.dumps(protocol.bundle_payload(V2)).encode())  # before the agent ever connects
+    out = tmp_path / "results.jsonl"
+    run = Running(make_config(broker.url), endless(x))
+    try:
+        assert wait_for(lambda: any(r["model_version"] == "2" for r in results(out)[-3:]), 15)
+    finally:
+        stats = run.finish()
+    assert run.agent.manifest.sha256 == v2.sha256 and "update" not in stats.errors
+
+
+def test_an_oversized_bundle_is_refused_before_it_is_decoded(broker, make_config, digits, tmp_path):
+    x, _ = digits
+    out = tmp_path / "results.jsonl"
+    run = Running(make_config(broker.url, update={"max_bytes": 4096}), endless(x))
+    try:
+        assert wait_for(lambda: len(results(out)) >= 5, 15)
+        push(broker.port, json.dumps(protocol.bundle_payload(V2)).encode())
+        assert wait_for(lambda: run.agent.stats.errors.get("update", 0) == 1, 15)
+        assert "max_bytes=4096" in run.agent.last_update_error
+    finally:
+        run.finish()
+    assert {r["model_version"] for r in results(out)} == {"1"}
