@@ -1,13 +1,30 @@
-"""What the fleet looks like from the store: one row per board (``edgekit fleet status``)."""
+"""The fleet from the host: what the store knows of each board (``edgekit fleet status``), and the
+model version each board should run (``edgekit fleet push``).
+
+A push publishes the bundle as a retained ``edgekit.bundle/1`` on each board's
+``.../<device>/bundle`` topic (docs/protocol.md, "Model updates"): a board
+that is offline gets it when it connects.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import tempfile
+import threading
 import time
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from device_agent import protocol
+
+from .errors import BrokerError
 from .store import Store
 
-__all__ = ["fleet_status", "format_table", "DEFAULT_STALE_AFTER_S"]
+__all__ = ["fleet_status", "format_table", "DEFAULT_STALE_AFTER_S", "PushResult", "bundle_message", "push_bundle"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_STALE_AFTER_S = 300.0
 """A board whose status says online but that sent nothing for this long counts as offline."""
@@ -55,3 +72,105 @@ def format_table(rows: List[Dict[str, Any]], now: Optional[float] = None) -> str
     lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body)]
     return "\n".join(lines)
 
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """One board's bundle message: acknowledged by the broker (``ok``) or why not."""
+
+    fleet: str
+    device: str
+    topic: str
+    ok: bool
+    detail: str = ""
+
+
+def bundle_message(bundle: Any, *, max_bytes: int = protocol.DEFAULT_MAX_BUNDLE_BYTES) -> Tuple[Dict[str, Any], bytes]:
+    """Verify ``bundle`` (a directory or ``.tar.gz``) as a board would, pack it; the payload dict and its bytes.
+
+    A bundle that does not load (missing, corrupt, sha256 mismatch) or is over
+    ``max_bytes`` raises with one line; nothing is published.
+    """
+    from device_agent.manifest import load_bundle
+
+    from .bundle import pack
+
+    path = Path(bundle)
+    load_bundle(path)  # what the board will check first: manifest, model sha256
+    if path.is_dir():
+        with tempfile.TemporaryDirectory(prefix="edgekit-push-") as tmp:
+            archive = pack(path, Path(tmp) / f"{path.name}.tar.gz").read_bytes()
+    else:
+        archive = path.read_bytes()
+    payload = protocol.bundle_payload(archive, max_bytes=max_bytes)
+    return payload, json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+def push_bundle(
+    payload: bytes,
+    *,
+    broker_url: str,
+    fleet: str,
+    devices: Sequence[str],
+    timeout: float = 30.0,
+    ca_file: Optional[str] = None,
+    cert_file: Optional[str] = None,
+    key_file: Optional[str] = None,
+) -> List[PushResult]:
+    """Publish ``payload`` retained with QoS 1 on each device's bundle topic; wait for every PUBACK."""
+    import paho.mqtt.client as mqtt
+
+    from .mqtt_url import parse_broker_url
+
+    topics = [(d, protocol.topic(fleet, d, "bundle")) for d in devices]  # names checked before connecting
+    broker = parse_broker_url(broker_url)
+    connected = threading.Event()
+    acks: Dict[int, Any] = {}
+    lock = threading.Condition()
+    refused: List[str] = []
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            refused.append(str(reason_code))
+        connected.set()
+
+    def on_publish(client, userdata, mid, reason_code, properties):
+        with lock:
+            acks[mid] = reason_code
+            lock.notify_all()
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-push-{time.time_ns() % 10**12}",
+                         protocol=mqtt.MQTTv5)
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.tls or ca_file:
+        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
+    client.on_connect, client.on_publish = on_connect, on_publish
+    try:
+        client.connect(broker.host, broker.port, keepalive=60)
+    except (OSError, ValueError) as exc:
+        raise BrokerError(f"cannot connect to {broker.redacted()}: {exc}; is the broker running?") from exc
+    client.loop_start()
+    try:
+        if not connected.wait(timeout) or refused:
+            why = refused[0] if refused else f"no CONNACK within {timeout:g}s"
+            raise BrokerError(f"broker {broker.redacted()} refused the push: {why}; check the URL and credentials")
+        sent = [(d, t, client.publish(t, payload, qos=1, retain=True)) for d, t in topics]
+        deadline = time.monotonic() + timeout
+        with lock:
+            while any(info.mid not in acks for _, _, info in sent) and time.monotonic() < deadline:
+                lock.wait(0.1)
+        results = []
+        for device, topic, info in sent:
+            code = acks.get(info.mid)
+            if code is None:
+                detail = f"no PUBACK within {timeout:g}s" if info.rc == 0 else mqtt.error_string(info.rc)
+                results.append(PushResult(fleet, device, topic, False, detail))
+            elif getattr(code, "is_failure", False):
+                results.append(PushResult(fleet, device, topic, False, f"the broker refused it: {code}"))
+            else:
+                results.append(PushResult(fleet, device, topic, True, "acknowledged"))
+        return results
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -1,4 +1,4 @@
-"""``edgekit fleet status``: the boards the collector has heard from."""
+"""``edgekit fleet status``: the boards the collector has heard from; ``edgekit fleet push``: the model they run."""
 
 from __future__ import annotations
 
@@ -21,6 +21,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--json", action="store_true", help="one JSON object per device, a line each")
     st.set_defaults(func=_status)
 
+    from device_agent.protocol import DEFAULT_MAX_BUNDLE_BYTES
+
+    pu = cmds.add_parser(
+        "push", help="send a bundle to boards: retained on each board's bundle topic, installed between two inferences",
+        description="Publish BUNDLE as the model the boards should run (a retained edgekit.bundle/1 message, QoS 1, "
+                    "on edgekit/v1/<fleet>/<device>/bundle). A board that is offline gets it when it connects. "
+                    "Roll back by pushing the old bundle. See docs/protocol.md, 'Model updates'.")
+    pu.add_argument("bundle", metavar="BUNDLE", help="bundle directory (from edgekit convert/retrain) or its .tar.gz")
+    pu.add_argument("--broker", required=True, help="mqtt://[user:pass@]host:1883 or mqtts://host:8883")
+    pu.add_argument("--fleet", required=True, help="the boards' fleet ([device].fleet in their config)")
+    who = pu.add_mutually_exclusive_group(required=True)
+    who.add_argument("--device", action="append", metavar="ID", help="a board's device id (repeat for several)")
+    who.add_argument("--all-devices", action="store_true", help="every device of the fleet the store has seen")
+    pu.add_argument("--store", default=DEFAULT_STORE, help=f"with --all-devices: the collector's store (default {DEFAULT_STORE})")
+    pu.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BUNDLE_BYTES,
+                    help=f"refuse a bundle archive bigger than this (default {DEFAULT_MAX_BUNDLE_BYTES}; "
+                         "the boards' [update].max_bytes must allow it too)")
+    pu.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for the broker (default 30)")
+    pu.add_argument("--ca-file", help="CA certificate for mqtts://")
+    pu.add_argument("--cert-file", help="client certificate for mqtts://")
+    pu.add_argument("--key-file", help="client key for mqtts://")
+    pu.add_argument("--dry-run", action="store_true", help="verify and pack the bundle, print what would be sent")
+    pu.set_defaults(func=_push)
+
 
 def _status(args: argparse.Namespace) -> int:
     import time
@@ -39,3 +63,32 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(format_table(rows, now))
     return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from ..errors import EdgekitError
+    from ..fleet import bundle_message, fleet_status, push_bundle
+    from ..store import open_store
+
+    payload, data = bundle_message(args.bundle, max_bytes=args.max_bytes)
+    if args.all_devices:
+        with open_store(args.store) as store:
+            devices = [r["device"] for r in fleet_status(store, fleet=args.fleet)]
+        if not devices:
+            raise EdgekitError(f"the store {args.store} has seen no device in fleet {args.fleet!r}; "
+                               "name them with --device ID, or run `edgekit collect` first")
+    else:
+        devices = list(dict.fromkeys(args.device))
+    what = (f"{payload['name']} v{payload['version']} (model sha256 {payload['sha256'][:12]}..., "
+            f"{payload['size']:,} bytes)")
+    if args.dry_run:
+        from device_agent.protocol import topic
+
+        for d in devices:
+            print(f"would push {what} to {topic(args.fleet, d, 'bundle')} (retained, QoS 1)")
+        return 0
+    results = push_bundle(data, broker_url=args.broker, fleet=args.fleet, devices=devices, timeout=args.timeout,
+                          ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    for r in results:
+        print(f"{'pushed' if r.ok else 'FAILED'} {what} to {r.topic}: {r.detail}")
+    return 0 if all(r.ok for r in results) else 1
