@@ -226,3 +226,37 @@ def test_an_oversized_bundle_is_refused_before_it_is_decoded(broker, make_config
     finally:
         run.finish()
     assert {r["model_version"] for r in results(out)} == {"1"}
+
+
+def test_rolling_back_is_pushing_the_old_bundle_again(broker, make_config, digits, tmp_path):
+    x, _ = digits
+    v1, v2 = load_bundle(BUNDLE).manifest, load_bundle(V2).manifest
+    out = tmp_path / "results.jsonl"
+    run = Running(make_config(broker.url), endless(x))
+    try:
+        for target in (v2, v1, v2):  # forward, back, forward again (reusing the kept directory)
+            push(broker.port, json.dumps(protocol.bundle_payload(V2 if target is v2 else BUNDLE)).encode())
+            assert wait_for(lambda: run.agent.manifest.sha256 == target.sha256, 15), target.version
+            n = len(results(out))
+            assert wait_for(lambda: len(results(out)) >= n + 5, 15)
+    finally:
+        stats = run.finish()
+    assert "update" not in stats.errors
+    versions = [r["model_version"] for r in results(out)]
+    changes = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
+    assert changes == ["1", "2", "1", "2"]
+    assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == [
+        f"digits-1-{v1.sha256[:12]}", f"digits-2-{v2.sha256[:12]}"]
+    assert json.loads((tmp_path / "current_bundle-dev1.json").read_text())["sha256"] == v2.sha256
+
+
+def test_prune_keeps_the_running_bundle_and_the_newest_previous_ones(tmp_path):
+    from device_agent.updater import Updater
+
+    updater = Updater(tmp_path, device="d", open_model=None, check=None, running_sha256=lambda: "", keep=2)
+    for i, name in enumerate(["a", "b", "c", "d", "running"]):
+        (tmp_path / "bundles" / name).mkdir(parents=True)
+        os.utime(tmp_path / "bundles" / name, (1000 + i, 1000 + i))
+    os.utime(tmp_path / "bundles" / "running", (1, 1))  # the oldest, but it runs
+    updater.prune(running=[tmp_path / "bundles" / "running"])
+    assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["c", "d", "running"]
