@@ -96,6 +96,21 @@ def cmd_check(args: argparse.Namespace) -> int:
         report(True, "bundle", f"{m.name} v{m.version} sha256 {m.sha256[:12]}... labels {len(m.labels)}")
     except AgentError as exc:
         report(False, "bundle", str(exc))
+    if config.update.enabled:
+        from .updater import Updater
+
+        updater = Updater(config.state_dir, device=config.device.id, open_model=None, check=None,
+                          running_sha256=lambda: "")
+        if updater.pointer_path.exists():
+            installed = updater.load_pointer()
+            if installed is not None:
+                bundle = installed
+                m = installed.manifest
+                report(True, "update", f"{m.name} v{m.version} from {installed.path} runs instead of the configured "
+                                       "bundle (--reset-bundle on run goes back)")
+            else:
+                report(False, "update", f"{updater.pointer_path} names a bundle that does not load; "
+                                        "the configured bundle runs (see the warning above)")
     if bundle is not None:
         try:
             from .bench import choose_runtime

@@ -9,7 +9,6 @@ that is offline gets it when it connects.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import threading
 import time
@@ -23,8 +22,6 @@ from .errors import BrokerError
 from .store import Store
 
 __all__ = ["fleet_status", "format_table", "DEFAULT_STALE_AFTER_S", "PushResult", "bundle_message", "push_bundle"]
-
-log = logging.getLogger(__name__)
 
 DEFAULT_STALE_AFTER_S = 300.0
 """A board whose status says online but that sent nothing for this long counts as offline."""
@@ -113,15 +110,21 @@ def push_bundle(
     fleet: str,
     devices: Sequence[str],
     timeout: float = 30.0,
+    protocol_version: str = "5",
     ca_file: Optional[str] = None,
     cert_file: Optional[str] = None,
     key_file: Optional[str] = None,
 ) -> List[PushResult]:
-    """Publish ``payload`` retained with QoS 1 on each device's bundle topic; wait for every PUBACK."""
+    """Publish ``payload`` retained with QoS 1 on each device's bundle topic; wait for every PUBACK.
+
+    ``protocol_version`` is ``"5"`` or ``"3.1.1"`` (for brokers without MQTT 5).
+    """
     import paho.mqtt.client as mqtt
 
     from .mqtt_url import parse_broker_url
 
+    if protocol_version not in ("5", "3.1.1"):
+        raise BrokerError(f"protocol_version={protocol_version!r} must be \"5\" or \"3.1.1\"")
     topics = [(d, protocol.topic(fleet, d, "bundle")) for d in devices]  # names checked before connecting
     broker = parse_broker_url(broker_url)
     connected = threading.Event()
@@ -140,7 +143,7 @@ def push_bundle(
             lock.notify_all()
 
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-push-{time.time_ns() % 10**12}",
-                         protocol=mqtt.MQTTv5)
+                         protocol=mqtt.MQTTv5 if protocol_version == "5" else mqtt.MQTTv311)
     if broker.username:
         client.username_pw_set(broker.username, broker.password)
     if broker.tls or ca_file:

@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help=f"refuse a bundle archive bigger than this (default {DEFAULT_MAX_BUNDLE_BYTES}; "
                          "the boards' [update].max_bytes must allow it too)")
     pu.add_argument("--timeout", type=float, default=30.0, metavar="S", help="seconds to wait for the broker (default 30)")
+    pu.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="MQTT version (default 5)")
     pu.add_argument("--ca-file", help="CA certificate for mqtts://")
     pu.add_argument("--cert-file", help="client certificate for mqtts://")
     pu.add_argument("--key-file", help="client key for mqtts://")
@@ -88,7 +89,8 @@ def _push(args: argparse.Namespace) -> int:
             print(f"would push {what} to {topic(args.fleet, d, 'bundle')} (retained, QoS 1)")
         return 0
     results = push_bundle(data, broker_url=args.broker, fleet=args.fleet, devices=devices, timeout=args.timeout,
-                          ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+                          protocol_version=args.protocol, ca_file=args.ca_file, cert_file=args.cert_file,
+                          key_file=args.key_file)
     for r in results:
         print(f"{'pushed' if r.ok else 'FAILED'} {what} to {r.topic}: {r.detail}")
     return 0 if all(r.ok for r in results) else 1

@@ -25,7 +25,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from device_agent import cli, protocol
 from device_agent.agent import Agent
 from device_agent.manifest import load_bundle
-from device_agent.sources import ArraySource
 
 from conftest import BUNDLE, DATA, validate
 from test_agent_mqtt import SlowSource
@@ -90,7 +89,8 @@ def endless(x):
     return SlowSource(np.concatenate([x] * 20), period_s=0.01)
 
 
-def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory, make_config, digits, tmp_path):
+def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory, make_config, digits, tmp_path,
+                                                             capsys):
     x, _ = digits
     v1, v2 = load_bundle(BUNDLE).manifest, load_bundle(V2).manifest
     assert v1.sha256 != v2.sha256 and (v1.version, v2.version) == ("1", "2")
@@ -143,8 +143,14 @@ def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory
     assert {r["model_version"] for r in results(tmp_path / "restart.jsonl")} == {"2"}
     assert "update" not in stats.errors
 
-    # --reset-bundle goes back to the configured bundle (offline here, so the retained v2 does not return).
     np.save(tmp_path / "five.npy", x[:5])
+    where = ["--bundle", str(BUNDLE), "--source", str(tmp_path / "five.npy"), "--outbox", str(tmp_path / "outbox.sqlite"),
+             "--device-id", "dev1", "--fleet", "test", "--broker", ""]
+    capsys.readouterr()
+    assert cli.main(["check", *where]) == 0
+    assert "ok   update: digits v2 from " in capsys.readouterr().out
+
+    # --reset-bundle goes back to the configured bundle (offline here, so the retained v2 does not return).
     rc = cli.main(["run", "--reset-bundle", "--bundle", str(BUNDLE), "--source", str(tmp_path / "five.npy"),
                    "--outbox", str(tmp_path / "outbox.sqlite"), "--device-id", "dev1", "--fleet", "test",
                    "--broker", "", "--results", str(tmp_path / "reset.jsonl")])

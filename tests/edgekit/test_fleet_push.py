@@ -71,7 +71,7 @@ def test_all_devices_come_from_the_store(broker, capsys, tmp_path):
     assert retained(broker.port, "edgekit/v1/#", 1, wait_s=1) == []  # a dry run publishes nothing
 
     assert main(["fleet", "push", str(V2), "--broker", broker.url, "--fleet", "lab", "--all-devices",
-                 "--store", url]) == 0
+                 "--store", url, "--protocol", "3.1.1"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert sorted(t for t, _ in retained(broker.port, "edgekit/v1/#", 2)) == [
         "edgekit/v1/lab/a/bundle", "edgekit/v1/lab/b/bundle"]
