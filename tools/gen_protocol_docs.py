@@ -97,7 +97,9 @@ The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` a
 - Size: a payload is at most `MAX_PAYLOAD_BYTES` = {max_bytes} bytes by protocol; the collector
   refuses anything above `--max-payload-bytes` (default {collector_max} bytes) and quarantines it.
   Mosquitto's own `message_size_limit` may be lower; a 224 x 224 x 3 uint8 input is about 200 KB in
-  base64, well inside both.
+  base64, well inside both. The `bundle` topic has its own limit (a model, not a sample: see "Model
+  updates" below); a broker that carries bundles needs a `message_size_limit` of 0 (none) or above
+  4/3 of the largest archive.
 - A sample's input travels raw, exactly as the board read it (before preprocessing):
   `dtype`, `shape`, `encoding` (`base64`) and `data`; `len(base64decode(data))` must equal
   `prod(shape) * itemsize(dtype)`.
