@@ -33,7 +33,11 @@ def retained(port: int, topic: str, count: int, wait_s: int = 5) -> list:
 
 
 def test_push_delivers_a_retained_bundle_that_unpacks_and_verifies(broker, capsys, tmp_path):
-    rc = main(["fleet", "push", str(V2), "--broker", broker.url, "--fleet", "lab", "--device", "pi-1",
+    bundle = tmp_path / "digits-v2"  # as `edgekit retrain` leaves it: a report beside the model
+    shutil.copytree(V2, bundle)
+    (bundle / "report").mkdir()
+    (bundle / "report" / "confusion.png").write_bytes(bytes(2_000_000))
+    rc = main(["fleet", "push", str(bundle), "--broker", broker.url, "--fleet", "lab", "--device", "pi-1",
                "--device", "pi-2"])
     out = capsys.readouterr().out.splitlines()
     assert rc == 0, out
@@ -49,6 +53,8 @@ def test_push_delivers_a_retained_bundle_that_unpacks_and_verifies(broker, capsy
         assert len(archive) == payload["size"] and hashlib.sha256(archive).hexdigest() == payload["archive_sha256"]
         target = tmp_path / payload["archive_sha256"][:8]
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+            names = sorted(m.name for m in tar.getmembers() if m.isfile())
+            assert names == ["digits-v2/manifest.json", "digits-v2/model.tflite"]  # only what a board needs
             tar.extractall(target, filter="data")
         (unpacked,) = [p.parent for p in target.rglob("manifest.json")]
         bundle = load_bundle(unpacked)  # checks the model's sha256 against the manifest
