@@ -45,7 +45,7 @@ demo: install
 test: test-host test-device test-tflite
 
 test-host: install
-	$(VENV)/bin/python -m pytest tests/edgekit tests/test_layout.py
+	$(VENV)/bin/python -m pytest tests/edgekit tests/test_layout.py tests/test_docs.py
 
 test-device: device-env
 	EDGEKIT_EXPECT_RUNTIME=ai_edge_litert $(DEVICE)/bin/python -m pytest tests/device_agent

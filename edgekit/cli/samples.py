@@ -153,4 +153,12 @@ def _export(args: argparse.Namespace) -> int:
         out = export(store, args.output, fmt=fmt, labels=labels, test_fraction=args.test_fraction,
                      labeled_only=not args.include_unlabeled, seed=args.seed, force=args.force, **_filters(args))
     print(f"wrote {out}")
+    if labels is None and fmt == "npz":
+        import numpy as np
+
+        with np.load(out) as z:
+            inferred = [str(x) for x in z["labels"]]
+        print(f"note: class names taken from the stored predictions ({len(inferred)}: {','.join(inferred)}); classes the "
+              "model never predicted are missing, so pass --bundle DIR (or --labels) to keep the model's classes and "
+              "their order", file=sys.stderr)
     return 0
