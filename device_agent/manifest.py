@@ -10,10 +10,12 @@ The model's sha256 is checked here, before any interpreter opens the file.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -245,6 +247,8 @@ class Bundle:
 
 def _extract_archive(archive: Path) -> Path:
     target = Path(tempfile.mkdtemp(prefix="edgekit-bundle-"))
+    # The interpreter reads the model from here for as long as the process runs; removed at exit.
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             for member in tar.getmembers():
