@@ -14,8 +14,9 @@ bundle         host -> dev 1      yes       ``edgekit.bundle/1`` (the model the 
 =============  ==========  =====  ========  =======================================
 
 Every payload is a UTF-8 JSON object with a ``schema`` field. The JSON Schemas
-below are the reference; the collector validates against them, the agent
-builds its payloads with the functions here so both sides agree.
+in :mod:`device_agent.schemas` (re-exported here as ``SCHEMAS``) are the
+reference; the collector validates against them, the agent builds its payloads
+with the functions here so both sides agree.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import ProtocolError
+from .schemas import COMMANDS, DTYPES as _DTYPES, NAME as _NAME, SCHEMAS
 
 __all__ = [
     "PREFIX",
@@ -63,8 +65,6 @@ KINDS = ("samples", "telemetry", "status", "predictions", "cmd", "bundle")
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 """Largest bundle archive (the .tar.gz, before base64) a ``bundle`` message may carry by default."""
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "float16", "float32", "float64"]
 
 
 def check_name(value: str, what: str) -> str:
@@ -211,7 +211,6 @@ def prediction_payload(*, device: str, seq: int, label: str, confidence: float, 
     return out
 
 
-COMMANDS = ("ping", "set_thresholds", "flush", "reload_bundle", "send_telemetry")
 
 
 def parse_cmd(payload: bytes) -> Dict[str, Any]:
@@ -361,171 +360,3 @@ def parse_bundle(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -
                             f"{obj['archive_sha256'][:12]}...; it was damaged on the way: push it again")
     meta = {k: v for k, v in obj.items() if k != "archive"}
     return meta, archive
-
-
-# ---------------------------------------------------------------------------
-# JSON Schemas (draft 2020-12). docs/protocol.md shows them; the collector and
-# the tests validate with them.
-_MODEL = {
-    "type": "object",
-    "required": ["name", "version", "sha256"],
-    "properties": {
-        "name": {"type": "string"},
-        "version": {"type": "string"},
-        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-    },
-}
-_NAMEPAT = {"type": "string", "pattern": _NAME.pattern}
-_NUM = {"type": "number"}
-_NUM_OR_NULL = {"type": ["number", "null"]}
-
-SCHEMAS: Dict[str, Dict[str, Any]] = {
-    "edgekit.sample/1": {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "edgekit.sample/1: one flagged input",
-        "type": "object",
-        "required": ["schema", "sample_id", "device", "fleet", "seq", "ts", "model", "prediction", "reasons", "input"],
-        "properties": {
-            "schema": {"const": "edgekit.sample/1"},
-            "sample_id": {"type": "string", "format": "uuid",
-                          "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"},
-            "device": _NAMEPAT,
-            "fleet": _NAMEPAT,
-            "seq": {"type": "integer", "minimum": 0},
-            "ts": _NUM,
-            "model": _MODEL,
-            "prediction": {
-                "type": "object",
-                "required": ["label", "index", "confidence", "margin", "entropy", "top_k"],
-                "properties": {
-                    "label": {"type": "string"},
-                    "index": {"type": "integer", "minimum": 0},
-                    "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-                    "margin": {"type": "number", "minimum": 0, "maximum": 1},
-                    "entropy": {"type": "number", "minimum": 0},
-                    "top_k": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["label", "index", "score"],
-                            "properties": {"label": {"type": "string"}, "index": {"type": "integer"}, "score": _NUM},
-                        },
-                    },
-                },
-            },
-            "reasons": {
-                "type": "array",
-                "minItems": 1,
-                "items": {"enum": ["low_confidence", "low_margin", "random", "manual"]},
-            },
-            "input": {
-                "type": "object",
-                "required": ["dtype", "shape", "encoding", "data"],
-                "properties": {
-                    "dtype": {"enum": _DTYPES},
-                    "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "maxItems": 4},
-                    "encoding": {"const": "base64"},
-                    "data": {"type": "string", "contentEncoding": "base64"},
-                },
-            },
-            "source": {"type": "object"},
-        },
-    },
-    "edgekit.telemetry/1": {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "edgekit.telemetry/1: periodic health",
-        "type": "object",
-        "required": ["schema", "device", "fleet", "ts", "uptime_s", "inferences", "outbox", "model"],
-        "properties": {
-            "schema": {"const": "edgekit.telemetry/1"},
-            "device": _NAMEPAT,
-            "fleet": _NAMEPAT,
-            "ts": _NUM,
-            "uptime_s": _NUM,
-            "cpu_percent": _NUM_OR_NULL,
-            "memory_rss_bytes": {"type": ["integer", "null"]},
-            "memory_percent": _NUM_OR_NULL,
-            "temperature_c": _NUM_OR_NULL,
-            "disk_free_bytes": {"type": ["integer", "null"]},
-            "inferences": {"type": "integer", "minimum": 0},
-            "flagged": {"type": "integer", "minimum": 0},
-            "latency_ms": {
-                "type": "object",
-                "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL},
-            },
-            "low_confidence_rate": _NUM_OR_NULL,
-            "outbox": {
-                "type": "object",
-                "required": ["depth", "bytes", "dropped"],
-                "properties": {
-                    "depth": {"type": "integer", "minimum": 0},
-                    "bytes": {"type": "integer", "minimum": 0},
-                    "dropped": {"type": "integer", "minimum": 0},
-                },
-            },
-            "errors": {"type": "object", "additionalProperties": {"type": "integer"}},
-            "model": _MODEL,
-            "runtime": {"type": "string"},
-        },
-    },
-    "edgekit.status/1": {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "edgekit.status/1: retained online/offline (the last will says offline)",
-        "type": "object",
-        "required": ["schema", "device", "fleet", "state", "ts"],
-        "properties": {
-            "schema": {"const": "edgekit.status/1"},
-            "device": _NAMEPAT,
-            "fleet": _NAMEPAT,
-            "state": {"enum": ["online", "offline"]},
-            "ts": _NUM,
-            "model": {"type": "object"},
-            "agent_version": {"type": "string"},
-            "last_update_error": {"type": "string"},
-        },
-    },
-    "edgekit.prediction/1": {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "edgekit.prediction/1: every prediction (optional, off by default)",
-        "type": "object",
-        "required": ["schema", "device", "seq", "ts", "label", "confidence"],
-        "properties": {
-            "schema": {"const": "edgekit.prediction/1"},
-            "device": _NAMEPAT,
-            "seq": {"type": "integer"},
-            "ts": _NUM,
-            "label": {"type": "string"},
-            "confidence": _NUM,
-            "sample_id": {"type": ["string", "null"]},
-        },
-    },
-    "edgekit.cmd/1": {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "edgekit.cmd/1: host to device command",
-        "type": "object",
-        "required": ["schema", "cmd"],
-        "properties": {
-            "schema": {"const": "edgekit.cmd/1"},
-            "cmd": {"enum": list(COMMANDS)},
-            "args": {"type": "object"},
-            "id": {"type": "string"},
-        },
-    },
-}
-SCHEMAS["edgekit.bundle/1"] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "edgekit.bundle/1: the bundle a board should run (retained desired state, host to device)",
-    "type": "object",
-    "required": ["schema", "name", "version", "sha256", "archive_sha256", "size", "encoding", "archive", "ts"],
-    "properties": {
-        "schema": {"const": "edgekit.bundle/1"},
-        "name": {"type": "string"},
-        "version": {"type": "string"},
-        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-        "archive_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-        "size": {"type": "integer", "minimum": 0},
-        "encoding": {"const": "base64"},
-        "archive": {"type": "string", "contentEncoding": "base64", "contentMediaType": "application/gzip"},
-        "ts": _NUM,
-    },
-}
