@@ -92,10 +92,17 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
 
 
 def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
-    """The tensor's values as float32: ``scale * (q - zero_point)``."""
+    """The tensor's values as float32: ``scale * (q - zero_point)``.
+
+    Computed in float32: ``q - zero_point`` is a small integer (exact), and TFLite stores
+    ``scale`` as a float32, so the one rounding is the same as in float64 then float32.
+    """
     if not spec.quantized:
         return np.asarray(q, dtype=np.float32)
-    return (spec.scale * (q.astype(np.int64) - spec.zero_point)).astype(np.float32)
+    out = q.astype(np.float32)
+    out -= np.float32(spec.zero_point)
+    out *= np.float32(spec.scale)
+    return out
 
 
 def _spec(detail: dict) -> TensorSpec:

@@ -16,6 +16,8 @@ from .errors import ConfigError
 
 __all__ = ["ResultsWriter"]
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder: json.dumps(separators=...) builds one per call
+
 
 class ResultsWriter:
     """Appends JSON lines; ``path="-"`` writes to stdout, ``path=""`` writes nothing."""
@@ -39,7 +41,7 @@ class ResultsWriter:
     def write(self, line: Dict[str, Any]) -> None:
         if self._fh is None:
             return
-        self._fh.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._fh.write(_ENCODE(line) + "\n")
         now = time.monotonic()
         if now - self._last_flush >= self.flush_every_s:
             self._fh.flush()

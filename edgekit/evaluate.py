@@ -120,12 +120,11 @@ class EvalReport:
 
 
 def scores_to_probs(scores: np.ndarray, activation: str) -> np.ndarray:
-    """Scores as probabilities: softmax for logits, sigmoid for sigmoid outputs, unchanged for softmax."""
-    s = np.asarray(scores, dtype=np.float64)
-    if activation == "logits":
-        e = np.exp(s - s.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-    return s
+    """Scores as probabilities, with the board's own arithmetic (softmax for logits; a quantized
+    softmax output normalized to sum to 1), so thresholds derived here mean the same on the board."""
+    from device_agent.classify import probabilities_batch
+
+    return probabilities_batch(scores, activation)
 
 
 def _metrics(y: np.ndarray, pred: np.ndarray, classes: int) -> ModelMetrics:
