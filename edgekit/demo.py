@@ -5,7 +5,8 @@ start a broker -> start the collector -> an agent streams digits the model has
 not seen, a shifted part among them -> the collector stores what it flags ->
 those samples are labeled from the known ground truth (standing in for a
 person) -> retrain (bundle v2) -> accuracy before and after, on a held-out
-shifted test set and on the clean test set.
+shifted test set and on the clean test set -> a promoted v2 is pushed back to
+the board, which swaps it in and runs it.
 
 Everything lands in one directory (default ``./demo-out``), replaced on each
 run: the data, the float model, both bundles with their reports, the agent's
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, Mapping, Optional
 
 import numpy as np
+from device_agent.sources import ArraySource, Source
 
 from .errors import EdgekitError
 
@@ -114,6 +116,26 @@ def _native_output_to(path: Path):
             real.close()
 
 
+class _AfterUpdate(Source):
+    """A finite stream that first idles (the agent keeps servicing MQTT) until ``ready()`` says the
+    pushed bundle runs, or ``wait_s`` passes; then it yields its rows like ArraySource."""
+
+    def __init__(self, x: np.ndarray, uri: str, wait_s: float = 30.0):
+        self._rows = ArraySource(x, uri=uri)
+        self.ready: Callable[[], bool] = lambda: True
+        self.wait_s = wait_s
+
+    def items(self, stop):
+        deadline = time.monotonic() + self.wait_s
+        while not self.ready() and time.monotonic() < deadline and not stop.is_set():
+            time.sleep(0.01)
+            yield None
+        yield from self._rows.items(stop)
+
+    def close(self) -> None:
+        self._rows.close()
+
+
 class _Stages:
     """One line per stage: ``[i/n] what ... result (seconds)``."""
 
@@ -148,12 +170,13 @@ def run_demo(config: DemoConfig = DemoConfig(), say: Callable[[str], None] = pri
 
 def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     from device_agent.config import load_config
-    from device_agent.sources import ArraySource
+    from device_agent.manifest import load_bundle
 
     from .broker import find_or_start_broker
     from .collect import Collector
     from .convert import convert
     from .data import load_dataset
+    from .fleet import bundle_message, push_bundle
     from .models import digits_cnn, train
     from .retrain import bundle_accuracy, retrain
     from .shift import apply_shift, get_shift
@@ -162,7 +185,7 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     t_start = time.perf_counter()
     c = config
     out = c.output
-    stages = _Stages(10, say)
+    stages = _Stages(11, say)
     shift = get_shift(c.shift)
 
     # 1. data: one seeded split of the 1,797 real digits, so no input is used twice.
@@ -223,6 +246,10 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
                         lambda b: b.description)
     store_url = f"sqlite:///{out / 'samples.db'}"
     store = open_store(store_url)
+
+    def clear_bundle(b) -> None:
+        """An empty retained message clears the device's desired bundle (docs/protocol.md)."""
+        push_bundle(b"", broker_url=b.url, fleet=c.fleet, devices=[c.device], protocol_version=b.protocol)
     collector: Optional[Collector] = None
     try:
         # 5. collector
@@ -237,12 +264,17 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
         # 6. the agent, on the board's code path (device_agent, no TensorFlow in it)
         agent_dir = out / "agent"
         agent_dir.mkdir()
-        agent_cfg = load_config(
-            bundle=str(v1), broker=broker.url, device_id=c.device, fleet=c.fleet,
-            results=str(agent_dir / "results.jsonl"), outbox=str(agent_dir / "outbox.sqlite"), threads=1,
-            policy={"random_fraction": c.random_fraction, "seed": c.seed},
-            mqtt={"protocol": broker.protocol}, telemetry={"period_s": 1},
-        )
+        def agent_config(b, results: str):
+            return load_config(
+                bundle=str(v1), broker=b.url, device_id=c.device, fleet=c.fleet,
+                results=str(agent_dir / results), outbox=str(agent_dir / "outbox.sqlite"), threads=1,
+                policy={"random_fraction": c.random_fraction, "seed": c.seed},
+                mqtt={"protocol": b.protocol}, telemetry={"period_s": 1},
+            )
+
+        agent_cfg = agent_config(broker, "results.jsonl")
+        # A bundle left retained on this device's topic by an interrupted earlier run must not replace v1.
+        clear_bundle(broker)
         ids = [int(i) for i in range(len(d["y_stream"]))]
 
         def run_agent():
@@ -330,6 +362,42 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
         }
 
     acc = stages.run("measure v1 and v2 (int8, the board's interpreter) on the held-out test sets", measure)
+
+    # 11. a promoted v2 goes back to the board: retained on its bundle topic, swapped in between inferences
+    def ship() -> Dict[str, int]:
+        if not res.verdict.promote:
+            return {}
+        b = find_or_start_broker(out, prefer=c.broker)
+        try:
+            _, payload = bundle_message(v2)
+            for r in push_bundle(payload, broker_url=b.url, fleet=c.fleet, devices=[c.device],
+                                 protocol_version=b.protocol):
+                if not r.ok:
+                    raise EdgekitError(f"pushing v2 to {r.topic} failed: {r.detail}")
+            from device_agent.agent import Agent
+
+            n = min(100, len(d["y_test"]))
+            source = _AfterUpdate(d["x_test_shifted"][:n], uri="demo-after-update")
+            with Agent(agent_config(b, "results-after-update.jsonl"), source=source) as agent:
+                source.ready = lambda: agent.manifest.sha256 == res_sha
+                agent.run()
+        finally:
+            clear_bundle(b)  # the demo leaves nothing retained on a shared broker
+            b.stop()
+        versions: Dict[str, int] = {}
+        with open(agent_dir / "results-after-update.jsonl", encoding="utf-8") as fh:
+            for line in fh:
+                v = json.loads(line)["model_version"]
+                versions[v] = versions.get(v, 0) + 1
+        return versions
+
+    res_sha = load_bundle(v2).manifest.sha256
+    shipped = stages.run(
+        f"ship v2 back to {c.fleet}/{c.device} (edgekit fleet push) and run it", ship,
+        lambda v: (f"the board verified v{res.version}, swapped it in between two inferences and ran "
+                   f"{sum(v.values())} new shifted inputs on it ({', '.join(f'v{k}: {n}' for k, n in sorted(v.items()))})"
+                   if v else f"not shipped: the retrain verdict was '{res.verdict.word}'"),
+    )
     n_test = len(d["y_test"])
     say("")
     say(f"accuracy of the int8 bundles on {n_test} held-out digits that no step trained on")
@@ -352,6 +420,7 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     say(f"  edgekit retrain {v2} --float-model {res.float_model_path} "
         f"--data {out / 'data.npz'} --feedback {store_url} -o {out / 'bundle-v3'}")
     counts = {"stream": len(ids), "stream_shifted": int(d["stream_shifted"].sum()), "inferences": stats.inferences,
-              "flagged": stats.flagged, "published": stats.published, "stored": n_stored, **lab}
+              "flagged": stats.flagged, "published": stats.published, "stored": n_stored, **lab,
+              "after_update": dict(shipped)}
     return DemoResult(output=out, broker=broker.kind, accuracy=acc, counts=counts, verdict=res.verdict.word,
                       stages=dict(stages.seconds), seconds=total)

@@ -51,7 +51,19 @@ def test_every_artifact_is_where_the_output_says(demo):
     assert f"edgekit samples list --store sqlite:///{out / 'samples.db'}" in text
     assert "edgekit fleet status" in text
     assert str(out / "bundle-v2" / "retrain.md") in text
-    assert [ln.split("]")[0] for ln in lines if ln.startswith("[")] == [f"[{i}/10" for i in range(1, 11)]
+    assert [ln.split("]")[0] for ln in lines if ln.startswith("[")] == [f"[{i}/11" for i in range(1, 12)]
+
+
+def test_a_promoted_v2_goes_back_to_the_board_and_runs_there(demo):
+    result, lines = demo
+    after = result.counts["after_update"]
+    if result.verdict == "promote":
+        # every input after the push ran on v2: the board verified it, swapped it in and kept it
+        assert after == {"2": 100}
+        assert (result.output / "agent" / "results-after-update.jsonl").is_file()
+        assert "swapped it in between two inferences" in "\n".join(lines)
+    else:
+        assert after == {} and "not shipped" in "\n".join(lines)
 
 
 def test_output_not_made_by_the_demo_is_left_alone(tmp_path):
