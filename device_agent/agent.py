@@ -32,6 +32,7 @@ from . import __version__, protocol
 from .bench import choose_runtime
 from .classify import classify
 from .config import AgentConfig
+from .drift import DriftMonitor, channel_means, monitor_for
 from .errors import BundleError, ConfigError, InputError, ProtocolError
 from .interpreter import TFLiteModel, quantize
 from .manifest import Bundle, load_bundle
@@ -118,6 +119,7 @@ class Agent:
             self.close()
             raise
         self._prepare_fast_path()
+        self._prepare_drift()
         self.stats = Stats()
         self.watchdog = Watchdog()
         self._cmds: "queue.SimpleQueue[bytes]" = queue.SimpleQueue()
@@ -155,6 +157,35 @@ class Agent:
                 self._lut_kind = "identity"
             elif self._lut.dtype == np.int8 and np.array_equal(self._lut, (every ^ np.uint8(128)).view(np.int8)):
                 self._lut_kind = "xor"
+
+    def _prepare_drift(self) -> None:
+        """A fresh drift window against this bundle's ``reference`` (None for bundles without one)."""
+        self.drift: Optional[DriftMonitor] = monitor_for(self.manifest.reference)
+        c = self.drift.channels if self.drift is not None else None
+        last = int(self.model.input_spec.shape[-1]) if len(self.model.input_spec.shape) else 1
+        if c is not None and c != 1 and c != last:
+            log.warning("bundle %s v%s: reference has %d input channels but the model input %s; drift is off",
+                        self.manifest.name, self.manifest.version, c, list(self.model.input_spec.shape))
+            self.drift = None
+        self._drift_k = self._drift_offset = 0.0
+        if self._lut is not None:  # the fast path: model input = raw * scale + offset, value by value
+            pre = self.manifest.preprocessing
+            per_channel = int(np.prod(self._lut_shape)) // (c or 1)
+            self._drift_k, self._drift_offset = float(pre.scale) / per_channel, float(pre.offset)
+
+    def _feed_drift(self, raw: np.ndarray, x: Optional[np.ndarray], confidence: float) -> None:
+        """Per-channel mean of the model input (from the raw bytes on the fast path) and the confidence."""
+        drift = self.drift
+        c = drift.channels
+        if c is None:
+            mean: Any = 0.0
+        elif x is not None:
+            mean = channel_means(x, c)
+        elif c == 1:
+            mean = float(raw.sum()) * self._drift_k + self._drift_offset
+        else:
+            mean = np.add.reduce(raw.reshape(-1, c), axis=0) * self._drift_k + self._drift_offset
+        drift.update(mean, confidence)
 
     def _lookup_table(self):
         """For uint8 images already at the model's size: raw byte -> quantized model input, computed
@@ -194,6 +225,7 @@ class Agent:
             runtime=self.model.runtime,
             threads=self.model.num_threads,
             agent_version=__version__,
+            drift=self.drift.snapshot().to_dict() if self.drift is not None else None,
             **machine(self.outbox.path.parent),
         )
 
@@ -210,6 +242,7 @@ class Agent:
             log.warning("input %s skipped: %s", info.get("uri"), raw)
             return None
         t0 = time.perf_counter()
+        x = None
         try:
             lut = self._lut
             if lut is not None and raw.dtype == np.uint8 and raw.shape == self._lut_shape:
@@ -224,7 +257,8 @@ class Agent:
                 self.model.invoke()
                 scores = self.model.output()
             else:
-                scores = self.model(preprocess(raw, self.manifest.preprocessing))
+                x = preprocess(raw, self.manifest.preprocessing)
+                scores = self.model(x)
         except InputError as exc:
             self.stats.error("input")
             log.warning("input %s#%s skipped: %s", info.get("uri"), info.get("index"), exc)
@@ -236,6 +270,8 @@ class Agent:
         latency = time.perf_counter() - t0
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)
+        if self.drift is not None:
+            self._feed_drift(raw, x, pred.confidence)
         digests: list = []
 
         def dig() -> str:  # only hashed when the prediction is a candidate to send
@@ -339,6 +375,7 @@ class Agent:
         self.model, self.bundle, self.manifest = staged.model, staged.bundle, staged.bundle.manifest
         old_model.close()
         self._prepare_fast_path()
+        self._prepare_drift()  # the window describes one model: start afresh against the new reference
         m, cfg = self.manifest, self.config.policy
         self.policy.set_thresholds(
             cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold,

@@ -119,6 +119,22 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
             "errors": {"type": "object", "additionalProperties": {"type": "integer"}},
             "model": _MODEL,
             "runtime": {"type": "string"},
+            "drift": {
+                "description": "drift of the last `samples` inferences against the bundle's reference statistics; "
+                               "null when the bundle has none",
+                "type": ["object", "null"],
+                "required": ["samples", "window", "input_z_max", "confidence_mean", "confidence_psi"],
+                "properties": {
+                    "samples": {"type": "integer", "minimum": 0},
+                    "window": {"type": "integer", "minimum": 1},
+                    "input_z": {"type": ["array", "null"], "items": _NUM},
+                    "input_z_max": {"type": ["number", "null"], "minimum": 0},
+                    "confidence_mean": _NUM_OR_NULL,
+                    "confidence_mean_ref": _NUM_OR_NULL,
+                    "confidence_psi": {"type": ["number", "null"], "minimum": 0},
+                    "level": {"enum": ["stable", "moderate", "significant", None]},
+                },
+            },
         },
     },
     "edgekit.status/1": {
