@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     cmds = p.add_subparsers(dest="fleet_command", metavar="ACTION")
     st = cmds.add_parser("status", help="a table: last seen, online, model, inferences, low-confidence rate, "
-                                        "outbox, dropped, temperature")
+                                        "outbox, dropped, temperature, drift (confidence PSI)")
     st.add_argument("--store", default=DEFAULT_STORE, help=f"sqlite:///path.db or postgresql://... (default {DEFAULT_STORE})")
     st.add_argument("--fleet", help="only this fleet")
     st.add_argument("--stale-after", type=float, default=300.0, metavar="S",

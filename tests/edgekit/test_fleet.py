@@ -38,3 +38,29 @@ def test_fleet_status_filters_by_fleet_and_says_when_nothing_is_known(tmp_path, 
     assert main(["fleet", "status", "--store", url, "--fleet", "b", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["fleet"], r["device"], r["samples"], r["online"]) for r in rows] == [("b", "y", 1, False)]
+
+
+def test_fleet_status_shows_the_confidence_psi_of_the_latest_telemetry(store_url, capsys):
+    from edgekit.store import open_store
+    from edgekit.validate import check_message
+
+    drifting = telemetry(device="drifting")
+    drifting["drift"] = {"samples": 500, "window": 500, "input_z": [0.81], "input_z_max": 0.81,
+                         "confidence_mean": 0.71, "confidence_mean_ref": 0.98, "confidence_psi": 0.3671,
+                         "level": "significant"}
+    old = telemetry(device="old-bundle")
+    old["drift"] = None  # a bundle without reference statistics
+    with open_store(store_url) as s:
+        for payload in (drifting, old, telemetry(device="old-agent")):  # an agent from before drift: no key
+            topic = protocol.topic("lab", payload["device"], "telemetry")
+            _, checked = check_message(topic, json.dumps(payload).encode())  # the collector's gate takes it
+            s.put_telemetry(checked)
+    assert main(["fleet", "status", "--store", store_url]) == 0
+    head, *lines = capsys.readouterr().out.splitlines()
+    assert head.split()[-1] == "drift"
+    cells = {line.split()[1]: line.split()[-1] for line in lines}
+    assert cells == {"drifting": "0.37", "old-bundle": "-", "old-agent": "-"}
+    assert main(["fleet", "status", "--store", store_url, "--json"]) == 0
+    rows = {r["device"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["drifting"]["drift_psi"] == 0.3671 and rows["drifting"]["drift"]["input_z_max"] == 0.81
+    assert rows["old-bundle"]["drift_psi"] is None and rows["old-agent"]["drift"] is None
