@@ -45,6 +45,8 @@ def examples() -> dict:
         skipped={"duplicate": 14, "rate_limited": 0}, runtime="ai_edge_litert", threads=4, agent_version="0.1.0",
         cpu_percent=37.5, memory_rss_bytes=48234496, memory_percent=1.2, temperature_c=52.1,
         disk_free_bytes=11811160064,
+        drift={"samples": 500, "window": 500, "input_z": [0.043], "input_z_max": 0.043, "confidence_mean": 0.9712,
+               "confidence_mean_ref": 0.983913, "confidence_psi": 0.0381, "level": "stable"},
     )
     status = protocol.status_payload(device="pi-kitchen-1", fleet="lab", state="online", model=MODEL,
                                      agent_version="0.1.0", ts=TS)
@@ -246,6 +248,20 @@ sequenceDiagram
     L->>L: between two inferences: swap, write current_bundle-<device>.json
     L->>M: retained status with the new model
 ```
+
+## Drift in telemetry
+
+Telemetry carries `drift`: how the board's recent inputs and confidences compare with the bundle's
+`reference` statistics (docs/bundle.md), over the last `window` (500) inferences, of which `samples`
+are in. `input_z` is, per input channel, the live mean minus the reference mean in reference std
+units (`input_z_max` the largest absolute value); `confidence_mean` sits next to the reference's
+`confidence_mean_ref`; `confidence_psi` is the population stability index of the live top-1
+confidence histogram `p` against the reference's `q` (same 20 bins, fractions floored at 1e-4):
+`PSI = sum_i (p_i - q_i) * ln(p_i / q_i)`. The usual reading, also sent as `level`: below 0.1
+`stable`, 0.1 to 0.25 `moderate`, above 0.25 `significant`. The numbers are null until the first
+inference after a start or a model swap (which starts a fresh window); `drift` itself is null when
+the bundle has no usable `reference` (older bundles), and absent in telemetry from agents that
+predate it. `edgekit fleet status` shows `confidence_psi` as its `drift` column.
 
 ## Schemas and examples
 """
