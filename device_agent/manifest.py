@@ -33,6 +33,7 @@ __all__ = [
     "Manifest",
     "Bundle",
     "load_bundle",
+    "extract_archive",
     "sha256_file",
 ]
 
@@ -245,24 +246,40 @@ class Bundle:
         return self.path / self.manifest.model_file
 
 
+def extract_archive(tar: tarfile.TarFile, into: Path, *, name: str, max_total: Optional[int] = None) -> Path:
+    """Extract a bundle archive into ``into``; the folder that holds its one ``manifest.json``.
+
+    Refuses absolute or ``..`` paths, links and devices, and (with ``max_total``) archives that
+    unpack to more bytes than that. ``name`` says which archive in the messages.
+    """
+    total = 0
+    for member in tar.getmembers():
+        if member.name.startswith("/") or ".." in Path(member.name).parts:
+            raise BundleError(f"{name} holds an unsafe path {member.name!r}")
+        if not (member.isfile() or member.isdir()):
+            raise BundleError(f"{name} holds a link or device {member.name!r}")
+        total += member.size
+    if max_total is not None and total > max_total:
+        raise BundleError(f"{name} unpacks to {total} bytes, over the limit of {max_total}")
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(into, filter="data")
+    else:  # pragma: no cover - Python < 3.11.4
+        tar.extractall(into)
+    manifests = list(into.rglob(MANIFEST_NAME))
+    if len(manifests) != 1:
+        raise BundleError(f"{name} must hold exactly one {MANIFEST_NAME}, found {len(manifests)}")
+    return manifests[0].parent
+
+
 def _extract_archive(archive: Path) -> Path:
     target = Path(tempfile.mkdtemp(prefix="edgekit-bundle-"))
     # The interpreter reads the model from here for as long as the process runs; removed at exit.
     atexit.register(shutil.rmtree, target, ignore_errors=True)
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            for member in tar.getmembers():
-                if member.name.startswith("/") or ".." in Path(member.name).parts:
-                    raise BundleError(f"bundle archive {archive} holds an unsafe path {member.name!r}")
-                if not (member.isfile() or member.isdir()):
-                    raise BundleError(f"bundle archive {archive} holds a link or device {member.name!r}")
-            tar.extractall(target)
+            return extract_archive(tar, target, name=f"bundle archive {archive}")
     except tarfile.TarError as exc:
         raise BundleError(f"bundle archive {archive} cannot be read ({exc}); copy it again") from exc
-    manifests = list(target.rglob(MANIFEST_NAME))
-    if len(manifests) != 1:
-        raise BundleError(f"bundle archive {archive} must hold exactly one {MANIFEST_NAME}, found {len(manifests)}")
-    return manifests[0].parent
 
 
 def load_bundle(path: os.PathLike | str, verify: bool = True) -> Bundle:

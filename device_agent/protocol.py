@@ -213,16 +213,20 @@ def prediction_payload(*, device: str, seq: int, label: str, confidence: float, 
 
 
 
-def parse_cmd(payload: bytes) -> Dict[str, Any]:
-    """Validate an ``edgekit.cmd/1`` message; raises :class:`ProtocolError` with one line."""
-    import json
-
+def _json_object(payload: bytes, schema: str, what: str) -> Dict[str, Any]:
+    """``payload`` as a JSON object whose ``schema`` is ``schema``; :class:`ProtocolError` with one line if not."""
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"command is not UTF-8 JSON ({exc.__class__.__name__}); see docs/protocol.md") from exc
-    if not isinstance(obj, dict) or obj.get("schema") != "edgekit.cmd/1":
-        raise ProtocolError("command must be a JSON object with schema 'edgekit.cmd/1'")
+        raise ProtocolError(f"{what} is not UTF-8 JSON ({exc.__class__.__name__}); see docs/protocol.md") from exc
+    if not isinstance(obj, dict) or obj.get("schema") != schema:
+        raise ProtocolError(f"{what} must be a JSON object with schema '{schema}'")
+    return obj
+
+
+def parse_cmd(payload: bytes) -> Dict[str, Any]:
+    """Validate an ``edgekit.cmd/1`` message; raises :class:`ProtocolError` with one line."""
+    obj = _json_object(payload, "edgekit.cmd/1", "command")
     if obj.get("cmd") not in COMMANDS:
         raise ProtocolError(f"command cmd={obj.get('cmd')!r} is unknown; expected one of {COMMANDS}")
     args = obj.get("args", {})
@@ -328,12 +332,7 @@ def parse_bundle(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -
     if len(payload) > max_bytes * 4 // 3 + 65536:
         raise ProtocolError(f"bundle message is {len(payload)} bytes, too big for max_bytes={max_bytes}; "
                             "raise [update].max_bytes if the model really is that big")
-    try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"bundle message is not UTF-8 JSON ({exc.__class__.__name__}); see docs/protocol.md") from exc
-    if not isinstance(obj, dict) or obj.get("schema") != "edgekit.bundle/1":
-        raise ProtocolError("bundle message must be a JSON object with schema 'edgekit.bundle/1'")
+    obj = _json_object(payload, "edgekit.bundle/1", "bundle message")
     for key in ("name", "version", "sha256", "archive_sha256", "archive"):
         if not isinstance(obj.get(key), str):
             raise ProtocolError(f"bundle message field {key!r}={obj.get(key)!r} must be a string")

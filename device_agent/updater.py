@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 from . import protocol
 from .errors import AgentError, BundleError, ProtocolError
-from .manifest import MANIFEST_NAME, Bundle, load_bundle
+from .manifest import MANIFEST_NAME, Bundle, extract_archive, load_bundle
 
 __all__ = ["Staged", "Failed", "Updater"]
 
@@ -68,30 +68,14 @@ def _unpack(archive: bytes, into: Path, max_bytes: int) -> Path:
     """Extract a bundle archive (no links, no absolute or ``..`` paths); the folder holding manifest.json."""
     try:
         with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            members = tar.getmembers()
-            total = 0
-            for m in members:
-                if m.name.startswith("/") or ".." in Path(m.name).parts:
-                    raise BundleError(f"bundle archive holds an unsafe path {m.name!r}; pack it with `edgekit fleet push`")
-                if not (m.isfile() or m.isdir()):
-                    raise BundleError(f"bundle archive holds a link or device {m.name!r}; pack it with `edgekit fleet push`")
-                total += m.size
-            if total > 8 * max_bytes:
-                raise BundleError(f"bundle archive unpacks to {total} bytes, over 8 x max_bytes={max_bytes}")
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(into, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4
-                tar.extractall(into)
+            return extract_archive(tar, into, name="bundle archive (pack it with `edgekit fleet push`)",
+                                   max_total=8 * max_bytes)
     except OSError as exc:
         if exc.errno:  # the disk, not the archive
             raise BundleError(f"bundle cannot be unpacked into {into} ({exc}); check the disk space") from exc
         raise BundleError(f"bundle archive is corrupt ({exc.__class__.__name__}: {exc}); push it again") from exc
     except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
         raise BundleError(f"bundle archive is corrupt ({exc.__class__.__name__}: {exc}); push it again") from exc
-    manifests = list(into.rglob(MANIFEST_NAME))
-    if len(manifests) != 1:
-        raise BundleError(f"bundle archive must hold exactly one {MANIFEST_NAME}, found {len(manifests)}")
-    return manifests[0].parent
 
 
 class Updater:

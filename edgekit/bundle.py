@@ -7,7 +7,6 @@ module only fills it in. See docs/bundle.md.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -17,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from device_agent import protocol
 from device_agent.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, Preprocessing, TensorSpec, sha256_file
 
 from .errors import ModelError, OutputExistsError
@@ -130,17 +130,14 @@ def pack(bundle_dir: os.PathLike | str, output: Optional[os.PathLike | str] = No
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / MANIFEST_NAME).is_file():
         raise ModelError(f"{bundle_dir} is not a bundle (no {MANIFEST_NAME}); pass the directory `edgekit convert -o` wrote")
-    model_file = json.loads((bundle_dir / MANIFEST_NAME).read_text(encoding="utf-8")).get("model", {}).get("file", "model.tflite")
     out = Path(output) if output else bundle_dir.with_name(bundle_dir.name + ".tar.gz")
     tmp = out.with_name(out.name + ".tmp")
     try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            if everything:
+        if everything:
+            with tarfile.open(tmp, "w:gz") as tar:
                 tar.add(bundle_dir, arcname=bundle_dir.name)
-            else:
-                tar.add(bundle_dir, arcname=bundle_dir.name, recursive=False)
-                for name in (MANIFEST_NAME, model_file):
-                    tar.add(bundle_dir / name, arcname=f"{bundle_dir.name}/{name}")
+        else:  # the board's part, packed exactly as `edgekit fleet push` sends it
+            tmp.write_bytes(protocol.pack_bundle(bundle_dir))
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -140,3 +140,13 @@ def sub_factory():
     yield make
     for s in subs:
         s.stop()
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    """Poll ``predicate`` every 50 ms until it holds or ``timeout`` seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()

@@ -8,12 +8,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from conftest import BUNDLE, ROOT, validate
+from conftest import BUNDLE, ROOT, validate, wait_for
 
 
 def write_config(path: Path, tmp: Path, broker_url: str, runtime: str) -> Path:
@@ -52,15 +51,6 @@ def start_agent(config: Path, log: Path) -> subprocess.Popen:
         [sys.executable, "-m", "device_agent", "run", "--config", str(config)],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
     )
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def lines(path: Path) -> int:

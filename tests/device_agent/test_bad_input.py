@@ -18,7 +18,7 @@ from device_agent.errors import BundleError, ConfigError
 from device_agent.protocol import topic
 from device_agent.sources import ArraySource
 
-from conftest import BUNDLE, ROOT, validate
+from conftest import BUNDLE, ROOT, validate, wait_for
 
 
 def pub(port: int, t: str, payload: str) -> None:
@@ -31,13 +31,6 @@ def run_in_thread(agent):
     th = threading.Thread(target=lambda: out.setdefault("stats", agent.run(stop)))
     th.start()
     return stop, th, out
-
-
-def wait_for(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not predicate():
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_corrupt_files_and_malformed_commands_are_counted_and_skipped(

@@ -26,7 +26,7 @@ from device_agent import cli, protocol
 from device_agent.agent import Agent
 from device_agent.manifest import load_bundle
 
-from conftest import BUNDLE, DATA, validate
+from conftest import BUNDLE, DATA, validate, wait_for
 from test_agent_mqtt import SlowSource
 
 V2 = DATA / "digits-bundle-v2"
@@ -52,15 +52,6 @@ def results(path: Path) -> list:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 class Running:
