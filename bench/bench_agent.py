@@ -93,8 +93,8 @@ def build_mobilenet_bundle() -> Path:
 # Workers (device side: run inside .venv-device / .venv-tflite, print one JSON line)
 def _raw_loop(model, xs) -> float:
     """The floor: quantized inputs prepared beforehand, then set_tensor + invoke + get_tensor."""
-    from device_agent.interpreter import quantize
-    from device_agent.preprocess import preprocess
+    from device_agent.inference.interpreter import quantize
+    from device_agent.inference.preprocess import preprocess
 
     return _timed_raw(model, [quantize(preprocess(x, model._pre), model.input_spec) for x in xs])
 
@@ -143,8 +143,8 @@ def _agent_run(bundle, xs, runtime, threads, broker, tmp, tag, policy) -> tuple:
 def worker_throughput(bundle, runtime, threads, n, broker, policy, rounds=3) -> dict:
     import numpy as np
 
-    from device_agent.interpreter import TFLiteModel
-    from device_agent.manifest import load_bundle
+    from device_agent.inference.interpreter import TFLiteModel
+    from device_agent.update.manifest import load_bundle
 
     b = load_bundle(bundle)
     pre = b.manifest.preprocessing
@@ -180,8 +180,8 @@ def worker_publish(broker, n, size=1024, window=50) -> dict:
     from paho.mqtt.enums import CallbackAPIVersion
 
     from device_agent.config import MqttConfig
-    from device_agent.mqtt import Link
-    from device_agent.outbox import Outbox, Publisher
+    from device_agent.delivery.mqtt import Link
+    from device_agent.delivery.outbox import Outbox, Publisher
 
     cfg = MqttConfig(broker=broker, max_inflight=window)
     payload = os.urandom(size // 2).hex().encode()[:size]

@@ -1,6 +1,6 @@
 """Collector ingest rate into SQLite and PostgreSQL against a raw paho subscriber, in one run.
 
-The same N QoS-1 sample payloads (~1 KB, built with device_agent.protocol)
+The same N QoS-1 sample payloads (~1 KB, built with device_agent.delivery.protocol)
 go through the same broker (the local Mosquitto on 127.0.0.1:1883) to three
 consumers in turn: a bare paho subscriber that only counts (the ceiling), the
 collector writing into SQLite, and the collector writing into PostgreSQL. A
@@ -31,10 +31,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from device_agent import protocol  # noqa: E402
-from edgekit.collect import Collector  # noqa: E402
+from device_agent.delivery import protocol  # noqa: E402
+from edgekit.loop.collect import Collector  # noqa: E402
 from edgekit.mqtt_url import parse_broker_url  # noqa: E402
-from edgekit.store import open_store  # noqa: E402
+from edgekit.loop.store import open_store  # noqa: E402
 
 
 def payloads(n: int, fleet: str) -> List[bytes]:

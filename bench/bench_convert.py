@@ -27,7 +27,7 @@ TFLITE_VENV = ROOT / ".venv-tflite" / "bin" / "python"
 
 _TIMER = """
 import json, sys, numpy as np
-from device_agent.interpreter import TFLiteModel
+from device_agent.inference.interpreter import TFLiteModel
 x = np.load(sys.argv[1]); out = {}
 for name, path in (("float", sys.argv[2]), ("int8", sys.argv[3])):
     with TFLiteModel.open(path, runtime="tflite_runtime") as m:
@@ -38,7 +38,7 @@ print(json.dumps(out))
 
 
 def _time(path: Path, runtime: str, x: np.ndarray, runs: int) -> tuple[float, float]:
-    from device_agent.interpreter import TFLiteModel
+    from device_agent.inference.interpreter import TFLiteModel
 
     with TFLiteModel.open(path, runtime=runtime) as m:
         t = m.time_invoke(x, runs=runs, warmup=50)
@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "bench_convert.json")
     args = parser.parse_args(argv)
 
-    from device_agent.interpreter import available_runtimes
+    from device_agent.inference.interpreter import available_runtimes
     from edgekit.convert import convert
     from edgekit.data import load_dataset
     from edgekit.models import digits_cnn, train
-    from edgekit.quantize import to_tflite_float
+    from edgekit.convert.quantize import to_tflite_float
 
     data = load_dataset("digits")
     model = digits_cnn()

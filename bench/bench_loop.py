@@ -13,11 +13,11 @@ For each seed, from the 1,797 real digits:
 With the same labeling budget (default 100) two strategies pick from the pool:
 
 * ``low-confidence``: the budget lowest int8 confidences, as the agent's policy
-  flags them: the int8 bundle through device_agent.interpreter.TFLiteModel
-  and device_agent.classify, the board's own code path;
+  flags them: the int8 bundle through device_agent.inference.interpreter.TFLiteModel
+  and device_agent.inference.classify, the board's own code path;
 * ``random``: the same number chosen uniformly.
 
-Each labeled set goes through edgekit.retrain.fine_tune (the code `edgekit
+Each labeled set goes through edgekit.loop.retrain.fine_tune (the code `edgekit
 retrain` runs) from the same base model; a third arm fine-tunes with no new
 labels, to show what the labels add. Accuracy is top-1 of the fine-tuned float
 model on the held-out shifted test set (and on the clean one); with ``--int8``
@@ -68,10 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def int8_confidence(bundle_path: Path, x_raw: np.ndarray) -> np.ndarray:
     """Top-1 confidence of each input, the way the agent computes it on the board."""
-    from device_agent.classify import classify
-    from device_agent.interpreter import TFLiteModel
-    from device_agent.manifest import load_bundle
-    from device_agent.preprocess import preprocess
+    from device_agent.inference.classify import classify
+    from device_agent.inference.interpreter import TFLiteModel
+    from device_agent.update.manifest import load_bundle
+    from device_agent.inference.preprocess import preprocess
 
     b = load_bundle(bundle_path)
     m = b.manifest
@@ -84,7 +84,7 @@ def one_seed(seed: int, args: argparse.Namespace, x: np.ndarray, y: np.ndarray, 
     from edgekit.convert import convert
     from edgekit.data import Dataset
     from edgekit.models import digits_cnn, train
-    from edgekit.retrain import fine_tune
+    from edgekit.loop.retrain import fine_tune
     from edgekit.shift import apply_shift, get_shift
 
     rng = np.random.default_rng(seed)
@@ -126,7 +126,7 @@ def one_seed(seed: int, args: argparse.Namespace, x: np.ndarray, y: np.ndarray, 
         out[name + "_clean"] = acc(tuned, x[te], y[te])
         out[name + "_shifted_picked"] = float(np.mean(idx >= n_clean)) if len(idx) else 0.0
         if args.int8 and name != "none":
-            from edgekit.retrain import bundle_accuracy
+            from edgekit.loop.retrain import bundle_accuracy
 
             k = max(1, info["feedback_repeats"])
             mixed = Dataset(np.concatenate([ds.x_train] + [x_pool[idx]] * k),

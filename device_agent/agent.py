@@ -10,7 +10,7 @@ skipped; a bad bundle or config stops :class:`Agent` before the interpreter
 opens anything.
 
 Model updates (docs/agent.md, "Model updates"): a bundle pushed on
-``.../<device>/bundle`` is staged by :class:`~device_agent.updater.Updater`
+``.../<device>/bundle`` is staged by :class:`~device_agent.update.updater.Updater`
 off the loop, and swapped in by :meth:`Agent.service` between two inferences.
 """
 
@@ -29,21 +29,22 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from . import __version__, protocol
+from . import __version__
+from .delivery import protocol
 from .bench import choose_runtime
-from .classify import classify
+from .inference.classify import classify
 from .config import AgentConfig
-from .drift import DriftMonitor, channel_means, monitor_for
+from .sampling.drift import DriftMonitor, channel_means, monitor_for
 from .errors import BundleError, ConfigError, InputError, ProtocolError
-from .interpreter import TFLiteModel, quantize
-from .manifest import Bundle, load_bundle
-from .outbox import Outbox, Publisher
-from .policy import Policy
-from .preprocess import preprocess
+from .inference.interpreter import TFLiteModel, quantize
+from .update.manifest import Bundle, load_bundle
+from .delivery.outbox import Outbox, Publisher
+from .sampling.policy import Policy
+from .inference.preprocess import preprocess
 from .results import ResultsWriter
 from .sources import MqttSource, Source, open_source
 from .telemetry import Stats, Watchdog, machine
-from .updater import Failed, Staged, Updater
+from .update.updater import Failed, Staged, Updater
 
 __all__ = ["RunStats", "Agent"]
 
@@ -128,7 +129,7 @@ class Agent:
         self._dropped_at_start = self.outbox.dropped
         self.link = self.publisher = None
         if config.mqtt.broker:
-            from .mqtt import Link
+            from .delivery.mqtt import Link
 
             self.link = Link(
                 config.mqtt,

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .interpreter import TFLiteModel, available_runtimes
+from .inference.interpreter import TFLiteModel, available_runtimes
 
 __all__ = ["Timing", "bench_bundle", "save_choice", "load_choice", "choose_runtime"]
 

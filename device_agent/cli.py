@@ -44,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config(args)
     if args.reset_bundle:
-        from .updater import Updater
+        from .update.updater import Updater
 
         forgot = Updater(config.state_dir, device=config.device.id, open_model=None, check=None,
                          running_sha256=lambda: "").reset()
@@ -87,7 +87,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     bundle = None
     try:
-        from .manifest import load_bundle
+        from .update.manifest import load_bundle
 
         if not config.bundle.path:
             raise AgentError("[bundle].path is empty; set it or pass --bundle DIR")
@@ -97,7 +97,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except AgentError as exc:
         report(False, "bundle", str(exc))
     if config.update.enabled:
-        from .updater import Updater
+        from .update.updater import Updater
 
         updater = Updater(config.state_dir, device=config.device.id, open_model=None, check=None,
                           running_sha256=lambda: "")
@@ -114,7 +114,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if bundle is not None:
         try:
             from .bench import choose_runtime
-            from .interpreter import TFLiteModel
+            from .inference.interpreter import TFLiteModel
 
             runtime, threads = choose_runtime(config)
             with TFLiteModel.open(bundle.model_path, runtime, threads) as model:
@@ -130,7 +130,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except AgentError as exc:
         report(False, "source", str(exc))
     try:
-        from .outbox import Outbox
+        from .delivery.outbox import Outbox
 
         with Outbox(config.outbox_path, max_bytes=config.outbox.max_bytes) as box:
             report(True, "outbox", f"{box.path}: {box.depth} samples, {box.bytes} bytes, {box.dropped} dropped so far")
@@ -138,7 +138,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         report(False, "outbox", str(exc))
     if config.mqtt.broker:
         try:
-            from .mqtt import Link
+            from .delivery.mqtt import Link
 
             link = Link(config.mqtt, client_id=f"edgekit-check-{config.device.id}").start()
             ok = link.wait_connected(args.timeout)
@@ -156,7 +156,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import bench_bundle, save_choice
     from .config import load_config
-    from .manifest import load_bundle
+    from .update.manifest import load_bundle
 
     config = load_config(args.config, **_overrides(args))
     path = config.bundle.path

@@ -71,7 +71,7 @@ class DeviceConfig:
     fleet: str = "default"
 
     def __post_init__(self) -> None:
-        from .protocol import check_name
+        from .delivery.protocol import check_name
         from .errors import ProtocolError
 
         if not self.id:

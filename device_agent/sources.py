@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .preprocess import IMAGE_SUFFIXES, load_raw
+from .inference.preprocess import IMAGE_SUFFIXES, load_raw
 
 __all__ = ["Item", "Source", "ArraySource", "FolderSource", "NpySource", "CameraSource", "MqttSource", "open_source"]
 

@@ -17,8 +17,8 @@ from typing import Tuple
 
 import numpy as np
 
-from device_agent.manifest import Preprocessing
-from device_agent.preprocess import IMAGE_SUFFIXES
+from device_agent.update.manifest import Preprocessing
+from device_agent.inference.preprocess import IMAGE_SUFFIXES
 
 from .errors import DataError
 
@@ -159,7 +159,7 @@ def _npz(path: Path) -> Dataset:
 
 def _image_folder(path: Path, test_fraction: float, seed: int) -> Dataset:
     from device_agent.errors import InputError
-    from device_agent.preprocess import decode_image, preprocess
+    from device_agent.inference.preprocess import decode_image, preprocess
 
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:

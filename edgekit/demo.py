@@ -170,17 +170,17 @@ def run_demo(config: DemoConfig = DemoConfig(), say: Callable[[str], None] = pri
 
 def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     from device_agent.config import load_config
-    from device_agent.manifest import load_bundle
+    from device_agent.update.manifest import load_bundle
 
     from .broker import find_or_start_broker
-    from .collect import Collector
-    from .convert import convert
+    from .loop.collect import Collector
+    from .convert.pipeline import convert
     from .data import load_dataset
-    from .fleet import bundle_message, push_bundle
+    from .fleet.push import bundle_message, push_bundle
     from .models import digits_cnn, train
-    from .retrain import bundle_accuracy, retrain
+    from .loop.retrain import bundle_accuracy, retrain
     from .shift import apply_shift, get_shift
-    from .store import open_store
+    from .loop.store import open_store
 
     t_start = time.perf_counter()
     c = config

@@ -8,7 +8,7 @@ import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..store import DEFAULT_STORE
+    from ..loop.store import DEFAULT_STORE
 
     p = sub.add_parser("collect", help="store what the boards send (samples, telemetry, status) from an MQTT broker",
                        description="Subscribe to a fleet's samples, telemetry and status (docs/protocol.md), validate "
@@ -34,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..collect import DEFAULT_MAX_PAYLOAD_BYTES, Collector
-    from ..store import open_store
+    from ..loop.collect import DEFAULT_MAX_PAYLOAD_BYTES, Collector
+    from ..loop.store import open_store
 
     with open_store(args.store) as store:
         collector = Collector(

@@ -37,10 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..bundle import check_output
+    from ..convert.bundle import check_output
 
     check_output(args.output, args.force)  # before the slow imports
-    from ..convert import convert
+    from ..convert.pipeline import convert
     from ..data import load_dataset
 
     data = load_dataset(args.data, seed=args.seed)

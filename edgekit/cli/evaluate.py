@@ -25,12 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..bundle import atomic_dir, check_output
+    from ..convert.bundle import atomic_dir, check_output
 
     if args.output:
         check_output(args.output, args.force)
     from ..data import load_dataset
-    from ..evaluate import evaluate
+    from ..convert.evaluate import evaluate
 
     data = load_dataset(args.data, seed=args.seed)
     report = evaluate(args.bundle, data, float_model=args.float_model, baseline=args.baseline, runtimes=args.runtimes)

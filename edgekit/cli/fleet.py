@@ -7,7 +7,7 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..store import DEFAULT_STORE
+    from ..loop.store import DEFAULT_STORE
 
     p = sub.add_parser("fleet", help="the devices seen by the collector")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--json", action="store_true", help="one JSON object per device, a line each")
     st.set_defaults(func=_status)
 
-    from device_agent.protocol import DEFAULT_MAX_BUNDLE_BYTES
+    from device_agent.delivery.protocol import DEFAULT_MAX_BUNDLE_BYTES
 
     pu = cmds.add_parser(
         "push", help="send a bundle to boards: retained on each board's bundle topic, installed between two inferences",
@@ -50,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _status(args: argparse.Namespace) -> int:
     import time
 
-    from ..fleet import fleet_status, format_table
-    from ..store import open_store
+    from ..fleet.status import fleet_status, format_table
+    from ..loop.store import open_store
 
     now = time.time()
     with open_store(args.store) as store:
@@ -68,8 +68,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     from ..errors import EdgekitError
-    from ..fleet import bundle_message, fleet_status, push_bundle
-    from ..store import open_store
+    from ..fleet.push import bundle_message, push_bundle
+    from ..fleet.status import fleet_status
+    from ..loop.store import open_store
 
     payload, data = bundle_message(args.bundle, max_bytes=args.max_bytes)
     if args.all_devices:
@@ -83,7 +84,7 @@ def _push(args: argparse.Namespace) -> int:
     what = (f"{payload['name']} v{payload['version']} (model sha256 {payload['sha256'][:12]}..., "
             f"{payload['size']:,} bytes)")
     if args.dry_run:
-        from device_agent.protocol import topic
+        from device_agent.delivery.protocol import topic
 
         for d in devices:
             print(f"would push {what} to {topic(args.fleet, d, 'bundle')} (retained, QoS 1)")

@@ -39,10 +39,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..bundle import check_output
+    from ..convert.bundle import check_output
 
     check_output(args.output, args.force)  # before the slow imports
-    from ..retrain import retrain
+    from ..loop.retrain import retrain
 
     result = retrain(
         args.bundle, float_model=args.float_model, data=args.data, feedback=args.feedback, output=args.output,

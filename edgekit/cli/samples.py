@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..store import DEFAULT_STORE
+    from ..loop.store import DEFAULT_STORE
 
     p = sub.add_parser("samples", help="list, show, label and export collected samples")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
@@ -80,7 +80,7 @@ def _when(ts: float) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ..store import open_store
+    from ..loop.store import open_store
 
     with open_store(args.store) as store:
         records = store.list_samples(labeled=args.labeled, limit=args.limit, **_filters(args))
@@ -97,8 +97,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from ..samples import render_ascii, save_image
-    from ..store import open_store
+    from ..loop.samples import render_ascii, save_image
+    from ..loop.store import open_store
 
     with open_store(args.store) as store:
         r = store.get_sample(args.sample_id)
@@ -119,8 +119,8 @@ def _show(args: argparse.Namespace) -> int:
 
 def _label(args: argparse.Namespace) -> int:
     from ..errors import DataError
-    from ..samples import import_labels_csv
-    from ..store import open_store
+    from ..loop.samples import import_labels_csv
+    from ..loop.store import open_store
 
     if args.csv and (args.sample_id or args.label):
         raise DataError("give either ID LABEL or --csv FILE, not both")
@@ -138,13 +138,13 @@ def _label(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from ..errors import DataError
-    from ..samples import export
-    from ..store import open_store
+    from ..loop.samples import export
+    from ..loop.store import open_store
 
     fmt = args.format or ("npz" if args.output.endswith(".npz") else "folder")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     if args.bundle:
-        from device_agent.manifest import load_bundle
+        from device_agent.update.manifest import load_bundle
 
         if labels:
             raise DataError("give --labels or --bundle, not both")

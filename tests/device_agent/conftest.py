@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from device_agent.config import load_config
-from device_agent.interpreter import available_runtimes
-from device_agent.protocol import SCHEMAS
+from device_agent.inference.interpreter import available_runtimes
+from device_agent.delivery.protocol import SCHEMAS
 
 DATA = Path(__file__).parent / "data"
 BUNDLE = DATA / "digits-bundle"

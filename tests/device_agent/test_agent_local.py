@@ -7,10 +7,10 @@ import json
 import numpy as np
 
 from device_agent.agent import Agent
-from device_agent.classify import classify
-from device_agent.interpreter import TFLiteModel
-from device_agent.manifest import load_bundle
-from device_agent.preprocess import preprocess
+from device_agent.inference.classify import classify
+from device_agent.inference.interpreter import TFLiteModel
+from device_agent.update.manifest import load_bundle
+from device_agent.inference.preprocess import preprocess
 from device_agent.sources import ArraySource
 
 from conftest import BUNDLE

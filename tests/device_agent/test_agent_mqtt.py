@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from device_agent.agent import Agent
-from device_agent.protocol import decode_array
+from device_agent.delivery.protocol import decode_array
 from device_agent.sources import ArraySource
 
 from conftest import validate

@@ -15,7 +15,7 @@ import pytest
 
 from device_agent.agent import Agent
 from device_agent.errors import BundleError, ConfigError
-from device_agent.protocol import topic
+from device_agent.delivery.protocol import topic
 from device_agent.sources import ArraySource
 
 from conftest import BUNDLE, ROOT, validate, wait_for

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from device_agent.classify import classify, probabilities, probabilities_batch
-from device_agent.interpreter import dequantize
-from device_agent.manifest import TensorSpec
+from device_agent.inference.classify import classify, probabilities, probabilities_batch
+from device_agent.inference.interpreter import dequantize
+from device_agent.update.manifest import TensorSpec
 
 
 @pytest.mark.parametrize("activation", ["softmax", "logits"])

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from device_agent.agent import Agent
-from device_agent.drift import DriftMonitor, monitor_for, psi, psi_level
-from device_agent.interpreter import TFLiteModel
-from device_agent.manifest import load_bundle
+from device_agent.sampling.drift import DriftMonitor, monitor_for, psi, psi_level
+from device_agent.inference.interpreter import TFLiteModel
+from device_agent.update.manifest import load_bundle
 from device_agent.sources import ArraySource
-from device_agent.updater import Staged
+from device_agent.update.updater import Staged
 
 from conftest import BUNDLE, DATA, validate
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from device_agent.config import load_config
-from device_agent.manifest import load_bundle
+from device_agent.update.manifest import load_bundle
 
 from conftest import BUNDLE, ROOT
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from device_agent.errors import BundleError
-from device_agent.manifest import FORMAT, Manifest, load_bundle
+from device_agent.update.manifest import FORMAT, Manifest, load_bundle
 
 BUNDLE = Path(__file__).parent / "data" / "digits-bundle"
 

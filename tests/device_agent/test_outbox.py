@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from device_agent.outbox import Outbox
+from device_agent.delivery.outbox import Outbox
 
 
 def test_rows_survive_reopening_in_order(tmp_path):

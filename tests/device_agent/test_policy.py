@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from device_agent.classify import classify
+from device_agent.inference.classify import classify
 from device_agent.config import PolicyConfig
-from device_agent.policy import Policy
+from device_agent.sampling.policy import Policy
 
 LABELS = [str(i) for i in range(3)]
 

@@ -2,7 +2,7 @@
 
 Real Mosquitto, real interpreters, two real bundles (digits-bundle v1 and
 digits-bundle-v2, a model trained with another seed by tools/make_test_bundle.py).
-The payloads are built with device_agent.protocol and published with paho,
+The payloads are built with device_agent.delivery.protocol and published with paho,
 as `edgekit fleet push` does; mosquitto_sub (an independent client) checks
 what the agent sends back.
 """
@@ -22,9 +22,10 @@ import numpy as np
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent import cli, protocol
+from device_agent import cli
+from device_agent.delivery import protocol
 from device_agent.agent import Agent
-from device_agent.manifest import load_bundle
+from device_agent.update.manifest import load_bundle
 
 from conftest import BUNDLE, DATA, validate, wait_for
 from test_agent_mqtt import SlowSource
@@ -248,7 +249,7 @@ def test_rolling_back_is_pushing_the_old_bundle_again(broker, make_config, digit
 
 
 def test_prune_keeps_the_running_bundle_and_the_newest_previous_ones(tmp_path):
-    from device_agent.updater import Updater
+    from device_agent.update.updater import Updater
 
     updater = Updater(tmp_path, device="d", open_model=None, check=None, running_sha256=lambda: "", keep=2)
     for i, name in enumerate(["a", "b", "c", "d", "running"]):

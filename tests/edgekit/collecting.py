@@ -11,8 +11,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from device_agent import protocol
-from edgekit.store import open_store
+from device_agent.delivery import protocol
+from edgekit.loop.store import open_store
 
 PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 MODEL = {"name": "digits", "version": "1.0.0", "sha256": "ab" * 32}

@@ -10,11 +10,11 @@ import time
 import pytest
 
 from collecting import Publisher, sample, store, store_url, telemetry  # noqa: F401  (fixtures)
-from device_agent import protocol
+from device_agent.delivery import protocol
 from edgekit.cli import main
-from edgekit.collect import Collector, check_message, Malformed
+from edgekit.loop.collect import Collector, check_message, Malformed
 from edgekit.errors import BrokerError, EdgekitError
-from edgekit.store import open_store
+from edgekit.loop.store import open_store
 
 
 def _cid(name: str) -> str:

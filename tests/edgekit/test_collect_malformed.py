@@ -11,8 +11,8 @@ import subprocess
 import numpy as np
 
 from collecting import Publisher, sample, store, store_url  # noqa: F401  (fixtures)
-from device_agent import protocol
-from edgekit.collect import Collector
+from device_agent.delivery import protocol
+from edgekit.loop.collect import Collector
 
 TOPIC = protocol.topic("lab", "pi-1", "samples")
 
@@ -98,7 +98,7 @@ def test_a_row_the_database_refuses_is_quarantined_and_the_rest_of_its_batch_sto
     """PostgreSQL text cannot hold NUL: such a sample passes the schema but not the INSERT."""
     import uuid
 
-    from edgekit.store import open_store
+    from edgekit.loop.store import open_store
 
     url = f"postgresql://postgres@127.0.0.1:5432/test?schema=ek_test_{uuid.uuid4().hex[:12]}"
     with open_store(url) as store:
@@ -125,7 +125,7 @@ def test_postgresql_dropping_the_connection_loses_nothing(broker):
 
     import psycopg
 
-    from edgekit.store import open_store
+    from edgekit.loop.store import open_store
 
     url = f"postgresql://postgres@127.0.0.1:5432/test?schema=ek_test_{uuid.uuid4().hex[:12]}"
     with open_store(url) as store:

@@ -20,7 +20,7 @@ import numpy as np
 
 from device_agent.agent import Agent
 from device_agent.config import load_config
-from edgekit.store import open_store
+from edgekit.loop.store import open_store
 
 DATA = Path(__file__).resolve().parents[1] / "device_agent" / "data"
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agent.interpreter import TFLiteModel
-from device_agent.manifest import load_bundle
-from edgekit.bundle import pack
+from device_agent.inference.interpreter import TFLiteModel
+from device_agent.update.manifest import load_bundle
+from edgekit.convert.bundle import pack
 
 
 def _all_tensor_dtypes(path):
@@ -153,7 +153,7 @@ def test_report_files_and_baseline(qat_result):
 
 
 def test_evaluate_against_a_previous_bundle(ptq_result, qat_result, digits, tmp_path):
-    from edgekit.evaluate import evaluate
+    from edgekit.convert.evaluate import evaluate
 
     r = evaluate(qat_result.bundle_path, digits, baseline=ptq_result.bundle_path, runtimes=["ai_edge_litert"], output_dir=tmp_path / "ev")
     assert r.baseline.kind == "bundle"

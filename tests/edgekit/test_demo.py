@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from device_agent.manifest import load_bundle
+from device_agent.update.manifest import load_bundle
 from edgekit.demo import MARKER, DemoConfig, run_demo
 from edgekit.errors import EdgekitError
-from edgekit.store import open_store
+from edgekit.loop.store import open_store
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from edgekit.evaluate import derive_thresholds, scores_to_probs
+from edgekit.convert.evaluate import derive_thresholds, scores_to_probs
 
 
 def _probs(conf):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from collecting import sample, telemetry
-from device_agent import protocol
-from edgekit.fastschema import Unsupported, compile_schema
+from device_agent.delivery import protocol
+from edgekit.loop.fastschema import Unsupported, compile_schema
 
 _VALUES = [None, True, False, 0, 1, -1, 1.5, 2.0, float("nan"), "", "x", "online", "low_confidence", "edgekit.sample/1",
            "3f1d2c4e-8a7b-4c1d-9e2f-0a1b2c3d4e5f", "ab" * 32, "bad name!", [], [1], ["random"], {}, {"a": 1},

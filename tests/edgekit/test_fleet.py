@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from collecting import sample, store, store_url, telemetry  # noqa: F401  (fixtures)
-from device_agent import protocol
+from device_agent.delivery import protocol
 from edgekit.cli import main
-from edgekit.fleet import fleet_status, format_table
+from edgekit.fleet.status import fleet_status, format_table
 
 
 def test_a_silent_board_is_offline_even_if_its_status_says_online(store):
@@ -30,7 +30,7 @@ def test_fleet_status_filters_by_fleet_and_says_when_nothing_is_known(tmp_path, 
     url = f"sqlite:///{tmp_path}/s.db"
     assert main(["fleet", "status", "--store", url]) == 0
     assert "no devices seen yet" in capsys.readouterr().out
-    from edgekit.store import open_store
+    from edgekit.loop.store import open_store
 
     with open_store(url) as s:
         s.put_sample(sample(1, fleet="a", device="x"), "t")
@@ -41,8 +41,8 @@ def test_fleet_status_filters_by_fleet_and_says_when_nothing_is_known(tmp_path, 
 
 
 def test_fleet_status_shows_the_confidence_psi_of_the_latest_telemetry(store_url, capsys):
-    from edgekit.store import open_store
-    from edgekit.validate import check_message
+    from edgekit.loop.store import open_store
+    from edgekit.loop.validate import check_message
 
     drifting = telemetry(device="drifting")
     drifting["drift"] = {"samples": 500, "window": 500, "input_z": [0.81], "input_z_max": 0.81,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import jsonschema
 
-from device_agent import protocol
-from device_agent.manifest import load_bundle
+from device_agent.delivery import protocol
+from device_agent.update.manifest import load_bundle
 from edgekit.cli import main
 
 DATA = Path(__file__).resolve().parents[1] / "device_agent" / "data"
@@ -63,7 +63,7 @@ def test_push_delivers_a_retained_bundle_that_unpacks_and_verifies(broker, capsy
 
 
 def test_all_devices_come_from_the_store(broker, capsys, tmp_path):
-    from edgekit.store import open_store
+    from edgekit.loop.store import open_store
 
     url = f"sqlite:///{tmp_path}/s.db"
     with open_store(url) as store:

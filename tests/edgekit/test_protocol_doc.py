@@ -1,4 +1,4 @@
-"""docs/protocol.md is generated from device_agent.protocol; it must match the schemas in the code."""
+"""docs/protocol.md is generated from device_agent.delivery.protocol; it must match the schemas in the code."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_protocol_doc_is_in_sync_with_the_schemas():
 
 
 def test_every_schema_and_topic_kind_is_documented():
-    from device_agent import protocol
+    from device_agent.delivery import protocol
 
     doc = (ROOT / "docs" / "protocol.md").read_text(encoding="utf-8")
     for name in protocol.SCHEMAS:

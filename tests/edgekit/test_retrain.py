@@ -1,7 +1,7 @@
 """edgekit retrain: a new version whose report compares it with the old one, and clear errors.
 
 Uses the session fixtures of conftest.py (the trained digits CNN and its PTQ
-bundle, version "1") and a real SQLite store filled through edgekit.store.
+bundle, version "1") and a real SQLite store filled through edgekit.loop.store.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 
-from device_agent import protocol
-from device_agent.manifest import load_bundle
-from edgekit.retrain import Feedback, Verdict, bump_version, judge, retrain, split_feedback
+from device_agent.delivery import protocol
+from device_agent.update.manifest import load_bundle
+from edgekit.loop.retrain import Feedback, Verdict, bump_version, judge, retrain, split_feedback
 from edgekit.shift import DEFAULT_SHIFT, apply_shift
-from edgekit.store import open_store
+from edgekit.loop.store import open_store
 
 
 def _fill_store(path, x_raw, labels, model_ref, start=0):
@@ -170,7 +170,7 @@ def test_judge_promotes_only_a_better_model_that_keeps_the_original_accuracy():
 
 def test_fine_tune_keeps_frozen_layers_and_repeats_the_feedback(digits):
     from edgekit.models import digits_cnn
-    from edgekit.retrain import fine_tune
+    from edgekit.loop.retrain import fine_tune
 
     model = digits_cnn(width=4)
     x, y = digits.model_inputs(digits.x_train[:200]), digits.y_train[:200]

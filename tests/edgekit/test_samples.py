@@ -13,8 +13,8 @@ from collecting import LABELS, sample, store, store_url  # noqa: F401  (fixtures
 from edgekit.cli import main
 from edgekit.data import load_dataset
 from edgekit.errors import DataError, OutputExistsError
-from edgekit.samples import export, import_labels_csv, render_ascii
-from edgekit.store import open_store
+from edgekit.loop.samples import export, import_labels_csv, render_ascii
+from edgekit.loop.store import open_store
 
 DIGITS = np.load(__import__("pathlib").Path(__file__).resolve().parents[1] / "device_agent" / "data" / "digits-300.npz")
 

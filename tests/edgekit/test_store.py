@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from collecting import sample, store, store_url, telemetry  # noqa: F401  (fixtures)
-from device_agent import protocol
+from device_agent.delivery import protocol
 from edgekit.errors import StoreError
-from edgekit.store import open_store
+from edgekit.loop.store import open_store
 
 
 def test_a_sample_is_stored_once_and_reads_back_as_sent(store):

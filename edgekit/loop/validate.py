@@ -1,7 +1,7 @@
 """Is an MQTT message a valid protocol payload? The collector's gate (docs/protocol.md).
 
 Checks in order: size, topic, UTF-8 JSON object, the JSON Schema of the
-topic's kind (device_agent.protocol.SCHEMAS), a sample's input (base64 size
+topic's kind (device_agent.delivery.protocol.SCHEMAS), a sample's input (base64 size
 against dtype x shape), and the payload's fleet/device against the topic's.
 A failure raises :class:`Malformed` with the counter it goes to.
 """
@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any, Dict, Tuple
 
-from device_agent import protocol as wire
+from device_agent.delivery import protocol as wire
 
 from .fastschema import Unsupported, compile_schema
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["Row", "Outbox"]
 
@@ -214,7 +214,7 @@ class Outbox:
 
 
 class Publisher:
-    """Drains the outbox through a :class:`~device_agent.mqtt.Link`, in order, at most ``window`` in flight.
+    """Drains the outbox through a :class:`~device_agent.delivery.mqtt.Link`, in order, at most ``window`` in flight.
 
     Runs in the agent's thread (:meth:`pump` after each inference and while
     idle). On every new connection it forgets what was in flight and replays

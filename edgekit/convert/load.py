@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-from .errors import ModelError
+from ..errors import ModelError
 
 __all__ = ["load_model", "model_file_size"]
 
@@ -37,7 +37,7 @@ def model_file_size(path: os.PathLike | str) -> int:
 
 def load_model(path: os.PathLike | str) -> Any:
     """A tf_keras model from ``path`` (``.keras``, ``.h5`` or a SavedModel directory)."""
-    from ._keras import keras
+    from .._keras import keras
 
     p = Path(path)
     if not p.exists():
@@ -127,7 +127,7 @@ def _history(obj: Any, found: List[list]) -> None:
 
 
 def _layer(layer: Dict[str, Any]) -> Dict[str, Any]:
-    from ._keras import keras
+    from .._keras import keras
 
     cls_name = layer["class_name"]
     cfg = dict(layer.get("config", {}))
@@ -163,7 +163,7 @@ def _layer(layer: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _rebuild(p: Path, config: Dict[str, Any]) -> Any:
-    from ._keras import keras
+    from .._keras import keras
 
     cls_name = config.get("class_name")
     cfg = _strip(config.get("config", {}))

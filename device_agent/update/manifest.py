@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
-from .errors import BundleError
+from ..errors import BundleError
 
 __all__ = [
     "FORMAT",

@@ -14,7 +14,7 @@ bundle         host -> dev 1      yes       ``edgekit.bundle/1`` (the model the 
 =============  ==========  =====  ========  =======================================
 
 Every payload is a UTF-8 JSON object with a ``schema`` field. The JSON Schemas
-in :mod:`device_agent.schemas` (re-exported here as ``SCHEMAS``) are the
+in :mod:`device_agent.delivery.schemas` (re-exported here as ``SCHEMAS``) are the
 reference; the collector validates against them, the agent builds its payloads
 with the functions here so both sides agree.
 """
@@ -36,7 +36,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 from .schemas import COMMANDS, DTYPES as _DTYPES, NAME as _NAME, SCHEMAS
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Rendering an :class:`~edgekit.evaluate.EvalReport`: Markdown and PNG plots (matplotlib, Agg)."""
+"""Rendering an :class:`~edgekit.convert.evaluate.EvalReport`: Markdown and PNG plots (matplotlib, Agg)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Which predictions to send home: low confidence, low margin, a random baseline, within caps.
 
-The policy sees a :class:`~device_agent.classify.Prediction` and the digest
+The policy sees a :class:`~device_agent.inference.classify.Prediction` and the digest
 of the raw input; it never touches tensors. Order of the checks:
 
 1. reasons: ``low_confidence`` (top-1 < threshold), ``low_margin``
@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Deque, Dict, Optional, Tuple, Union
 
-from .classify import Prediction
+from ..inference.classify import Prediction
 
 __all__ = ["Decision", "Policy"]
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, List, Tuple
 
 import numpy as np
 
-from .data import Dataset
-from .errors import ConversionError, DataError, ModelError
+from ..data import Dataset
+from ..errors import ConversionError, DataError, ModelError
 
 __all__ = [
     "QatResult",
@@ -96,7 +96,7 @@ def _rep_dataset(inputs: np.ndarray) -> Callable[[], Iterator[List[np.ndarray]]]
 
 
 def _convert(model: Any, configure: Callable[[Any], None], what: str) -> bytes:
-    from ._keras import tf
+    from .._keras import tf
 
     try:
         with warnings.catch_warnings():
@@ -119,7 +119,7 @@ def to_tflite_float(model: Any) -> bytes:
 
 def to_tflite_int8(model: Any, calibration: np.ndarray) -> bytes:
     """Full-integer int8 TFLite with int8 input/output tensors, calibrated on ``calibration``."""
-    from ._keras import tf
+    from .._keras import tf
 
     def configure(c: Any) -> None:
         c.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -132,7 +132,7 @@ def to_tflite_int8(model: Any, calibration: np.ndarray) -> bytes:
 
 
 def _registry() -> Any:
-    from ._keras import tfmot
+    from .._keras import tfmot
 
     tfmot()
     from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
@@ -143,14 +143,14 @@ def _registry() -> Any:
 
 
 def _is_graph_model(model: Any) -> bool:
-    from ._keras import keras
+    from .._keras import keras
 
     return isinstance(model, keras.Sequential) or bool(getattr(model, "_is_graph_network", False))
 
 
 def unsupported_layers(model: Any) -> List[Tuple[str, str]]:
     """(layer name, class name) of every layer tfmot's default 8-bit scheme cannot quantize."""
-    from ._keras import keras
+    from .._keras import keras
 
     registry = _registry()
     out = []
@@ -186,9 +186,9 @@ def quantize_aware(
     seed: int = 0,
 ) -> QatResult:
     """tfmot QAT: annotate what can be quantized, apply, fine-tune ``epochs`` on the train split."""
-    from ._keras import keras, tfmot
+    from .._keras import keras, tfmot
 
-    from .models import seed_everything
+    from ..models import seed_everything
 
     if fallback not in ("ptq", "fail"):
         raise ConversionError(f"fallback={fallback!r} must be 'ptq' or 'fail'")

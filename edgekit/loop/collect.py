@@ -23,10 +23,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from device_agent import protocol as wire
+from device_agent.delivery import protocol as wire
 
-from .errors import BrokerError, EdgekitError, StoreError
-from .mqtt_url import parse_broker_url
+from ..errors import BrokerError, EdgekitError, StoreError
+from ..mqtt_url import parse_broker_url
 from .store import Store
 from .validate import DEFAULT_MAX_PAYLOAD_BYTES, Malformed, check_message
 

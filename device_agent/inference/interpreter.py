@@ -27,8 +27,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InputError, RuntimeMissing
-from .manifest import TensorSpec
+from ..errors import InputError, RuntimeMissing
+from ..update.manifest import TensorSpec
 
 __all__ = [
     "RUNTIMES",

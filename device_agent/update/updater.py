@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
-from . import protocol
-from .errors import AgentError, BundleError, ProtocolError
+from ..delivery import protocol
+from ..errors import AgentError, BundleError, ProtocolError
 from .manifest import MANIFEST_NAME, Bundle, extract_archive, load_bundle
 
 __all__ = ["Staged", "Failed", "Updater"]

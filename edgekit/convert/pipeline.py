@@ -19,13 +19,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from device_agent.manifest import Manifest, load_bundle, read_labels
+from device_agent.update.manifest import Manifest, load_bundle, read_labels
 
 from .bundle import FLOAT_MODEL_NAME, atomic_dir, check_output, rewrite_manifest, write_bundle
-from .data import Dataset
-from .errors import ConversionError
+from ..data import Dataset
+from ..errors import ConversionError
 from .evaluate import EvalReport, evaluate, scores_to_probs
-from .keras_io import load_model, model_file_size
+from .load import load_model, model_file_size
 
 __all__ = ["ConvertResult", "convert", "load_model", "reference_stats", "MODES"]
 
@@ -101,7 +101,7 @@ def convert(
 ) -> ConvertResult:
     """Convert ``model`` (a Keras model or a path) to an int8 bundle at ``output``; see the module doc."""
     from . import quantize as q
-    from .models import seed_everything
+    from ..models import seed_everything
 
     if mode not in MODES:
         raise ConversionError(f"mode={mode!r} is not supported; use 'qat' or 'ptq'")
@@ -188,7 +188,7 @@ def convert(
         finally:
             float_path.unlink(missing_ok=True)
             float_path.parent.rmdir()
-        from device_agent.interpreter import TFLiteModel
+        from device_agent.inference.interpreter import TFLiteModel
 
         with TFLiteModel.open(tmp / manifest.model_file) as tm:
             train_probs = scores_to_probs(tm.predict(data.model_inputs(data.x_train)), activation)

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from ..errors import StoreError
+from ...errors import StoreError
 from .base import QUARANTINE_KEEP_BYTES, Store
 from .records import DeviceRecord, SampleRecord
 

@@ -35,8 +35,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .bundle import FLOAT_MODEL_NAME
-from .errors import DataError, ModelError
+from ..convert.bundle import FLOAT_MODEL_NAME
+from ..errors import DataError, ModelError
 
 __all__ = ["Feedback", "Verdict", "RetrainResult", "bump_version", "load_feedback", "split_feedback", "fine_tune",
            "judge", "retrain", "write_reports", "bundle_accuracy", "FLOAT_MODEL_NAME"]
@@ -97,7 +97,7 @@ def load_feedback(store_url: str, labels: Sequence[str], preprocessing: Any) -> 
 
     Labels are class names; one that is not in ``labels`` is an error naming it.
     """
-    from device_agent.preprocess import preprocess
+    from device_agent.inference.preprocess import preprocess
 
     from .store import open_store
 
@@ -172,8 +172,8 @@ def fine_tune(
     ``feedback_share`` of each epoch (at least once); the first ``freeze``
     layers keep their weights. Returns the new model and what was done.
     """
-    from ._keras import keras
-    from .models import seed_everything
+    from .._keras import keras
+    from ..models import seed_everything
 
     if epochs < 0:
         raise DataError(f"epochs={epochs} must be >= 0")
@@ -218,10 +218,10 @@ def fine_tune(
 
 def bundle_accuracy(bundle_path: Path, x_raw: np.ndarray, y: np.ndarray) -> Optional[float]:
     """Top-1 accuracy of an int8 bundle through the board's interpreter and preprocessing."""
-    from device_agent.classify import classify
-    from device_agent.interpreter import TFLiteModel
-    from device_agent.manifest import load_bundle
-    from device_agent.preprocess import preprocess
+    from device_agent.inference.classify import classify
+    from device_agent.inference.interpreter import TFLiteModel
+    from device_agent.update.manifest import load_bundle
+    from device_agent.inference.preprocess import preprocess
 
     if len(y) == 0:
         return None
@@ -266,7 +266,7 @@ def write_reports(directory: Path, *, verdict: Verdict, metrics: Mapping[str, Ma
     """``retrain.json`` (everything) and ``retrain.md`` (what a person reads) in ``directory``."""
     import json
 
-    doc = {"schema": "edgekit.retrain/1", "verdict": verdict.word, "promote": verdict.promote,
+    doc = {"schema": "edgekit.loop.retrain/1", "verdict": verdict.word, "promote": verdict.promote,
            "reason": verdict.reason, "accuracy": metrics, "counts": dict(counts), **details}
     (directory / "retrain.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     cur, new = details["current"], details["new"]
@@ -333,12 +333,12 @@ def retrain(
     ``float_model`` defaults to the ``float_model.keras`` that `edgekit convert` and `edgekit retrain`
     keep inside the bundle directory.
     """
-    from device_agent.manifest import load_bundle
+    from device_agent.update.manifest import load_bundle
 
-    from .bundle import atomic_dir, check_output
-    from .convert import convert, load_model
-    from .data import Dataset, load_dataset
-    from .quantize import check_fits
+    from ..convert.bundle import atomic_dir, check_output
+    from ..convert.pipeline import convert, load_model
+    from ..data import Dataset, load_dataset
+    from ..convert.quantize import check_fits
 
     t0 = time.perf_counter()
     output = Path(output)

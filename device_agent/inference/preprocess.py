@@ -17,8 +17,8 @@ from typing import Union
 
 import numpy as np
 
-from .errors import InputError
-from .manifest import Preprocessing
+from ..errors import InputError
+from ..update.manifest import Preprocessing
 
 __all__ = ["IMAGE_SUFFIXES", "load_raw", "decode_image", "preprocess"]
 

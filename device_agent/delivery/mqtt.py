@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["Link"]
 

@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
-from ..errors import StoreError
+from ...errors import StoreError
 from .records import DeviceRecord, SampleRecord, loads
 
 __all__ = ["Store", "QUARANTINE_KEEP_BYTES"]

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import DataError, OutputExistsError, StoreError
+from ..errors import DataError, OutputExistsError, StoreError
 from .store import SampleRecord, Store
 
 __all__ = ["export", "import_labels_csv", "class_order", "render_ascii", "save_image", "PROVENANCE_FIELDS"]

@@ -1,6 +1,6 @@
 """Writing bundles: ``model.tflite`` + ``manifest.json`` (+ ``report/``), atomically; packing to ``.tar.gz``.
 
-The format is defined once, by :class:`device_agent.manifest.Manifest`; this
+The format is defined once, by :class:`device_agent.update.manifest.Manifest`; this
 module only fills it in. See docs/bundle.md.
 """
 
@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from device_agent import protocol
-from device_agent.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, Preprocessing, TensorSpec, sha256_file
+from device_agent.delivery import protocol
+from device_agent.update.manifest import MANIFEST_NAME, MODEL_NAME, Manifest, Preprocessing, TensorSpec, sha256_file
 
-from .errors import ModelError, OutputExistsError
+from ..errors import ModelError, OutputExistsError
 
 __all__ = ["write_bundle", "rewrite_manifest", "atomic_dir", "check_output", "pack", "FLOAT_MODEL_NAME"]
 
@@ -65,7 +65,7 @@ def atomic_dir(path: os.PathLike | str, force: bool = False) -> Iterator[Path]:
 
 
 def _specs(model_path: Path) -> tuple[TensorSpec, TensorSpec]:
-    from device_agent.interpreter import TFLiteModel
+    from device_agent.inference.interpreter import TFLiteModel
 
     with TFLiteModel.open(model_path) as model:
         return model.input_spec, model.output_spec

@@ -8,7 +8,7 @@ import re
 from typing import Any, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ..errors import StoreError
+from ...errors import StoreError
 from .base import Store
 
 __all__ = ["PostgresStore"]

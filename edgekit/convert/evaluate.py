@@ -1,7 +1,7 @@
 """Float vs int8, side by side on the test split, through the interpreter the boards run.
 
 int8 (and float TFLite) inference goes through
-:class:`device_agent.interpreter.TFLiteModel`, so the host measures the exact
+:class:`device_agent.inference.interpreter.TFLiteModel`, so the host measures the exact
 code path of a board. The result is an :class:`EvalReport`; ``.write(dir)``
 puts ``report.md``, ``report.json`` and PNG plots there.
 
@@ -23,11 +23,11 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from device_agent.interpreter import TFLiteModel, available_runtimes
-from device_agent.manifest import Bundle, load_bundle
+from device_agent.inference.interpreter import TFLiteModel, available_runtimes
+from device_agent.update.manifest import Bundle, load_bundle
 
-from .data import Dataset
-from .errors import DataError, ModelError
+from ..data import Dataset
+from ..errors import DataError, ModelError
 
 __all__ = ["ModelMetrics", "Latency", "Baseline", "Thresholds", "EvalReport", "evaluate", "derive_thresholds", "scores_to_probs"]
 
@@ -122,7 +122,7 @@ class EvalReport:
 def scores_to_probs(scores: np.ndarray, activation: str) -> np.ndarray:
     """Scores as probabilities, with the board's own arithmetic (softmax for logits; a quantized
     softmax output normalized to sum to 1), so thresholds derived here mean the same on the board."""
-    from device_agent.classify import probabilities_batch
+    from device_agent.inference.classify import probabilities_batch
 
     return probabilities_batch(scores, activation)
 
@@ -194,7 +194,7 @@ def _inputs(bundle: Bundle, data: Dataset, x: np.ndarray) -> np.ndarray:
 
 def _float_tflite(float_model: Any, workdir: Path) -> Tuple[Path, Optional[int]]:
     """A float .tflite path for ``float_model`` (keras model, model path or .tflite) and its Keras file size."""
-    from .keras_io import load_model, model_file_size
+    from .load import load_model, model_file_size
 
     if isinstance(float_model, (str, os.PathLike)):
         p = Path(float_model)

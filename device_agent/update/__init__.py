@@ -1,0 +1,1 @@
+"""Bundles on the board: the manifest contract, and model updates (staged, verified, swapped in)."""

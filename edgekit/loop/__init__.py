@@ -1,0 +1,1 @@
+"""The learning loop on the host: collect what boards flag into a store, relabel, export, retrain."""
