@@ -46,8 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.reset_bundle:
         from .update.updater import Updater
 
-        forgot = Updater(config.state_dir, device=config.device.id, open_model=None, check=None,
-                         running_sha256=lambda: "").reset()
+        forgot = Updater(config.state_dir, device=config.device.id).reset()
         log.info("%s; starting on the configured bundle %s",
                  "forgot the bundle an update installed" if forgot else "no installed bundle to forget",
                  config.bundle.path)
@@ -99,9 +98,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config.update.enabled:
         from .update.updater import Updater
 
-        updater = Updater(config.state_dir, device=config.device.id, open_model=None, check=None,
-                          running_sha256=lambda: "")
-        if updater.pointer_path.exists():
+        updater = Updater(config.state_dir, device=config.device.id)
+        if updater.state.current is not None:
             installed = updater.load_pointer()
             if installed is not None:
                 bundle = installed

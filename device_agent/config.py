@@ -222,10 +222,18 @@ class UpdateConfig:
     enabled: bool = True
     max_bytes: int = 16 * 1024 * 1024  # the largest bundle archive accepted (before base64)
     keep: int = 2  # previous bundle directories kept under <state dir>/bundles/ for a quick rollback
+    max_attempts: int = 3  # starts (or opens) of a new bundle that may end in a crash before it is refused
+    commit_after: int = 20  # inferences after which a new bundle ran well: committed, the next fallback
+    trial_timeout_s: float = 60.0  # a pushed model's trial run in a child process must end within this
+    trial_memory_mb: int = 256  # ... and allocate at most this much beyond what the runtime itself maps
 
     def __post_init__(self) -> None:
         _within("update", "max_bytes", self.max_bytes, 1024)
         _within("update", "keep", self.keep, 0, 100)
+        _within("update", "max_attempts", self.max_attempts, 1, 100)
+        _within("update", "commit_after", self.commit_after, 1)
+        _within("update", "trial_timeout_s", self.trial_timeout_s, 1)
+        _within("update", "trial_memory_mb", self.trial_memory_mb, 16)
 
 
 _TABLES: Dict[str, type] = {
