@@ -10,8 +10,12 @@ forked child, so a crash (SIGSEGV, SIGBUS, SIGABRT, ...) only ends the child::
     # check which of them crash another runtime too
     .venv-tflite/bin/python tools/find_crashing_model.py check /tmp/crashers/*.tflite --runtime tflite_runtime
 
-The fixture tests/device_agent/data/crash-bundle/ holds one that crashes both ai_edge_litert and
-tflite_runtime, with a manifest whose sha256 matches it (tools/make_crash_bundle.py writes it).
+    # make a bundle of one: the digits manifest with this model's sha256 and size
+    .venv-device/bin/python tools/find_crashing_model.py bundle /tmp/crashers/SIGSEGV-20-....tflite \
+        tests/device_agent/data/crash-bundle-tflite --version crash
+
+tests/device_agent/data/crash-bundle-* hold such models (which runtime each crashes is in its
+manifest's ``metrics.crashes``), each with a manifest whose sha256 matches it.
 """
 
 from __future__ import annotations
@@ -31,8 +35,13 @@ MODULES = {"ai_edge_litert": "ai_edge_litert.interpreter", "tflite_runtime": "tf
 
 
 def _run(klass, content: bytes, inputs: int = 3) -> None:
-    """Open, allocate and invoke ``content`` on a few inputs (in the child)."""
-    interp = klass(model_content=content, num_threads=1)
+    """Open (from a file, as the agent does: ``model_path`` skips the flatbuffer verifier that
+    ``model_content`` runs), allocate and invoke ``content`` on a few inputs (in the child)."""
+    path = f"/dev/shm/edgekit-mutant-{os.getpid()}.tflite"
+    with open(path, "wb") as fh:
+        fh.write(content)
+    interp = klass(model_path=path, num_threads=1)
+    os.unlink(path)
     interp.allocate_tensors()
     rng = np.random.default_rng(0)
     for d in interp.get_input_details():
@@ -98,12 +107,34 @@ def main() -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.add_argument("--stop-after", type=int, default=20, help="stop after this many crashers")
+    s.add_argument("--batch", type=int, default=500, help="mutants per forked child")
     s.add_argument("--strategy", choices=["bytes", "ints"], default="ints",
                    help="bytes: random bytes anywhere; ints: aligned small int32 values (indices, shapes)")
+    b = sub.add_parser("bundle")
+    b.add_argument("model")
+    b.add_argument("out")
+    b.add_argument("--like", default=str(Path(__file__).resolve().parents[1] / "tests/device_agent/data/digits-bundle"))
+    b.add_argument("--version", default="crash")
+    b.add_argument("--crashes", default="", help="comma list of the runtimes it crashes (recorded in metrics)")
     c = sub.add_parser("check")
     c.add_argument("models", nargs="+")
     c.add_argument("--runtime", default="tflite_runtime", choices=sorted(MODULES))
     args = ap.parse_args()
+    if args.cmd == "bundle":
+        import json
+
+        data = Path(args.model).read_bytes()
+        manifest = json.loads((Path(args.like) / "manifest.json").read_text())
+        manifest["version"] = args.version
+        manifest["model"].update(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+        manifest["metrics"] = {"crashes": [r for r in args.crashes.split(",") if r],
+                               "note": "a mutated digits model (tools/find_crashing_model.py)"}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / manifest["model"]["file"]).write_bytes(data)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     klass = importlib.import_module(MODULES[args.runtime]).Interpreter
     if args.cmd == "check":
         for path in args.models:
@@ -112,22 +143,43 @@ def main() -> int:
     data = Path(args.model).read_bytes()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(args.seed)
     targets = small_ints(data) if args.strategy == "ints" else []
+
+    def mutant(i: int) -> bytes:  # the same mutant for the same seed and index, in any process
+        return mutate(data, random.Random(args.seed * 1_000_003 + i), targets)
+
     counts: dict = {}
-    found = 0
-    for i in range(args.tries):
-        mutant = mutate(data, rng, targets)
-        result = outcome(klass, mutant)
-        counts[result] = counts.get(result, 0) + 1
-        if result not in ("ok", "error"):  # SIGALRM: it ran past the timeout (a hang)
-            sha = hashlib.sha256(mutant).hexdigest()
-            (out / f"{result}-{i}-{sha[:12]}.tflite").write_bytes(mutant)
-            found += 1
-            print(f"try {i}: {result} ({sha[:12]})", flush=True)
-            if found >= args.stop_after and result != "SIGALRM":
-                break
-    print(f"{i + 1} mutants on {args.runtime}: {counts}")
+    found = i = 0
+    while i < args.tries and found < args.stop_after:
+        # One forked child runs a batch; it reports each index before trying it, so a crash names its mutant.
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            for j in range(i, min(i + args.batch, args.tries)):
+                os.write(w, f"{j}\n".encode())
+                signal.alarm(10)
+                try:
+                    _run(klass, mutant(j))
+                except BaseException:  # noqa: BLE001 - a Python-level refusal is not a crash
+                    pass
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            seen = [int(line) for line in fh.read().split()]
+        _, status = os.waitpid(pid, 0)
+        last = seen[-1] if seen else i
+        if os.WIFSIGNALED(status):
+            result = signal.Signals(os.WTERMSIG(status)).name
+            counts[result] = counts.get(result, 0) + 1
+            m = mutant(last)
+            sha = hashlib.sha256(m).hexdigest()
+            (out / f"{result}-{last}-{sha[:12]}.tflite").write_bytes(m)
+            print(f"try {last}: {result} ({sha[:12]})", flush=True)
+            found += result != "SIGALRM"
+        i = last + 1
+    print(f"{i} mutants on {args.runtime}: {counts}")
     return 0
 
 

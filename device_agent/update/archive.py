@@ -38,7 +38,21 @@ SIGNATURE_NAME = "signature.json"
 #: A file or folder name in a bundle: no path separators, no leading dot, at most 128 characters.
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _HEADROOM = 1 << 20  # tar headers and padding on top of the members' bytes
+_MAX_EXTENDED = 64 * 1024
+_EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+             tarfile.GNUTYPE_LONGLINK)
 _CHUNK = 1 << 16
+
+
+class _Header(tarfile.TarInfo):
+    """A tar header whose extended headers (PAX, GNU long names) are refused above 64 KiB before tarfile
+    reads them into memory (``tarfile`` reads an extended header whole)."""
+
+    def _proc_member(self, tar):  # tarfile's hook for every header it reads
+        if self.type in _EXTENDED and self.size > _MAX_EXTENDED:
+            raise BundleError(f"bundle archive holds a {self.size}-byte extended header, over the limit of "
+                              f"{_MAX_EXTENDED}")
+        return super()._proc_member(tar)
 
 
 class _Capped(io.RawIOBase):
@@ -82,7 +96,7 @@ def unpack(source: Union[bytes, BinaryIO], into: Union[str, os.PathLike], *, wha
     files: Dict[str, int] = {}
     total = 0
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=_Header) as tar:
             for count, member in enumerate(tar, start=1):
                 if count > MAX_MEMBERS:
                     raise BundleError(f"{what} holds more than {MAX_MEMBERS} members; a bundle archive holds one "
