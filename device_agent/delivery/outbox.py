@@ -80,7 +80,7 @@ class Outbox:
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._unsaved_drops = 0  # dropped while nothing could be written; saved with the next write
         self._reserve_retry_at = 0.0
-        self._full_since = self._last_full = 0.0
+        self._full_since = self._last_full = self._vacuum_at = 0.0
         try:
             self._open(sync)
         except (OSError, sqlite3.Error) as exc:
@@ -258,6 +258,14 @@ class Outbox:
     def _after_full(self) -> None:
         """After a full disk: take the reserve back as soon as there is room; say so once it stayed calm a minute."""
         now = time.monotonic()
+        if now >= self._vacuum_at:  # pages of samples acknowledged since go back to the disk (new databases)
+            self._vacuum_at = now + 1.0
+            try:
+                if self._db.execute("PRAGMA freelist_count").fetchone()[0] > 16:
+                    self._db.executescript("PRAGMA incremental_vacuum;")
+                    self._checkpoint()
+            except sqlite3.Error:
+                pass
         if not self.reserve_path.exists() and now >= self._reserve_retry_at:
             self._reserve_retry_at = 0.0
             self._take_reserve()
