@@ -77,15 +77,17 @@ def json_depth(data: bytes) -> int:
     if opens <= 1:
         return opens
     brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    # A closer with nothing open counts as nothing (depth never goes below 0), so it cannot hide what follows.
     if len(brackets) <= 256:
         depth = top = 0
         for b in brackets:
-            depth += 1 if b in (91, 123) else -1  # [ {
+            depth = depth + 1 if b in (91, 123) else max(0, depth - 1)  # [ {
             top = max(top, depth)
         return top
     codes = np.frombuffer(brackets, dtype=np.uint8)
-    steps = np.where((codes == 91) | (codes == 123), 1, -1).astype(np.int32)
-    return int(np.cumsum(steps).max())
+    walk = np.cumsum(np.where((codes == 91) | (codes == 123), 1, -1).astype(np.int64))
+    floor = np.minimum.accumulate(np.minimum(walk, 0))  # the same walk, reflected at 0
+    return int((walk - floor).max())
 
 
 def check_json(data: bytes, *, what: str, max_bytes: int, max_depth: int = MAX_JSON_DEPTH,

@@ -106,7 +106,7 @@ def unpack(source: Union[bytes, BinaryIO], into: Union[str, os.PathLike], *, wha
                     parts = parts[:-1]  # "digits-v1/"
                 if member.name.startswith("/") or ".." in parts or any(not PLAIN_NAME.match(p) for p in parts):
                     raise BundleError(f"{what} holds an unsafe path {member.name[:200]!r}; a bundle archive holds "
-                                      "plain names only")
+                                      "one folder of plain names (`tar -czf b.tar.gz <bundle folder>`)")
                 if len(parts) > 2 or (root is not None and parts[0] != root):
                     raise BundleError(f"{what} holds {member.name[:200]!r}: a bundle archive holds one folder with "
                                       "plain file names directly inside it")

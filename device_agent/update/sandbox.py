@@ -104,7 +104,7 @@ def trial_run(model_path: Union[str, os.PathLike], *, runtime: str, threads: int
     module = _MODULES.get(runtime)
     if module is None:
         raise BundleError(f"trial run: runtime={runtime!r} is unknown; expected one of {sorted(_MODULES)}")
-    cmd = [sys.executable, "-I", "-c", _CHILD, str(model_path), module, str(int(threads)), str(int(memory_bytes)),
+    cmd = [sys.executable, "-I", "-c", _CHILD, str(Path(model_path).resolve()), module, str(int(threads)), str(int(memory_bytes)),
            str(max(1, int(timeout_s) + 1)), str(int(inputs))]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
