@@ -104,7 +104,7 @@ def unpack(source: Union[bytes, BinaryIO], into: Union[str, os.PathLike], *, wha
                 parts = member.name.split("/")
                 if parts and parts[-1] == "" and member.isdir():
                     parts = parts[:-1]  # "digits-v1/"
-                if member.name.startswith("/") or ".." in parts or any(not PLAIN_NAME.match(p) for p in parts):
+                if not parts or member.name.startswith("/") or any(not PLAIN_NAME.match(p) for p in parts):
                     raise BundleError(f"{what} holds an unsafe path {member.name[:200]!r}; a bundle archive holds "
                                       "one folder of plain names (`tar -czf b.tar.gz <bundle folder>`)")
                 if len(parts) > 2 or (root is not None and parts[0] != root):

@@ -187,3 +187,11 @@ def test_a_crashing_model_names_its_signal(expected_runtime):
 def test_a_trial_run_past_its_time_is_killed(expected_runtime):
     with pytest.raises(TrialTimeout, match="did not finish its trial run within 0.001s"):
         trial_run(BUNDLE / "model.tflite", runtime=expected_runtime, timeout_s=0.001)  # a start alone takes longer
+
+
+@pytest.mark.parametrize("name", ["", ".", "./", "a/./b", "a//b"])
+def test_odd_member_names_are_refused_not_crashed_on(tmp_path, name):
+    """Found by test_fuzz: a directory member named "" made the unpacker raise IndexError."""
+    (tmp_path / "into").mkdir()
+    with pytest.raises(BundleError):
+        unpack(tar_gz([entry(name, kind=tarfile.DIRTYPE)]), tmp_path / "into", what="a", max_total=1 << 20)
