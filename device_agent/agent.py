@@ -288,6 +288,11 @@ class Agent:
             self.stats.error("inference")
             log.warning("input %s#%s failed in the interpreter (%s); skipped", info.get("uri"), info.get("index"), exc)
             return None
+        except MemoryError:  # one input too big for this board's memory: skip it, the loop goes on
+            self.stats.error("input")
+            log.warning("input %s#%s needs more memory than this board has; skipped", info.get("uri"),
+                        info.get("index"))
+            return None
         latency = time.perf_counter() - t0
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)

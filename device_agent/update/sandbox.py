@@ -105,7 +105,7 @@ def trial_run(model_path: Union[str, os.PathLike], *, runtime: str, threads: int
     if module is None:
         raise BundleError(f"trial run: runtime={runtime!r} is unknown; expected one of {sorted(_MODULES)}")
     cmd = [sys.executable, "-I", "-c", _CHILD, str(Path(model_path).resolve()), module, str(int(threads)), str(int(memory_bytes)),
-           str(max(1, int(timeout_s) + 1)), str(int(inputs))]
+           str(max(1, (int(timeout_s) + 1) * max(1, int(threads)))), str(int(inputs))]  # CPU s over all threads
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, cwd="/")
@@ -124,13 +124,12 @@ def trial_run(model_path: Union[str, os.PathLike], *, runtime: str, threads: int
             raise TrialTimeout(f"{name} did not finish its trial run within {timeout_s:g}s (a model that hangs, or one "
                                "far too slow for this board: [update].trial_timeout_s)") from None
     ms = (time.perf_counter() - t0) * 1000.0
-    _kill_group(proc)  # anything the model left running
     rc = proc.returncode
     report = _last_json(out)
     if rc < 0:
         sig = _signal_name(-rc)
         if -rc == getattr(signal, "SIGXCPU", -1):
-            raise TrialTimeout(f"{name} used more than {int(timeout_s) + 1}s of CPU in its trial run (SIGXCPU)")
+            raise TrialTimeout(f"{name} used more CPU time than {timeout_s:g}s allow in its trial run (SIGXCPU)")
         raise BundleError(f"{name} crashed the interpreter in its trial run ({sig}, signal {-rc}): a malformed or "
                           "hostile model; re-create the bundle with `edgekit convert`")
     if report.get("why") == "memory" or (rc != 0 and b"bad_alloc" in err):
@@ -143,6 +142,7 @@ def trial_run(model_path: Union[str, os.PathLike], *, runtime: str, threads: int
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
+    """Kill the child and anything it started (its own session); only while it is not reaped yet."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, OSError):

@@ -415,3 +415,21 @@ def test_the_same_model_with_another_manifest_is_installed_not_ignored(board, tm
     board.still_fine(V2_SHA)
     assert board.errors("update") == 0
     assert len([p for p in (tmp_path / "bundles").iterdir()]) == 2  # two archives, two directories
+
+
+def test_a_staging_directory_a_crash_left_is_removed_at_start_up_however_deep(make_config, digits, tmp_path):
+    """A kill during an unpack leaves bundles/.staging-*; a tree Python's rmtree cannot remove made every later
+    update crash the agent in prune(). Start-up removes it (off the loop) and updates work."""
+    deep = tmp_path / "bundles" / ".staging-dead"
+    path = deep
+    for _ in range(2000):
+        path = path / "a"
+    subprocess.run(["mkdir", "-p", str(path)], check=True)
+    with pytest.raises(RecursionError):
+        shutil.rmtree(deep)
+    config = make_config("", results={"path": str(tmp_path / "r.jsonl")})
+    with Agent(config, source=endless(digits[0][:10])) as agent:  # 10 digits x 20
+        assert wait_for(lambda: not deep.exists(), 60), "the stale staging directory is still there"
+        agent.updater.prune(running=[])  # and pruning never raises
+        stats = agent.run()
+    assert stats.inferences == 200 and not stats.errors
