@@ -104,11 +104,18 @@ def cmd_check(args: argparse.Namespace) -> int:
             if installed is not None:
                 bundle = installed
                 m = installed.manifest
+                cur = updater.state.current
+                trial = "committed" if cur.committed else f"not yet committed: attempt {cur.attempts} of " \
+                                                           f"{config.update.max_attempts}"
                 report(True, "update", f"{m.name} v{m.version} from {installed.path} runs instead of the configured "
-                                       "bundle (--reset-bundle on run goes back)")
+                                       f"bundle ({trial}; --reset-bundle on run goes back)")
             else:
                 report(False, "update", f"{updater.pointer_path} names a bundle that does not load; "
                                         "the configured bundle runs (see the warning above)")
+        if updater.state.refused:
+            r = updater.state.refused[-1]
+            report(True, "update", f"{len(updater.state.refused)} pushed archive(s) refused for good, the last: "
+                                   f"{r.name} v{r.version} ({r.reason[:160]})")
     if bundle is not None:
         try:
             from .bench import choose_runtime

@@ -132,6 +132,7 @@ class Watchdog:
         if self.address:
             try:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock.setblocking(False)  # a service manager that does not read never stalls the loop
             except OSError as exc:
                 log.warning("cannot open $NOTIFY_SOCKET (%s); systemd's watchdog will not be fed", exc)
 
@@ -144,6 +145,8 @@ class Watchdog:
             return
         try:
             self._sock.sendto(message.encode(), self.address)
+        except BlockingIOError:
+            log.debug("sd_notify %r dropped: the service manager's queue is full", message)
         except OSError as exc:
             log.warning("sd_notify %r failed: %s", message, exc)
 

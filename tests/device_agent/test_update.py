@@ -142,7 +142,8 @@ def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory
              "--device-id", "dev1", "--fleet", "test", "--broker", ""]
     capsys.readouterr()
     assert cli.main(["check", *where]) == 0
-    assert "ok   update: digits v2 from " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ok   update: digits v2 from " in out and "(committed;" in out
 
     # --reset-bundle goes back to the configured bundle (offline here, so the retained v2 does not return).
     rc = cli.main(["run", "--reset-bundle", "--bundle", str(BUNDLE), "--source", str(tmp_path / "five.npy"),
