@@ -434,8 +434,8 @@ class Agent:
             elif isinstance(item, Staged):
                 self._swap(item)
             elif isinstance(item, Failed):
+                self.last_update_error = item.reason  # before the count: whoever sees the count sees why
                 self.stats.error("update")
-                self.last_update_error = item.reason
                 log.warning("update refused: %s; still running %s v%s", item.reason, self.manifest.name,
                             self.manifest.version)
                 self._publish_status()
