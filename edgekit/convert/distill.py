@@ -228,6 +228,10 @@ class DistillResult:
     arms: Tuple[Arm, ...]
     beats_control: bool
     fallbacks: Tuple[Tuple[str, str], ...]
+    #: the float Keras models: the (trained) teacher, the student trained alone, the distilled student
+    teacher_model: Any = None
+    control_model: Any = None
+    student_model: Any = None
 
     def arm(self, role: str, precision: str = "float") -> Arm:
         return next(a for a in self.arms if a.role == role and a.precision == precision)
@@ -460,4 +464,5 @@ def distill(
         progress=progress, runtimes=rts, seed=seed, sections=sections,
     )
     log.info("distilled in %.1fs", time.perf_counter() - started)
-    return DistillResult(result.bundle_path, result.manifest, result.report, found["arms"], found["beats"], result.fallbacks)
+    return DistillResult(result.bundle_path, result.manifest, result.report, found["arms"], found["beats"], result.fallbacks,
+                         teacher_model=teacher_model, control_model=control, student_model=student_model)

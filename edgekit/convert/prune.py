@@ -221,6 +221,15 @@ def _overall(layers: Sequence[LayerSparsity], which: str) -> Optional[float]:
     return None if not total else sum(v * w for v, w in rows) / total
 
 
+def _by_note(rows: Sequence[LayerSparsity]) -> Dict[str, List[str]]:
+    """Layer names grouped by the reason they were left dense (one line per reason in logs and reports)."""
+    out: Dict[str, List[str]] = {}
+    for r in rows:
+        if r.note:
+            out.setdefault(r.note, []).append(r.layer)
+    return out
+
+
 # --- which layers -------------------------------------------------------------------------------------------------
 
 
@@ -322,8 +331,8 @@ def prune_model(
     if not names:
         why = "; ".join(f"{x.layer}: {x.note}" for x in dense) or "it has no Conv or Dense weights"
         raise ConversionError(f"no layer of model {model.name} can be pruned ({why}); convert without --prune")
-    for row in dense:
-        log.warning("layer %s (%s) %s", row.layer, row.kind, row.note)
+    for note, layers in _by_note(dense).items():
+        log.warning("%s: %s", note, ", ".join(layers))
     steps_per_epoch = max(1, math.ceil(len(data.x_train) / int(spec.batch_size)))
     steps = steps_per_epoch * int(spec.epochs)
     schedule = _schedule(spec, steps, steps_per_epoch)
@@ -646,9 +655,8 @@ def report_section(
     total = sum(r.weights for r in done)
     lines.append(f"| all pruned layers | | {total:,} | {_pct(overall_keras, 1)} | {_pct(overall_int8, 1)} |"
                  + (f" {'yes' if data_out['pattern_int8'] else '**NO**'} |" if spec.structure else ""))
-    for r in rows:
-        if r.note:
-            lines.append(f"\n`{r.layer}`: {r.note}.")
+    for note, layers in _by_note(rows).items():
+        lines.append(f"\n{note[0].upper()}{note[1:]}: " + ", ".join(f"`{n}`" for n in layers) + ".")
     lines += ["", "| model | top-1 |", "|---|---|",
               f"| unpruned, float (Keras, before pruning) | {_pct(accuracy['unpruned_float_keras'])} |",
               f"| pruned, float | {_pct(accuracy['pruned_float_tflite'] or accuracy['pruned_float_keras'])} |",
