@@ -16,7 +16,7 @@ Latency: one thread, every model in turn per runtime (side by side, so each sees
 device_agent's TFLiteModel: every runtime in .venv, plus tflite_runtime 2.14 from .venv-tflite in a subprocess
 (it needs numpy < 2), as bench/bench_convert.py does.
 
-    .venv/bin/python bench/bench_shrink.py [--data digits|NPZ|IMAGE_FOLDER] [--teacher-epochs 30] [--epochs 60]
+    .venv/bin/python bench/bench_shrink.py [--data digits|NPZ|IMAGE_FOLDER] [--teacher MODEL] [--teacher-epochs 30] [--epochs 60]
                                            [--mode qat] [--runs 1000] [--skip-distill] [--skip-prune]
 """
 
@@ -116,7 +116,7 @@ def distillation(data, args, work: Path) -> Tuple[dict, object]:
     from edgekit.convert.quantize import to_tflite_float
 
     t0 = time.perf_counter()
-    res = distill("example", data, output=work / "distilled", student="tiny", mode=args.mode, epochs=args.epochs,
+    res = distill(args.teacher or "example", data, output=work / "distilled", student="tiny", mode=args.mode, epochs=args.epochs,
                   teacher_epochs=args.teacher_epochs, qat_epochs=args.qat_epochs, temperature=args.temperature,
                   alpha=args.alpha, progress=False, runtimes=["ai_edge_litert"], seed=args.seed)
     seconds = time.perf_counter() - t0
@@ -142,7 +142,7 @@ def distillation(data, args, work: Path) -> Tuple[dict, object]:
     by = {r["role"]: r for r in rows}
     t = by["teacher"]
     print(f"\n== distillation on {data.name}: teacher {res.teacher_model.name} ({t['params']:,} params, "
-          f"{args.teacher_epochs} epochs) -> tiny student {res.student_model.name}, {args.epochs} epochs, "
+          f"{'from ' + args.teacher if args.teacher else f'{args.teacher_epochs} epochs'}) -> tiny student {res.student_model.name}, {args.epochs} epochs, "
           f"T={args.temperature:g} alpha={args.alpha:g}, int8 by {args.mode}; {seconds:.0f}s")
     print(f"{'model':10} {'params':>8} {'ratio':>6} {'float top-1':>11} {'int8 top-1':>10} {'vs teacher':>10} "
           f"{'float B':>9} {'int8 B':>8} {'gzip B':>8} {'download':>9}")
@@ -219,6 +219,8 @@ def pruning(data, model, args, work: Path) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="distillation and pruning: accuracy, bytes a board downloads, latency")
     parser.add_argument("--data", default="digits", help="'digits', an .npz or an image folder (default digits)")
+    parser.add_argument("--teacher", metavar="MODEL", help="a Keras model file as the teacher (default: the example model, "
+                                                             "trained --teacher-epochs)")
     parser.add_argument("--mode", choices=("qat", "ptq"), default="qat")
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=60, help="student epochs (distilled and alone)")
@@ -245,6 +247,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.skip_distill:
         result["distillation"], teacher = distillation(data, args, work)
     if not args.skip_prune:
+        if teacher is None and args.teacher:
+            from edgekit.convert.load import load_model
+
+            teacher = load_model(args.teacher)
         if teacher is None:
             from edgekit.convert.distill import _mobilenet
 
