@@ -289,7 +289,7 @@ def _read_small(path: Path, limit: int, reason: str, what: str) -> bytes:
         with open(path, "rb") as fh:
             data = fh.read(limit + 1)
     except FileNotFoundError:
-        raise SignatureError(reason, f"{what} has no {path.name}") from None
+        raise SignatureError(reason, f"{what} has no {path.name}; pass the directory `edgekit convert -o` wrote") from None
     except OSError as exc:
         raise SignatureError("malformed", f"{path} cannot be read ({exc})") from exc
     if len(data) > limit:
@@ -347,7 +347,10 @@ class Verifier:
         p = Path(path)
         what = f"bundle {p}"
         manifest = _read_small(p / MANIFEST_NAME, MAX_MANIFEST_BYTES, "malformed", what)
-        signature = _read_small(p / SIGNATURE_NAME, MAX_SIGNATURE_BYTES, "unsigned", what)
+        if not (p / SIGNATURE_NAME).exists():
+            raise SignatureError("unsigned", f"{what} is not signed (no {SIGNATURE_NAME}) and this board runs only "
+                                             "signed bundles ([update].trusted_keys): sign it with `edgekit sign`")
+        signature = _read_small(p / SIGNATURE_NAME, MAX_SIGNATURE_BYTES, "malformed", what)
         return verify_signature(manifest, signature, self.keys, what)
 
     @staticmethod
