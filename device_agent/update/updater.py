@@ -3,7 +3,8 @@
 The host publishes the bundle the board should run as a retained
 ``edgekit.bundle/1`` message on ``.../<device>/bundle`` (``edgekit fleet
 push``). :meth:`Updater.offer` (called on the MQTT thread) only queues the
-message; a worker thread checks it (size, ``archive_sha256``), unpacks it into
+message; a worker thread checks it (size, ``archive_sha256``; with a :class:`~.signature.Verifier`, the
+signature and release on the archive in memory, before anything is written), unpacks it into
 ``<state dir>/bundles/<name>-<version>-<sha12>/``, runs :func:`load_bundle`
 (the model's sha256 is checked before an interpreter opens it), opens the
 model with the agent's ``open_model`` and runs the agent's ``check``. What

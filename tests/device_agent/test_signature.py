@@ -276,3 +276,58 @@ def test_an_installed_bundle_changed_on_disk_is_not_run(tmp_path, make_config, c
     with caplog.at_level(logging.WARNING), Agent(config, source=ArraySource(x[:1])) as agent:
         assert agent.manifest.version == "1"
     assert "installed bundle" in caplog.text and "does not match manifest.json" in caplog.text
+
+
+def test_mutated_archives_are_refused_with_a_reason_and_nothing_else(owner):
+    """Bounded fuzz of the archive reader (it parses what comes off the network before anything else):
+    random byte flips, cuts and insertions in the .tar.gz and in the tar inside it."""
+    import gzip
+    import random
+
+    from device_agent.update.signature import REASONS
+
+    key, f, verifier = owner
+    valid = tar_gz([("b/manifest.json", f["manifest.json"]), ("b/signature.json", f["signature.json"]),
+                    ("b/model.tflite", f["model.tflite"])])
+    tar = gzip.decompress(valid)
+    rng = random.Random(0)
+    outcomes = {}
+    for case in range(400):
+        inner = case % 2 == 1  # half mutate the tar (past gzip's CRC), half the compressed bytes
+        data = bytearray(tar if inner else valid)
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(len(data))
+            op = rng.random()
+            if op < 0.6:
+                data[i] = rng.randrange(256)
+            elif op < 0.8:
+                del data[i:i + rng.randint(1, 600)]
+            else:
+                data[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        archive = gzip.compress(bytes(data), mtime=0) if inner else bytes(data)
+        try:
+            signed = verifier.verify_archive(archive, max_total=1 << 24)
+            outcome = "accepted"
+            assert signed.release == 5 and signed.manifest_sha256 == hashlib.sha256(f["manifest.json"]).hexdigest()
+        except SignatureError as exc:
+            outcome = exc.reason
+            assert exc.reason in REASONS and "\n" not in str(exc)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    # every case ends in a named refusal or, when the flips missed everything that matters, the original
+    assert sum(outcomes.values()) == 400 and {"malformed", "model_mismatch", "unsigned"} <= set(outcomes), outcomes
+
+
+def test_check_says_whether_the_bundle_is_signed_by_a_trusted_key(tmp_path, capsys, expected_runtime):
+    from device_agent import cli
+
+    owner = Key(tmp_path / "keys")
+    toml = tmp_path / "agent.toml"
+    toml.write_text(f'[update]\ntrusted_keys = ["{owner.pub}"]\n[runtime]\nname = "{expected_runtime}"\n')
+    where = ["--config", str(toml), "--broker", "", "--outbox", str(tmp_path / "o.sqlite"),
+             "--source", str(BUNDLE.parent / "digits-300.npz")]
+    assert cli.main(["check", *where, "--bundle", str(BUNDLE)]) == 1
+    assert f"FAIL signature: bundle {BUNDLE} is not signed" in capsys.readouterr().out
+    signed = signed_copy(BUNDLE, tmp_path / "v1", owner, 4)
+    assert cli.main(["check", *where, "--bundle", str(signed)]) == 0
+    out = capsys.readouterr().out
+    assert f"ok   signature: release 4 signed by key {owner.key_id[:12]}...; 1 trusted key(s)" in out
