@@ -119,6 +119,8 @@ def load_public_key(path: Union[str, os.PathLike], what: str = "config [update].
     """An Ed25519 public key from a PEM file (``-----BEGIN PUBLIC KEY-----``, as ``edgekit keys init`` and
     ``openssl pkey -pubout`` write it). :class:`ConfigError` naming the file and the fix otherwise."""
     ed25519, serialization, _ = _crypto()
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     p = Path(path)
     try:
         with open(p, "rb") as fh:
@@ -133,7 +135,7 @@ def load_public_key(path: Union[str, os.PathLike], what: str = "config [update].
         if len(data) > MAX_KEY_FILE_BYTES:
             raise ValueError("too big for a key")
         public = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise ConfigError(f"{what}: {p} is not a PEM public key ({exc}); use the signing.pub "
                           "`edgekit keys init` wrote") from exc
     if not isinstance(public, ed25519.Ed25519PublicKey):

@@ -27,7 +27,7 @@ from device_agent.sources import ArraySource
 from device_agent.update.signature import Verifier, load_public_key
 
 from conftest import BUNDLE
-from signing import Key, sign, signed_copy
+from signing import Key, signed_copy
 
 V2 = BUNDLE.parent / "digits-bundle-v2"
 SPKI_ED25519 = bytes.fromhex("302a300506032b6570032100")  # RFC 8410 DER prefix of an Ed25519 public key
