@@ -149,8 +149,8 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
                     "release": {"type": ["integer", "null"], "minimum": 1},
                     "highest": {"type": ["integer", "null"], "minimum": 1},
                     "refused": {
+                        "description": "refusals by reason: " + ", ".join(SIGNATURE_REFUSALS),
                         "type": "object",
-                        "propertyNames": {"enum": list(SIGNATURE_REFUSALS)},
                         "additionalProperties": {"type": "integer", "minimum": 1},
                     },
                 },
