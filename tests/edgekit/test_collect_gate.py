@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from collecting import Publisher, sample, telemetry  # noqa: F401
 from device_agent.delivery import protocol
+from device_agent.delivery.schemas import NAME
 from edgekit.errors import IdentityError
 from edgekit.fleet.identity import init_ca
 from edgekit.fleet.status import fleet_status
@@ -113,3 +116,24 @@ def test_fleet_status_is_not_fooled_by_devices_off_the_allow_list(broker, tmp_pa
         assert [r["device"] for r in fleet_status(store)] == ["pi-1"]
         assert {s.device for s in store.list_samples()} == {"pi-1"}
     # cleanup of the retained forgery on this private broker is not needed: the broker goes with the test
+
+
+NAMES = st.text(alphabet="ab1.-_ /\n+#\x00é", min_size=0, max_size=8) | st.sampled_from(["pi-1", "lab", "x" * 64, "x" * 65])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fleet=NAMES, device=NAMES, claimed=st.none() | NAMES, claimed_fleet=st.none() | NAMES)
+def test_fuzz_only_exact_names_on_topic_and_payload_pass(fleet, device, claimed, claimed_fleet):
+    """Whatever the topic and the payload's names, a message passes only when both are the same valid
+    names; anything else is refused with a reason, never an exception of another kind."""
+    payload = status(device if claimed is None else claimed, fleet=fleet if claimed_fleet is None else claimed_fleet)
+    topic = f"edgekit/v1/{fleet}/{device}/status"
+    gate = DeviceGate(rate_per_minute=1000)
+    try:
+        gate.admit(topic)
+        _, obj = check_message(topic, json.dumps(payload).encode())
+    except Malformed as bad:
+        assert bad.reason in {"bad_topic", "schema", "topic_mismatch", "rate_limited"}
+    else:
+        assert NAME.fullmatch(fleet) and NAME.fullmatch(device)
+        assert (obj["fleet"], obj["device"]) == (fleet, device) and claimed in (None, device)
