@@ -65,6 +65,7 @@ class RunStats:
     pending: int = 0  # samples left in the outbox for the next start
     skipped: Mapping[str, int] = field(default_factory=dict)  # duplicate / rate_limited
     runtime: str = ""
+    rejected: int = 0  # samples the broker refused (MQTT 5 reason, e.g. an ACL's "Not authorized"); kept
 
 
 def digest(raw: np.ndarray) -> str:
@@ -233,6 +234,7 @@ class Agent:
             outbox={"depth": self.outbox.depth, "bytes": self.outbox.bytes, "dropped": self.outbox.dropped},
             flagged=s.flagged,
             published=self.publisher.published if self.publisher else 0,
+            rejected=self.publisher.rejected if self.publisher else 0,
             latency_ms=s.latency(),
             low_confidence_rate=s.low_confidence_rate(),
             errors=dict(s.errors),
@@ -486,6 +488,7 @@ class Agent:
             pending=self.outbox.depth,
             skipped=dict(self.policy.skipped),
             runtime=self.model.runtime,
+            rejected=self.publisher.rejected if self.publisher else 0,
         )
 
     # -- lifetime -----------------------------------------------------------

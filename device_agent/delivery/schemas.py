@@ -105,6 +105,8 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
             "disk_free_bytes": {"type": ["integer", "null"]},
             "inferences": {"type": "integer", "minimum": 0},
             "flagged": {"type": "integer", "minimum": 0},
+            "rejected": {"description": "samples the broker refused (an MQTT 5 PUBACK failure such as an ACL's "
+                                        "'Not authorized'); they stay in the outbox", "type": "integer", "minimum": 0},
             "latency_ms": {
                 "type": "object",
                 "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL},

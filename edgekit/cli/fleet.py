@@ -10,7 +10,7 @@ import json
 def register(sub: argparse._SubParsersAction) -> None:
     from ..loop.store import DEFAULT_STORE
 
-    p = sub.add_parser("fleet", help="the devices seen by the collector")
+    p = sub.add_parser("fleet", help="the boards: status, push a bundle, identities (ca, enroll, revoke)")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     cmds = p.add_subparsers(dest="fleet_command", metavar="ACTION")
     st = cmds.add_parser("status", help="a table: last seen, online, model, inferences, low-confidence rate, "
@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="the new release number (default: one above the key's last)")
     _targets(rb, DEFAULT_STORE, DEFAULT_MAX_BUNDLE_BYTES)
     rb.set_defaults(func=_rollback)
+
+    from .fleet_identity import register as register_identity
+
+    register_identity(cmds)  # ca init|list, enroll, revoke
 
 
 def _targets(p: argparse.ArgumentParser, default_store: str, default_max: int) -> None:

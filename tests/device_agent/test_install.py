@@ -71,7 +71,8 @@ def test_trusted_keys_are_installed_and_an_unsigned_bundle_is_refused_before_any
     dry = install("--board", "rpi-4", "--root", str(root), "--no-venv", "--dry-run", "--trusted-key", str(owner.pub))
     assert dry.returncode == 0, dry.stderr
     board_key = f"/etc/edgekit/trusted_keys/{owner.key_id[:16]}.pub"
-    assert f"would copy {owner.pub} -> {root}{board_key} (key id {owner.key_id[:16]}...)" in dry.stdout
+    assert f"would trust key {owner.key_id[:16]}... ({owner.pub})" in dry.stdout
+    assert f"would copy {owner.pub} -> {root}{board_key} (mode 0644)" in dry.stdout
     assert not root.exists()
 
     refused = install("--board", "rpi-4", "--root", str(root), "--no-venv", "--bundle", str(BUNDLE),
