@@ -517,7 +517,7 @@ def download_bytes(bundle_dir: os.PathLike | str, name: Optional[str] = None) ->
     with tempfile.TemporaryDirectory(prefix="edgekit-pack-") as tmp:
         staged = Path(tmp) / name
         staged.mkdir()
-        for f in ("manifest.json", "model.tflite"):
+        for f in ("manifest.json", "signature.json", "model.tflite"):
             if (bundle_dir / f).exists():
                 shutil.copy2(bundle_dir / f, staged / f)
         return len(pack_bundle(staged))
