@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="time this runtime in the report (repeatable; default: every one installed)")
     p.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--sign-key", metavar="KEY",
+                   help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
+                        "key's next release; boards with [update] trusted_keys run only signed bundles")
     p.set_defaults(func=handle)
 
 
@@ -55,6 +58,11 @@ def handle(args: argparse.Namespace) -> int:
     from ..convert.bundle import check_output
 
     check_output(args.output, args.force)  # before the slow imports
+    key = None
+    if args.sign_key:  # a bad key fails before the slow work
+        from ..fleet.keys import load_signing_key
+
+        key = load_signing_key(args.sign_key)
     from ..convert.distill import distill
     from ..data import load_dataset
 
@@ -76,4 +84,7 @@ def handle(args: argparse.Namespace) -> int:
           f"1/{t.params / max(1, q.params):.1f}; download {q.download_bytes:,} bytes)")
     print("distillation " + ("beats" if result.beats_control else "does NOT beat") + " the student trained alone")
     print(f"bundle: {result.bundle_path}  (report: {result.bundle_path / 'report' / 'report.md'})")
+    from .convert import _sign
+
+    _sign(result.bundle_path, key)
     return 0

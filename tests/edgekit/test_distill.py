@@ -93,21 +93,27 @@ def test_soft_targets_alone_teach_the_student(digits, float_model_path):
 
 @pytest.fixture(scope="session")
 def distilled(tmp_path_factory, float_model_path):
-    out = tmp_path_factory.mktemp("distill") / "tiny"
     import contextlib
     import io
 
+    from edgekit.fleet.keys import init_keys
+
+    work = tmp_path_factory.mktemp("distill")
+    out = work / "tiny"
+    keys = init_keys(work / "keys")
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = main(["distill", str(float_model_path), "--student", "tiny", "--data", "digits", "--mode", "ptq",
-                   "--epochs", "12", "-o", str(out), "--runtime", RUNTIME, "--no-progress"])
+                   "--epochs", "12", "-o", str(out), "--runtime", RUNTIME, "--no-progress", "--sign-key", str(keys.private)])
     assert rc == 0
-    return out, buf.getvalue()
+    return out, buf.getvalue(), keys
 
 
 @pytest.mark.slow
 def test_distilled_bundle_is_a_convert_bundle(distilled, ptq_result):
-    out, _ = distilled
+    from edgekit.fleet.keys import load_signing_key, verify_bundle
+
+    out, stdout, keys = distilled
     bundle = load_bundle(out)  # sha256 checked, as a board checks it
     m = bundle.manifest
     assert m.input.dtype == "int8" and m.output.dtype == "int8"
@@ -120,11 +126,14 @@ def test_distilled_bundle_is_a_convert_bundle(distilled, ptq_result):
     assert (out / "float_model.keras").is_file()
     for f in ("report.md", "report.json", "confusion.png"):
         assert (out / "report" / f).is_file()
+    # signed like convert signs (--sign-key): the key's first release
+    assert "signed: release 1 with key" in stdout
+    assert verify_bundle(out, [load_signing_key(keys.private)]).release == 1
 
 
 @pytest.mark.slow
 def test_report_puts_the_three_arms_side_by_side(distilled):
-    out, stdout = distilled
+    out, stdout, _ = distilled
     report = json.loads((out / "report" / "report.json").read_text())
     d = report["distillation"]
     arms = {(a["role"], a["precision"]): a for a in d["arms"]}
@@ -231,3 +240,9 @@ def test_builtin_student_needs_images(capsys, tmp_path):
 def test_bad_hyperparameters(capsys, tmp_path, extra, needle):
     out = tmp_path / "b"
     _one_line_error(capsys, ["distill", "example", "--data", "digits", "-o", str(out)] + extra, out, "ConversionError", needle)
+
+
+def test_missing_sign_key_fails_before_training(capsys, tmp_path):
+    out = tmp_path / "b"
+    _one_line_error(capsys, ["distill", "example", "--data", "digits", "-o", str(out), "--sign-key", str(tmp_path / "none.key")],
+                    out, "SigningError", "does not exist")
