@@ -147,7 +147,7 @@ class PruneSpec:
             how = f"unstructured, polynomial decay from 0 to {100 * self.sparsity:g}% over the first {int(100 * _POLY_FRACTION)}% of the steps, then held"
         else:
             how = f"unstructured, {100 * self.sparsity:g}% from the first step (constant sparsity)"
-        return f"target {100 * self.sparsity:g}% of the weights zero ({how}), fine-tuned {self.epochs} epoch(s)" + (
+        return f"Target {100 * self.sparsity:g}% of the weights zero ({how}), fine-tuned {self.epochs} epoch(s)" + (
             f" ({steps} steps)" if steps else ""
         )
 
