@@ -36,6 +36,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sign-key", metavar="KEY",
                    help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
                         "key's next release; boards with [update] trusted_keys run only signed bundles")
+    g = p.add_argument_group("pruning (docs/shrink.md)")
+    g.add_argument("--prune", type=float, metavar="SPARSITY",
+                   help="magnitude-prune this fraction of the Conv/Dense weights to zero while fine-tuning, before "
+                        "quantizing (within (0, 1), e.g. 0.5); QAT then keeps the zeros")
+    g.add_argument("--prune-structure", metavar="MxN",
+                   help="structured pruning instead: M zeros in every N consecutive input-channel weights, e.g. 2x4 "
+                        "(sparsity M/N; --prune may be left out)")
+    g.add_argument("--prune-schedule", choices=("polynomial", "constant"), default="polynomial",
+                   help="sparsity grows from 0 over 60%% of the steps (polynomial, default) or starts at the target (constant)")
+    g.add_argument("--prune-epochs", type=int, default=4, help="fine-tuning epochs while pruning (default 4)")
     p.set_defaults(func=handle)
 
 
@@ -48,6 +58,11 @@ def handle(args: argparse.Namespace) -> int:
         from ..fleet.keys import load_signing_key
 
         key = load_signing_key(args.sign_key)
+    prune = None
+    if args.prune is not None or args.prune_structure is not None:
+        from ..convert.prune import PruneSpec
+
+        prune = PruneSpec(args.prune, args.prune_structure, schedule=args.prune_schedule, epochs=args.prune_epochs)
     from ..convert.pipeline import convert
     from ..data import load_dataset
 
@@ -75,6 +90,7 @@ def handle(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         runtimes=args.runtimes,
         seed=args.seed,
+        prune=prune,
     )
     for layer, action in result.fallbacks:
         print(f"fallback: {layer}: {action}")
