@@ -153,6 +153,11 @@ class MqttConfig:
     reconnect_max_s: float = 60.0
     max_inflight: int = 50
     publish_predictions: bool = False
+    # Who lets a sample go from the outbox: "collector" (its edgekit.ack/1, after its commit) or
+    # "broker" (the PUBACK: for a collector without end-to-end acks; a broker's queue limit can lose samples).
+    ack: str = "collector"
+    ack_timeout_s: float = 30.0  # a sample the collector has not acknowledged this long after its PUBACK goes again
+    max_unacked: int = 500  # samples sent and not yet acknowledged by the collector, at most
 
     def __post_init__(self) -> None:
         if self.broker:
@@ -173,6 +178,10 @@ class MqttConfig:
         _within("mqtt", "reconnect_min_s", self.reconnect_min_s, 0.01)
         _within("mqtt", "reconnect_max_s", self.reconnect_max_s, self.reconnect_min_s)
         _within("mqtt", "max_inflight", self.max_inflight, 1, 65535)
+        if self.ack not in ("collector", "broker"):
+            raise _err("mqtt", "ack", self.ack, "must be \"collector\" (end-to-end) or \"broker\" (PUBACK only)")
+        _within("mqtt", "ack_timeout_s", self.ack_timeout_s, 0.1)
+        _within("mqtt", "max_unacked", self.max_unacked, 1, 100_000)
 
     @property
     def host(self) -> str:

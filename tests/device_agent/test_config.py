@@ -38,6 +38,8 @@ def test_every_board_profile_loads(name):
         ("[mqtt]\nbroker = \"http://x:1\"\n", "config [mqtt].broker='http://x:1' must look like mqtt://"),
         ("[mqtt]\nprotocol = \"4\"\n", "config [mqtt].protocol='4' must be \"5\" or \"3.1.1\""),
         ("[mqtt]\ncert_file = \"c.pem\"\n", "config [mqtt].cert_file and [mqtt].key_file go together"),
+        ("[mqtt]\nack = \"store\"\n", "config [mqtt].ack='store' must be \"collector\" (end-to-end) or \"broker\""),
+        ("[mqtt]\nack_timeout_s = 0\n", "config [mqtt].ack_timeout_s=0.0 must be >= 0.1"),
         ("[source]\nkind = \"video\"\n", "config [source].kind='video' is unknown"),
         ("[source]\nwatch = \"yes\"\n", "config [source].watch='yes' must be true or false"),
         ("[device]\nid = \"my board\"\n", "config [device].id='my board' is not a valid name"),
