@@ -161,13 +161,17 @@ class MqttConfig:
 
     def __post_init__(self) -> None:
         if self.broker:
-            url = urlparse(self.broker)
-            if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-                raise _err("mqtt", "broker", self.broker, "must look like mqtt://host:1883 or mqtts://host:8883")
-            try:
-                url.port
-            except ValueError:
-                raise _err("mqtt", "broker", self.broker, "has an invalid port") from None
+            urls = [urlparse(u.strip()) for u in self.broker.split(",")]
+            for url in urls:
+                if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+                    raise _err("mqtt", "broker", self.broker, "must look like mqtt://host:1883 or mqtts://host:8883 "
+                                                              "(several nodes of a cluster: separated by commas)")
+                try:
+                    url.port
+                except ValueError:
+                    raise _err("mqtt", "broker", self.broker, "has an invalid port") from None
+            if len({u.scheme for u in urls}) > 1:
+                raise _err("mqtt", "broker", self.broker, "mixes mqtt:// and mqtts://; use one scheme for every node")
         if self.protocol not in ("5", "3.1.1"):
             raise _err("mqtt", "protocol", self.protocol, "must be \"5\" or \"3.1.1\"")
         if bool(self.cert_file) != bool(self.key_file):
@@ -184,17 +188,25 @@ class MqttConfig:
         _within("mqtt", "max_unacked", self.max_unacked, 1, 100_000)
 
     @property
+    def endpoints(self) -> "list[Tuple[str, int]]":
+        """``(host, port)`` of every node in ``broker``, in order (one for a single broker)."""
+        out = []
+        for text in filter(None, (u.strip() for u in self.broker.split(","))):
+            url = urlparse(text)
+            out.append((url.hostname or "", url.port or (8883 if url.scheme == "mqtts" else 1883)))
+        return out
+
+    @property
     def host(self) -> str:
-        return urlparse(self.broker).hostname or ""
+        return self.endpoints[0][0] if self.broker else ""
 
     @property
     def port(self) -> int:
-        url = urlparse(self.broker)
-        return url.port or (8883 if url.scheme == "mqtts" else 1883)
+        return self.endpoints[0][1] if self.broker else 1883
 
     @property
     def tls(self) -> bool:
-        return urlparse(self.broker).scheme == "mqtts" or bool(self.ca_file)
+        return urlparse(self.broker.split(",")[0].strip()).scheme == "mqtts" or bool(self.ca_file)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from device_agent.delivery import protocol
 from device_agent.errors import ProtocolError
 from device_agent.sources import ArraySource
 
-from conftest import wait_for
+from conftest import Acker, wait_for
 from test_agent_mqtt import FLAG_ALL
 from test_update import Running, endless
 
@@ -190,3 +190,35 @@ def test_parse_ack_accepts_only_valid_acks_and_raises_nothing_else(payload):
     assert obj["schema"] == "edgekit.ack/1" and stored == obj["stored"]
     for sid in stored + quarantined:
         assert str(uuid.UUID(sid)) == sid
+
+
+def test_a_board_moves_to_the_next_broker_node_when_its_node_dies(broker, make_config, digits, tmp_path):
+    """``[mqtt].broker`` lists two nodes; the first dies mid-run: the board carries on through the second
+    and what the first took but no collector acknowledged goes again (here two brokers, each with a
+    collector's acker; tests/edgekit/test_delivery.py does it on a NATS cluster)."""
+    from broker import Mosquitto
+
+    x, _ = digits
+    n = 80
+    broker.acker.paused = True  # the first node's collector stores nothing before the node dies
+    second = Mosquitto(tmp_path / "second").start()
+    acker2 = Acker(second.port).start()
+    try:
+        assert acker2.subscribed.wait(10)
+        config = make_config(f"{broker.url},{second.url}", policy=FLAG_ALL, mqtt={"ack_timeout_s": 1.0})
+        run = Running(config, ThenIdle(x[:n]))
+        try:
+            assert wait_for(lambda: run.agent.publisher.sent >= n // 4, 30)
+            broker.stop()  # the first node dies
+            assert wait_for(lambda: run.agent.link.where == f"127.0.0.1:{second.port}" and
+                            run.agent.link.connected.is_set(), 30), "the board did not move to the second node"
+            assert wait_for(lambda: run.agent.outbox.depth == 0 and run.agent.stats.flagged == n, 60), \
+                run.agent.outbox.depth
+        finally:
+            stats = run.finish()
+    finally:
+        acker2.stop()
+        second.stop()
+    assert (stats.flagged, stats.published, stats.pending, stats.dropped) == (n, n, 0, 0)
+    assert stats.resent >= n // 4  # what the dead node took went again
+    assert set(flagged_ids(tmp_path / "results.jsonl")) <= set(acker2.acked)
