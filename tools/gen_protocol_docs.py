@@ -80,7 +80,8 @@ definition of everything on this page.
 ## Topics
 
 Every topic is `{prefix}/<fleet>/<device>/<kind>`. Fleet and device names are one topic level:
-1-64 letters, digits, `.`, `_` or `-`.
+1-64 letters, digits, `.`, `_` or `-` (leave out `.` if the broker is NATS 2.9: it drops a client that
+publishes on a topic with a `.` in a level).
 
 | topic suffix | direction | QoS | retained | published by | payload schema |
 |---|---|---|---|---|---|
