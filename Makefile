@@ -59,6 +59,7 @@ bench: install device-env
 	$(VENV)/bin/python bench/bench_collector.py
 	$(VENV)/bin/python bench/bench_delivery.py
 	$(VENV)/bin/python bench/bench_loop.py
+	$(VENV)/bin/python bench/bench_identity.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache demo-out

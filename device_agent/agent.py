@@ -66,6 +66,7 @@ class RunStats:
     runtime: str = ""
     sent: int = 0  # publishes the broker acknowledged (PUBACK), resends included
     resent: int = 0  # publishes of a sample sent before: no collector ack in time, or a reconnect
+    rejected: int = 0  # samples the broker refused (MQTT 5 reason, e.g. an ACL's "Not authorized"); kept
 
 
 def digest(raw: np.ndarray) -> str:
@@ -234,6 +235,7 @@ class Agent:
             flagged=s.flagged,
             published=self.publisher.published if self.publisher else 0,
             resent=self.publisher.resent if self.publisher else 0,
+            rejected=self.publisher.rejected if self.publisher else 0,
             latency_ms=s.latency(),
             low_confidence_rate=s.low_confidence_rate(),
             errors=dict(s.errors),
@@ -488,6 +490,7 @@ class Agent:
             runtime=self.model.runtime,
             sent=self.publisher.sent if self.publisher else 0,
             resent=self.publisher.resent if self.publisher else 0,
+            rejected=self.publisher.rejected if self.publisher else 0,
         )
 
     # -- lifetime -----------------------------------------------------------

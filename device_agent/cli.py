@@ -62,8 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Agent(config) as agent:
         stats = agent.run(stop)
     log.info(
-        "done: %d inferences, %d flagged, %d published, %d dropped, %d pending, errors %s",
-        stats.inferences, stats.flagged, stats.published, stats.dropped, stats.pending, dict(stats.errors) or "none",
+        "done: %d inferences, %d flagged, %d published, %d dropped, %d pending, %d refused by the broker, errors %s",
+        stats.inferences, stats.flagged, stats.published, stats.dropped, stats.pending, stats.rejected,
+        dict(stats.errors) or "none",
     )
     return 0
 

@@ -8,6 +8,7 @@ One root; the CLI catches it, prints ``Type: message`` and exits 1::
      +-- ConversionError    quantization or TFLite conversion failed
      +-- StoreError         the sample store cannot be opened or queried
  +-- BrokerError        the MQTT broker cannot be reached or refused the collector
+     +-- IdentityError      a CA, certificate or enrolment is missing, unreadable or conflicts
      +-- OutputExistsError  the output path exists (pass --force to replace it)
 
 device_agent's ``AgentError`` (bundle, runtime, input, protocol errors) is
@@ -16,7 +17,8 @@ caught by the CLI the same way.
 
 from __future__ import annotations
 
-__all__ = ["EdgekitError", "DataError", "ModelError", "ConversionError", "StoreError", "BrokerError", "OutputExistsError"]
+__all__ = ["EdgekitError", "DataError", "ModelError", "ConversionError", "StoreError", "BrokerError", "IdentityError",
+           "OutputExistsError"]
 
 
 class EdgekitError(Exception):
@@ -41,6 +43,10 @@ class StoreError(EdgekitError):
 
 class BrokerError(EdgekitError):
     """The MQTT broker cannot be reached or refused the connection or a subscription."""
+
+
+class IdentityError(EdgekitError):
+    """A CA, certificate or enrolment is missing, unreadable or conflicts (``edgekit fleet ca|enroll|revoke``)."""
 
 
 class OutputExistsError(EdgekitError):

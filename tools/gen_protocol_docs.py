@@ -40,7 +40,7 @@ def examples() -> dict:
     )
     telemetry = protocol.telemetry_payload(
         device="pi-kitchen-1", fleet="lab", model=MODEL, uptime_s=86400.5, inferences=120344, ts=TS,
-        outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809, resent=41,
+        outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809, resent=41, rejected=0,
         latency_ms={"p50": 0.41, "p95": 0.77}, low_confidence_rate=0.0815, errors={"input": 2},
         skipped={"duplicate": 14, "rate_limited": 0}, runtime="ai_edge_litert", threads=4, agent_version="0.1.0",
         cpu_percent=37.5, memory_rss_bytes=48234496, memory_percent=1.2, temperature_c=52.1,
@@ -97,6 +97,17 @@ The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` a
 publishes on each board's `.../ack`; a board subscribes to its own `cmd`, `bundle` and `ack`. A broker
 ACL must let the collector's identity write `{prefix}/+/+/ack` and each board read its own `.../ack`.
 
+## Identity: who may publish where
+
+The topic's `<fleet>/<device>` is the sender's identity. On a broker configured by `edgekit broker-config`
+(docs/identity.md) every client shows a certificate from the fleet's CA whose common name is its MQTT
+username, and the ACL lets a board (CN = its device id) write only its own `samples`, `telemetry`,
+`status` and `predictions` and read only its own `cmd`, `bundle` and `ack`; only the pusher identity
+writes `bundle` and `cmd`, only the collector identity reads what boards send. The collector therefore
+trusts the topic and refuses a payload whose `fleet` or `device` field differs from it by even one
+character (`topic_mismatch`, below). A broker open to all gives none of this: anyone can then publish in
+any board's name.
+
 ## Payloads in general
 
 - UTF-8 JSON objects, each with a `schema` field naming its schema and version (`edgekit.sample/1`).
@@ -129,7 +140,9 @@ ACL must let the collector's identity write `{prefix}/+/+/ack` and each board re
 - The collector acknowledges in batches (one message per device per committed batch, at most
   {ack_ids} ids): `stored` names samples stored now **and** duplicates of samples stored before (a
   resend whose first ack was lost); `quarantined` names samples it refused and kept in quarantine
-  (malformed, oversized, ...), so a board never resends a payload that cannot pass. The id of a
+  (malformed, oversized, not on the allow-list, ...), so a board never resends a payload that cannot
+  pass; a sample over the per-device rate limit is quarantined but not acknowledged, so its board sends
+  it again later. The id of a
   refused payload is read from its first 160 bytes only (boards write `schema` then `sample_id`
   first); a payload without a readable id is quarantined and not acknowledged.
 - The board checks an ack before it parses it (at most {ack_bytes} bytes, a JSON object with
@@ -186,11 +199,13 @@ never blocks the session or crashes the collector:
 | reason | meaning |
 |---|---|
 | `oversized` | the payload is bigger than `--max-payload-bytes` |
-| `bad_topic` | the topic is not `{prefix}/<fleet>/<device>/<samples, telemetry or status>` |
+| `bad_topic` | the topic is not `{prefix}/<fleet>/<device>/<samples, telemetry or status>` with exact names (no trailing newline or space) |
+| `not_allowed` | the device is not on the collector's allow-list (`--allow-devices`: the CA's enrolment list or a file) |
+| `rate_limited` | the device sent more than `--device-rate` messages a minute (beyond its `--device-burst`) |
 | `not_json` | not UTF-8, not JSON, or not a JSON object |
 | `schema` | the `schema` field does not match the topic, or the JSON Schema below fails |
 | `bad_input` | a sample's base64 does not decode, or its size does not match dtype x shape |
-| `topic_mismatch` | the payload's fleet/device differ from the topic's |
+| `topic_mismatch` | the payload's fleet/device differ from the topic's (compared exactly: the topic is the identity) |
 | `store_error` | the database refused this one row (the rest of the batch is stored) |
 
 An empty retained message on `.../status` (someone clearing it) is ignored.
@@ -267,8 +282,8 @@ and the reason in the retained status's `last_update_error` (cleared by the next
 - **Clear**: publish an empty retained message on the topic
   (`mosquitto_pub -t {prefix}/<fleet>/<device>/bundle -r -n`). The board keeps what it runs; the
   message only stops being handed to boards that connect later.
-- Only the host side should be allowed to publish on `.../bundle` (a broker ACL): whoever can
-  write there chooses the model a board runs. The sha256 checks catch damage, not intent.
+- Whoever can write on `.../bundle` chooses the model a board runs; the sha256 checks catch damage,
+  not intent. With `edgekit broker-config` only the pusher identity may write there (docs/identity.md).
 
 ```mermaid
 sequenceDiagram

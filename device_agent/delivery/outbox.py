@@ -297,7 +297,8 @@ class Publisher:
         self.resent = 0  # publishes of a row sent before (ack timeout, reconnect)
         self.acked = 0  # rows a collector's ack named as stored
         self.refused = 0  # rows a collector's ack named as quarantined
-        self.rejected = 0  # PUBACKs that said failure
+        self.rejected = 0  # samples the broker answered with a failure reason; they stay in the outbox
+        self._refused_logged = -1
         self.bad_acks = 0  # ack messages that were malformed or too big
         self.unknown_acks = 0  # ids in acks that are not (any more) in the outbox
         self.ack_overflow = 0  # ack messages dropped because ACK_BACKLOG were waiting
@@ -344,9 +345,7 @@ class Publisher:
             if entry is None:
                 continue
             if not ok:
-                self.rejected += 1  # stays in the outbox; sent again after the ack timeout or on reconnect
-                if self.end_to_end:
-                    self._sent[entry[1]] = (entry[0], time.monotonic() + self._timeout)
+                self._refused(entry[0])  # stays in the outbox, offered again after a reconnect (not on a timer)
                 continue
             self.sent += 1
             if self.end_to_end:
@@ -462,6 +461,21 @@ class Publisher:
                             "A collector without end-to-end acks needs [mqtt].ack = \"broker\"", now - self._last_ack)
             self._timeout = min(self._timeout * 2, self.MAX_ACK_TIMEOUT_S)
             self._backoff_at = now + self._timeout
+
+    def _refused(self, rid: int) -> None:
+        """The broker answered a sample with a failure reason (MQTT 5, e.g. "Not authorized" from an ACL).
+
+        The sample stays in the outbox and is offered again only after the next reconnect, never in a
+        loop; each refusal is counted (telemetry ``rejected``) and the first of each connection logged
+        with the fix. (MQTT 3.1.1 has no such reason: Mosquitto acks a refused message as if delivered.)
+        """
+        self.rejected += 1
+        if self._refused_logged != self._generation:
+            self._refused_logged = self._generation
+            log.error("the broker refuses the samples of this board (first refusal on this connection: outbox row "
+                      "%d); they stay in the outbox and are offered again after a reconnect. If the broker said "
+                      "'Not authorized', its ACL does not let this certificate write this topic: the certificate's "
+                      "CN must equal [device].id and the broker must serve [device].fleet (docs/identity.md)", rid)
 
     @property
     def inflight(self) -> int:

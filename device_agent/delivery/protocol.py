@@ -75,8 +75,9 @@ DEFAULT_MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 
 
 def check_name(value: str, what: str) -> str:
-    """Fleet and device names are one topic level: letters, digits, ``._-``."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    """Fleet and device names are one topic level: letters, digits, ``._-`` (the whole string: a
+    trailing newline, which ``$`` lets through, would make a look-alike of another board's name)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ProtocolError(f"{what}={value!r} is not a valid name; use 1-64 letters, digits, '.', '_' or '-'")
     return value
 

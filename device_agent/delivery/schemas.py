@@ -108,6 +108,8 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
             "resent": {"type": "integer", "minimum": 0,
                        "description": "samples published again: not acknowledged by a collector within the ack "
                                       "timeout, or unacknowledged at a reconnect"},
+            "rejected": {"description": "samples the broker refused (an MQTT 5 PUBACK failure such as an ACL's "
+                                        "'Not authorized'); they stay in the outbox", "type": "integer", "minimum": 0},
             "latency_ms": {
                 "type": "object",
                 "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL},

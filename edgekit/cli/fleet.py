@@ -9,7 +9,7 @@ import json
 def register(sub: argparse._SubParsersAction) -> None:
     from ..loop.store import DEFAULT_STORE
 
-    p = sub.add_parser("fleet", help="the devices seen by the collector")
+    p = sub.add_parser("fleet", help="the boards: status, push a bundle, identities (ca, enroll, revoke)")
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
     cmds = p.add_subparsers(dest="fleet_command", metavar="ACTION")
     st = cmds.add_parser("status", help="a table: last seen, online, model, inferences, low-confidence rate, "
@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pu.add_argument("--key-file", help="client key for mqtts://")
     pu.add_argument("--dry-run", action="store_true", help="verify and pack the bundle, print what would be sent")
     pu.set_defaults(func=_push)
+
+    from .fleet_identity import register as register_identity
+
+    register_identity(cmds)  # ca init|list, enroll, revoke
 
 
 def _status(args: argparse.Namespace) -> int:

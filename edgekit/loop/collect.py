@@ -15,8 +15,10 @@ board deletes a sample from its outbox only then, and sends again what no ack
 names in time, so a broker that drops queued messages loses nothing either.
 
 Every payload is checked (size, UTF-8 JSON, the JSON Schema of its kind,
-the input's base64 against its dtype and shape, topic against payload);
-a bad one is counted by reason and kept in the store's quarantine table.
+the input's base64 against its dtype and shape, topic against payload), and
+with a :class:`~edgekit.loop.gate.DeviceGate` its device against an allow-list
+and a rate limit first; a refused one is counted by reason and kept in the
+store's quarantine table.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from device_agent.delivery.mqtt import move_to
 
 from ..errors import BrokerError, EdgekitError, StoreError
 from ..mqtt_url import parse_broker_url
+from .gate import DeviceGate
 from .store import Store
 from .validate import DEFAULT_MAX_PAYLOAD_BYTES, Malformed, check_message, sample_id_hint
 
@@ -103,6 +106,7 @@ class Collector:
         keepalive_s: int = 30,
         protocol: str = "5",
         receive_maximum: int = 1000,
+        gate: Optional[DeviceGate] = None,
     ) -> None:
         # Several nodes of a clustered broker, comma-separated: connect to the first that answers, move on
         # to the next whenever the connection drops (the persistent session lives in the cluster).
@@ -143,6 +147,7 @@ class Collector:
         self.share_group = share_group
         self.session_expiry_s = int(session_expiry_s)
         self.max_payload_bytes = int(max_payload_bytes)
+        self.gate = gate  # allow-list and per-device rate limit (edgekit.loop.gate), checked before the payload
         self._tls = (ca_file, cert_file, key_file)
         self._keepalive = keepalive_s
         self._queue: "queue.Queue[Any]" = queue.Queue()
@@ -421,7 +426,9 @@ class Collector:
                     topics.append(m.topic)
                 else:
                     counts[outcome] += 1
-                    if outcome.startswith("malformed:"):
+                    # Quarantined for good: the board may forget it. Over the rate limit: not acknowledged,
+                    # so the board sends it again later, when the bucket has room.
+                    if outcome.startswith("malformed:") and outcome != "malformed:rate_limited":
                         acks.quarantined(m.topic, m.payload)
             for topic, payload, new in zip(topics, samples, self.store.put_samples(samples)):  # one INSERT
                 counts["stored" if new else "duplicates"] += 1
@@ -447,6 +454,8 @@ class Collector:
         if m.topic.endswith("/status") and not m.payload:
             return "ignored"  # someone cleared the retained status
         try:
+            if self.gate is not None:
+                self.gate.admit(m.topic)
             kind, obj = check_message(m.topic, m.payload, self.max_payload_bytes)
         except Malformed as bad:
             self.store.quarantine(m.topic, m.payload, bad.reason, bad.detail.replace("\x00", ""))

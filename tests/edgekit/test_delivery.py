@@ -119,7 +119,9 @@ def test_the_collector_acknowledges_after_its_commit_stored_duplicate_and_quaran
         board.publish(protocol.topic("lab", "pi-2", "samples"), b"\x00not json, no id to acknowledge")
         board.publish(protocol.topic("lab", "pi-2", "telemetry"), {"schema": "edgekit.telemetry/1"})
         assert collector.wait_handled(6, timeout=30), collector.stats
-        assert wait_for(lambda: collector.stats.acked == 4 and len(watcher.messages) >= 2, 20), collector.stats
+        named = lambda: sum(len(a["stored"]) + len(a.get("quarantined", []))  # noqa: E731
+                            for a in (json.loads(p) for _, p in list(watcher.messages)))
+        assert wait_for(lambda: collector.stats.acked == 4 and named() == 4, 20), collector.stats
         board.close()
         watcher.close()
     stats = collector.stats
@@ -280,3 +282,34 @@ def test_a_three_node_nats_cluster_loses_a_node_mid_run_and_no_sample(tmp_path, 
     assert stored_at_kill < n, "the node died after everything was stored: the test tested nothing"
     assert (stats.flagged, stats.pending, stats.dropped) == (n, 0, 0)
     assert stored_ids == flagged, line
+
+
+def test_a_sample_over_the_rate_limit_is_not_acknowledged_so_its_board_sends_it_again(tmp_path):
+    """The per-device rate limit (edgekit collect --device-rate) quarantines what is over it but does not
+    acknowledge it: the board keeps it and it comes again; a device not on the allow-list is acknowledged as
+    quarantined (it would be refused however often it came)."""
+    from edgekit.loop.gate import DeviceGate
+
+    allow = tmp_path / "allow.txt"
+    allow.write_text("lab/pi-1\n")
+    s1, s2, stranger = sample(1, device="pi-1"), sample(2, device="pi-1"), sample(3, device="pi-9")
+    with Mosquitto(tmp_path / "mosquitto") as broker, open_store(f"sqlite:///{tmp_path}/s.db") as store, \
+            Collector(broker.url, store, fleet="lab", client_id="gate-acks",
+                      gate=DeviceGate(allow=allow, rate_per_minute=0.001, burst=1)) as collector:
+        watcher = Client(broker.url, subscribe="edgekit/v1/lab/+/ack")
+        board = Client(broker.url)
+        for topic, payload in ((protocol.topic("lab", "pi-1", "samples"), s1),
+                               (protocol.topic("lab", "pi-1", "samples"), s2),
+                               (protocol.topic("lab", "pi-9", "samples"), stranger)):
+            board.publish(topic, payload)
+        assert collector.wait_handled(3, timeout=30)
+        assert wait_for(lambda: collector.stats.acked == 2 and len(watcher.messages) == 2, 20), collector.stats
+        board.close()
+        watcher.close()
+    assert collector.stats.malformed == {"rate_limited": 1, "not_allowed": 1}
+    named = {}
+    for topic, payload in watcher.messages:
+        ack = json.loads(payload)
+        named.setdefault(protocol.parse_topic(topic)["device"], []).extend(
+            [("stored", i) for i in ack["stored"]] + [("quarantined", i) for i in ack.get("quarantined", [])])
+    assert named == {"pi-1": [("stored", s1["sample_id"])], "pi-9": [("quarantined", stranger["sample_id"])]}
