@@ -166,9 +166,10 @@ class Link:
 
     @property
     def where(self) -> str:
-        """The node this link uses (or tries) now, as host:port."""
+        """The node this link uses (or tries) now, as a URL."""
         host, port = self._endpoints[self._endpoint]
-        return f"{host}:{port}"
+        scheme = "mqtts" if self.cfg.broker.lstrip().startswith("mqtts") else "mqtt"
+        return f"{scheme}://{host}:{port}"
 
     def _next_endpoint(self, client) -> None:
         """Move to the next node of the list for the next attempt (the connection is closed here)."""

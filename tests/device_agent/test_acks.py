@@ -210,7 +210,7 @@ def test_a_board_moves_to_the_next_broker_node_when_its_node_dies(broker, make_c
         try:
             assert wait_for(lambda: run.agent.publisher.sent >= n // 4, 30)
             broker.stop()  # the first node dies
-            assert wait_for(lambda: run.agent.link.where == f"127.0.0.1:{second.port}" and
+            assert wait_for(lambda: run.agent.link.where == second.url and
                             run.agent.link.connected.is_set(), 30), "the board did not move to the second node"
             assert wait_for(lambda: run.agent.outbox.depth == 0 and run.agent.stats.flagged == n, 60), \
                 run.agent.outbox.depth
