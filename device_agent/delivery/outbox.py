@@ -310,6 +310,9 @@ class Publisher:
         self._acked_since = 0.0
         self._sent: "OrderedDict[str, tuple]" = OrderedDict()  # sample id -> (row id, resend at), by PUBACK time
         self._acks: "queue.Queue[Optional[bytes]]" = queue.Queue(self.ACK_BACKLOG)
+        self._ack_stored: list = []  # ids acknowledged by the collector, deleted in batches
+        self._ack_quarantined: list = []
+        self._ack_since = 0.0
         self._timeout = self.ack_timeout_s
         self._last_ack = self._backoff_at = time.monotonic()
         self._warned_silence = False
@@ -390,7 +393,9 @@ class Publisher:
         return True
 
     def _take_acks(self, wait_s: float) -> int:
-        """Delete what the queued ``edgekit.ack/1`` messages name, in one transaction; rows deleted."""
+        """Delete what the queued ``edgekit.ack/1`` messages name, in batches (one transaction per
+        ACK_BATCH ids or ACK_DELAY_S, at once when waiting, when the window is full or when every sample
+        out is acknowledged: a crash in between costs a resend, which the collector acks again); rows deleted."""
         messages = []
         try:
             if wait_s > 0:
@@ -399,9 +404,6 @@ class Publisher:
                 messages.append(self._acks.get_nowait())
         except queue.Empty:
             pass
-        if not messages:
-            return 0
-        stored, quarantined = [], []
         for payload in messages:
             try:
                 if payload is None:
@@ -412,10 +414,17 @@ class Publisher:
                 self._on_error("ack")
                 (log.warning if self.bad_acks <= 10 else log.debug)("ack ignored: %s", exc)
                 continue
-            stored.extend(s)
-            quarantined.extend(q)
-        if not stored and not quarantined:
+            if not self._ack_stored and not self._ack_quarantined:
+                self._ack_since = time.monotonic()
+            self._ack_stored.extend(s)
+            self._ack_quarantined.extend(q)
+        named = len(self._ack_stored) + len(self._ack_quarantined)
+        out = len(self._inflight) + len(self._sent)
+        if not named or not (wait_s > 0 or named >= self.ACK_BATCH or named >= out or out >= self.max_unacked
+                             or time.monotonic() - self._ack_since >= self.ACK_DELAY_S):
             return 0
+        stored, quarantined = self._ack_stored, self._ack_quarantined
+        self._ack_stored, self._ack_quarantined = [], []
         gone = set(self.outbox.remove_samples(stored + quarantined))
         for sid in gone:
             self._sent.pop(sid, None)
