@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Install the edgekit agent on a board: a venv, the config, the bundle, a systemd unit.
 
-    sudo python3 tools/install_agent.py --board rpi-4 --broker mqtt://broker.lan:1883 --bundle ./bundle
+    sudo python3 tools/install_agent.py --board rpi-4 --broker mqtt://broker.lan:1883 --bundle ./bundle \
+        --trusted-key keys/signing.pub   # the board then runs only bundles that key signed
     sudo python3 tools/install_agent.py --board rpi-4 --broker mqtts://broker.lan:8883 \
          --identity ./ids/pi-kitchen-1                                    # its certificate (edgekit fleet enroll)
     python3 tools/install_agent.py --board rpi-zero-2w --dry-run          # print what it would do
@@ -14,6 +15,9 @@ half-written: files go to a temporary name first and are renamed into place.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import hashlib
 import json
 import os
 import re
@@ -84,6 +88,47 @@ def tls_files(args: argparse.Namespace) -> Optional[dict]:
     return files
 
 
+# DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 raw key bytes follow.
+_ED25519_SPKI = bytes.fromhex("302a300506032b6570032100")
+
+
+def public_key_id(path: Path) -> str:
+    """The key id (sha256 of the raw Ed25519 public key) of a PEM public key; InstallError naming the fix if not one."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InstallError(f"--trusted-key {path} cannot be read ({exc}); pass the signing.pub of `edgekit keys init`")
+    if "PRIVATE KEY" in text:
+        raise InstallError(f"--trusted-key {path} is a private key; a board needs only signing.pub")
+    body = text.split("-----BEGIN PUBLIC KEY-----")[-1].split("-----END PUBLIC KEY-----")[0]
+    try:
+        der = base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        der = b""
+    if "-----BEGIN PUBLIC KEY-----" not in text or len(der) != 44 or not der.startswith(_ED25519_SPKI):
+        raise InstallError(f"--trusted-key {path} is not an Ed25519 public key in PEM; pass the signing.pub of "
+                           "`edgekit keys init`")
+    return hashlib.sha256(der[len(_ED25519_SPKI):]).hexdigest()
+
+
+def trusted_keys(args: argparse.Namespace) -> List[tuple]:
+    """(path on the board, source, key id) of each --trusted-key, checked before anything is written; and the
+    --bundle must be signed by one of them, or the agent would refuse to start on it."""
+    keys = []
+    for k in args.trusted_key:
+        kid = public_key_id(Path(k))
+        keys.append((f"{args.keys_dir.rstrip('/')}/{kid[:16]}.pub", Path(k), kid))
+    if keys and args.bundle:
+        try:
+            signer = json.loads((Path(args.bundle) / "signature.json").read_text(encoding="utf-8")).get("key_id")
+        except (OSError, ValueError, AttributeError):
+            signer = None
+        if signer not in {kid for _, _, kid in keys}:
+            raise InstallError(f"--bundle {args.bundle} is not signed by a --trusted-key, so the agent would refuse "
+                               "to start on it; sign it first: edgekit sign BUNDLE_DIR --key signing.key")
+    return keys
+
+
 class Installer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -91,6 +136,7 @@ class Installer:
         self.dry = args.dry_run
         self.actions: List[str] = []
         self.tls_files = tls_files(args)
+        self.trusted_keys = trusted_keys(args)
 
     def target(self, path: str) -> Path:
         """An absolute path on the board, under --root."""
@@ -169,6 +215,8 @@ class Installer:
             text = set_key(text, "device", "id", a.device_id)
         if a.fleet:
             text = set_key(text, "device", "fleet", a.fleet)
+        if self.trusted_keys:
+            text = set_key(text, "update", "trusted_keys", [path for path, _, _ in self.trusted_keys])
         if self.tls_files is not None:
             for key, name in (("ca_file", "ca.crt"), ("cert_file", "client.crt"), ("key_file", "client.key")):
                 text = set_key(text, "mqtt", key, f"{a.tls_dir.rstrip('/')}/{name}")
@@ -178,6 +226,15 @@ class Installer:
         else:
             self.write(dest, f"# installed by tools/install_agent.py from firmware_configs/{a.board}.toml\n" + text, 0o640)
         return dest
+
+    def keys(self) -> None:
+        """Copy the public keys the board trusts; without any, say that it will run any bundle."""
+        if not self.trusted_keys:
+            self.say("skip trusted keys: without --trusted-key the board runs any bundle it is given or pushed")
+            return
+        for board_path, src, kid in self.trusted_keys:
+            self.say(f"trust key {kid[:16]}... ({src})")
+            self.copy(src, self.target(board_path), 0o644)
 
     def bundle(self) -> None:
         a = self.args
@@ -214,6 +271,7 @@ class Installer:
             self.say("skip the venv (--no-venv)")
         self.mkdir(self.target(a.state_dir) / "inbox")
         self.tls()
+        self.keys()
         self.config()
         self.bundle()
         self.unit()
@@ -230,26 +288,29 @@ class Installer:
             self.say("skip systemctl (installing under --root); on the board: systemctl enable --now edgekit-agent")
 
 
-def set_key(text: str, table: str, key: str, value: str) -> str:
-    """Replace ``key = ...`` inside ``[table]`` of a TOML profile (keeps comments and layout)."""
+def set_key(text: str, table: str, key: str, value) -> str:
+    """Replace ``key = ...`` inside ``[table]`` of a TOML profile (keeps comments and layout).
+
+    ``value`` is a string or a list of strings (written as a TOML array)."""
+    literal = json.dumps(value) if isinstance(value, list) else f'"{value}"'  # JSON strings are TOML basic strings
     out, current, done = [], None, False
     for line in text.splitlines(keepends=True):
-        m = re.match(r"\s*\[([A-Za-z_]+)\]\s*$", line)
+        m = re.match(r"\s*\[([A-Za-z_]+)\]\s*(#.*)?$", line)
         if m:
             if current == table and not done:
-                out.append(f'{key} = "{value}"\n')
+                out.append(f"{key} = {literal}\n")
                 done = True
             current = m.group(1)
         elif current == table and not done:
-            m = re.match(rf'\s*#?\s*{key}\s*=\s*("[^"]*"|[^#\s]*)\s*(#.*)?$', line.rstrip("\n"))
+            m = re.match(rf'\s*#?\s*{key}\s*=\s*("[^"]*"|\[[^\]]*\]|[^#\s]*)\s*(#.*)?$', line.rstrip("\n"))
             if m:
-                line = f'{key} = "{value}"' + (f"  {m.group(2)}" if m.group(2) else "") + "\n"
+                line = f"{key} = {literal}" + (f"  {m.group(2)}" if m.group(2) else "") + "\n"
                 done = True
         out.append(line)
     if not done:
         if current != table:
             out.append(f"\n[{table}]\n")
-        out.append(f'{key} = "{value}"\n')
+        out.append(f"{key} = {literal}\n")
     return "".join(out)
 
 
@@ -272,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="its private key (PEM), installed with mode 0600")
     p.add_argument("--ca", help="the CA certificate the broker's certificate is signed by (PEM)")
     p.add_argument("--tls-dir", default="/etc/edgekit/tls", help="where the certificate, key and CA go")
+    p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                   help="a public key (signing.pub of `edgekit keys init`) whose signed bundles the board runs; "
+                        "repeat for several (key rotation). Without any, the board runs any bundle")
+    p.add_argument("--keys-dir", default="/etc/edgekit/trusted_keys", help="where trusted keys go on the board")
     p.add_argument("--memory-max", help="systemd MemoryMax (default per board)")
     p.add_argument("--watchdog-sec", type=int, default=60)
     p.add_argument("--extra", choices=["device", "device-tflite"], help="pip extra (default per board)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict
 
-__all__ = ["NAME", "DTYPES", "COMMANDS", "SCHEMAS", "UUID", "MAX_ACK_IDS"]
+__all__ = ["NAME", "DTYPES", "COMMANDS", "SIGNATURE_REFUSALS", "SCHEMAS", "UUID", "MAX_ACK_IDS"]
 
 #: A fleet or device name: one topic level.
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -21,6 +21,9 @@ COMMANDS = ("ping", "set_thresholds", "flush", "reload_bundle", "send_telemetry"
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 #: At most this many sample ids in one ``edgekit.ack/1`` (``stored`` and ``quarantined`` together).
 MAX_ACK_IDS = 1024
+#: Why a board with trusted keys refused a bundle (telemetry ``signature.refused``; docs/bundle.md, "Signature").
+SIGNATURE_REFUSALS = ("unsigned", "malformed", "unknown_key", "bad_signature", "model_mismatch", "rollback",
+                      "release_reused")
 _NAME, _DTYPES = NAME, DTYPES
 
 _MODEL = {
@@ -141,6 +144,23 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
                     "confidence_mean_ref": _NUM_OR_NULL,
                     "confidence_psi": {"type": ["number", "null"], "minimum": 0},
                     "level": {"enum": ["stable", "moderate", "significant", None]},
+                },
+            },
+            "signature": {
+                "description": "signed bundles: null when the board trusts no key ([update].trusted_keys) and runs "
+                               "any bundle; else the trusted key ids, the running bundle's release, the highest "
+                               "release accepted, and the refused bundles counted by reason",
+                "type": ["object", "null"],
+                "required": ["keys", "release", "highest", "refused"],
+                "properties": {
+                    "keys": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                    "release": {"type": ["integer", "null"], "minimum": 1},
+                    "highest": {"type": ["integer", "null"], "minimum": 1},
+                    "refused": {
+                        "description": "refusals by reason: " + ", ".join(SIGNATURE_REFUSALS),
+                        "type": "object",
+                        "additionalProperties": {"type": "integer", "minimum": 1},
+                    },
                 },
             },
         },

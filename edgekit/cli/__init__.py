@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from .. import __version__
 
-_COMMANDS = ("convert", "evaluate", "collect", "samples", "retrain", "fleet", "broker_config", "demo")
+_COMMANDS = ("convert", "evaluate", "collect", "samples", "retrain", "fleet", "broker_config", "keys", "sign", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
