@@ -59,12 +59,14 @@ class RunStats:
 
     inferences: int
     flagged: int
-    published: int  # samples acknowledged by the broker (and deleted from the outbox)
+    published: int  # samples delivered and deleted from the outbox: acknowledged by the collector ([mqtt].ack)
     dropped: int  # samples dropped because the outbox was full
     errors: Mapping[str, int] = field(default_factory=dict)
     pending: int = 0  # samples left in the outbox for the next start
     skipped: Mapping[str, int] = field(default_factory=dict)  # duplicate / rate_limited
     runtime: str = ""
+    sent: int = 0  # publishes the broker acknowledged (PUBACK), resends included
+    resent: int = 0  # publishes of a sample sent before: no collector ack in time, or a reconnect
     rejected: int = 0  # samples the broker refused (MQTT 5 reason, e.g. an ACL's "Not authorized"); kept
 
 
@@ -107,6 +109,7 @@ class Agent:
         self.manifest = m = self.bundle.manifest
         self.topics = {k: protocol.topic(self.fleet, self.device, k) for k in protocol.KINDS}
         self._closers = []
+        self.stats = Stats()
         try:
             runtime, threads = choose_runtime(config)
             self.model = TFLiteModel.open(self.bundle.model_path, runtime, threads)
@@ -130,7 +133,6 @@ class Agent:
             raise
         self._prepare_fast_path()
         self._prepare_drift()
-        self.stats = Stats()
         self.watchdog = Watchdog()
         self._cmds: "queue.SimpleQueue[bytes]" = queue.SimpleQueue()
         self._telemetry_due = 0.0
@@ -151,7 +153,12 @@ class Agent:
                 self._closers.append(self.updater.close)
             if isinstance(self.source, MqttSource):
                 self.link.subscribe(self.source.topic, self.source.offer)
-            self.publisher = Publisher(self.outbox, self.link, window=config.mqtt.max_inflight)
+            mq = config.mqtt
+            self.publisher = Publisher(self.outbox, self.link, window=mq.max_inflight, ack=mq.ack,
+                                       ack_timeout_s=mq.ack_timeout_s, max_unacked=mq.max_unacked,
+                                       on_error=self.stats.error)
+            if mq.ack == "collector":  # samples leave the outbox when the collector says it has them
+                self.link.subscribe(self.topics["ack"], self.publisher.offer_ack)
         log.info(
             "agent %s/%s: model %s v%s on %s (%d threads), outbox %s holds %d samples",
             self.fleet, self.device, m.name, m.version, self.model.runtime, self.model.num_threads,
@@ -234,6 +241,7 @@ class Agent:
             outbox={"depth": self.outbox.depth, "bytes": self.outbox.bytes, "dropped": self.outbox.dropped},
             flagged=s.flagged,
             published=self.publisher.published if self.publisher else 0,
+            resent=self.publisher.resent if self.publisher else 0,
             rejected=self.publisher.rejected if self.publisher else 0,
             latency_ms=s.latency(),
             low_confidence_rate=s.low_confidence_rate(),
@@ -488,6 +496,8 @@ class Agent:
             pending=self.outbox.depth,
             skipped=dict(self.policy.skipped),
             runtime=self.model.runtime,
+            sent=self.publisher.sent if self.publisher else 0,
+            resent=self.publisher.resent if self.publisher else 0,
             rejected=self.publisher.rejected if self.publisher else 0,
         )
 

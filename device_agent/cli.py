@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--source", help="folder, .npy or .npz (overrides [source].path, kind inferred)")
     run.add_argument("--watch", action="store_true", help="keep watching the folder for new files")
-    run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (overrides [mqtt].broker)")
+    run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port, or the nodes of a cluster "
+                                      "comma-separated (overrides [mqtt].broker)")
     run.add_argument("--results", help="JSON lines of every prediction: a file, or - for stdout")
     run.add_argument("--reset-bundle", action="store_true",
                      help="forget the bundle an update installed and start on the configured one (a retained "

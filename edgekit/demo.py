@@ -273,12 +273,12 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
         # 6. the agent, on the board's code path (device_agent, no TensorFlow in it)
         agent_dir = out / "agent"
         agent_dir.mkdir()
-        def agent_config(b, results: str):
+        def agent_config(b, results: str, ack: str = "collector"):
             return load_config(
                 bundle=str(v1), broker=b.url, device_id=c.device, fleet=c.fleet,
                 results=str(agent_dir / results), outbox=str(agent_dir / "outbox.sqlite"), threads=1,
                 policy={"random_fraction": c.random_fraction, "seed": c.seed},
-                mqtt={"protocol": b.protocol}, telemetry={"period_s": 1},
+                mqtt={"protocol": b.protocol, "ack": ack}, telemetry={"period_s": 1},
                 update={"trusted_keys": [str(keys.public)]},  # as tools/install_agent.py --trusted-key sets it
             )
 
@@ -295,12 +295,12 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
 
         stats = stages.run(
             f"run the agent as device {c.fleet}/{c.device} over the {len(ids)}-digit stream", run_agent,
-            lambda s: (f"{s.inferences} inferences on {s.runtime}, {s.flagged} flagged, {s.published} acknowledged "
-                       f"by the broker, {s.pending} left in the outbox"),
+            lambda s: (f"{s.inferences} inferences on {s.runtime}, {s.flagged} flagged, {s.published} stored and "
+                       f"acknowledged by the collector, {s.pending} left in the outbox"),
         )
 
         if stats.flagged and not stats.published:
-            raise EdgekitError(f"the agent flagged {stats.flagged} samples but the broker acknowledged none; "
+            raise EdgekitError(f"the agent flagged {stats.flagged} samples but the collector acknowledged none; "
                                f"see {out / 'demo.log'} and try --broker embedded")
 
         def wait_collected() -> int:
@@ -394,7 +394,8 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
 
             n = min(100, len(d["y_test"]))
             source = _AfterUpdate(d["x_test_shifted"][:n], uri="demo-after-update")
-            with Agent(agent_config(b, "results-after-update.jsonl"), source=source) as agent:
+            # No collector runs in this step: a sample leaves the outbox on the broker's PUBACK.
+            with Agent(agent_config(b, "results-after-update.jsonl", ack="broker"), source=source) as agent:
                 source.ready = lambda: agent.manifest.sha256 == res_sha
                 agent.run()
         finally:

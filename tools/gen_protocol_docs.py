@@ -40,7 +40,7 @@ def examples() -> dict:
     )
     telemetry = protocol.telemetry_payload(
         device="pi-kitchen-1", fleet="lab", model=MODEL, uptime_s=86400.5, inferences=120344, ts=TS,
-        outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809, rejected=0,
+        outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809, resent=41, rejected=0,
         latency_ms={"p50": 0.41, "p95": 0.77}, low_confidence_rate=0.0815, errors={"input": 2},
         skipped={"duplicate": 14, "rate_limited": 0}, runtime="ai_edge_litert", threads=4, agent_version="0.1.0",
         cpu_percent=37.5, memory_rss_bytes=48234496, memory_percent=1.2, temperature_c=52.1,
@@ -56,8 +56,11 @@ def examples() -> dict:
                                              sample_id=sample["sample_id"], ts=TS)
     cmd = {"schema": "edgekit.cmd/1", "cmd": "set_thresholds", "args": {"confidence_threshold": 0.6}, "id": "c-42"}
     bundle = protocol.bundle_payload(ROOT / "tests" / "device_agent" / "data" / "digits-bundle-v2", ts=TS)
+    ack = protocol.ack_payload([sample["sample_id"], "0c9e5b7a-2f4d-4e61-8a3b-5d7c9e1f2a4b"],
+                               ["6a2f0d91-7c3e-4b58-9f10-2e4d6c8a0b1c"], ts=TS)
     out = {"edgekit.sample/1": sample, "edgekit.telemetry/1": telemetry, "edgekit.status/1": status,
-           "edgekit.prediction/1": prediction, "edgekit.cmd/1": cmd, "edgekit.bundle/1": bundle}
+           "edgekit.prediction/1": prediction, "edgekit.cmd/1": cmd, "edgekit.bundle/1": bundle,
+           "edgekit.ack/1": ack}
     try:
         import jsonschema
     except ImportError:  # pragma: no cover - the host environment has it
@@ -79,7 +82,8 @@ definition of everything on this page.
 ## Topics
 
 Every topic is `{prefix}/<fleet>/<device>/<kind>`. Fleet and device names are one topic level:
-1-64 letters, digits, `.`, `_` or `-`.
+1-64 letters, digits, `.`, `_` or `-` (leave out `.` if the broker is NATS 2.9: it drops a client that
+publishes on a topic with a `.` in a level).
 
 | topic suffix | direction | QoS | retained | published by | payload schema |
 |---|---|---|---|---|---|
@@ -89,8 +93,11 @@ Every topic is `{prefix}/<fleet>/<device>/<kind>`. Fleet and device names are on
 | `predictions` | board -> host | 0 | no | the agent, only with `[mqtt].publish_predictions = true` | `edgekit.prediction/1` |
 | `cmd` | host -> board | 1 | no | an operator or a tool | `edgekit.cmd/1` |
 | `bundle` | host -> board | 1 | yes | `edgekit fleet push` (the model the board should run) | `edgekit.bundle/1` |
+| `ack` | host -> board | 1 | no | the collector, after each commit: the sample ids it has | `edgekit.ack/1` |
 
-The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` and `.../status`.
+The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` and `.../status`, and
+publishes on each board's `.../ack`; a board subscribes to its own `cmd`, `bundle` and `ack`. A broker
+ACL must let the collector's identity write `{prefix}/+/+/ack` and each board read its own `.../ack`.
 
 ## Identity: who may publish where
 
@@ -121,20 +128,48 @@ any board's name.
 
 ## Delivery: nothing is lost, nothing is stored twice
 
-- The agent writes a flagged sample into its SQLite outbox *before* publishing it with QoS 1 and
-  deletes it only on the broker's PUBACK; on reconnect and restart the outbox is published again
-  in order. A sample may therefore arrive more than once (QoS 1 is at least once).
+- The agent writes a flagged sample into its SQLite outbox *before* publishing it with QoS 1. The
+  broker's PUBACK only marks it sent: the sample stays in the outbox until the **collector** names it
+  in an `edgekit.ack/1` on `{prefix}/<fleet>/<device>/ack`, which it sends only after the commit
+  (end-to-end acknowledgement, `[mqtt].ack = "collector"`, the default). A broker that drops a queued
+  message (Mosquitto drops QoS 1 messages past `max_queued_messages`, 1000 per session by default,
+  when a collector falls behind), or loses it in a crash, costs a resend, never the sample.
+- What no ack names `[mqtt].ack_timeout_s` (default 30 s) after its PUBACK is published again,
+  oldest first; on every reconnect and restart the outbox is replayed from its oldest sample. At
+  most `[mqtt].max_unacked` (default 500) samples are out unacknowledged, so a slow collector slows
+  its boards down instead of filling the broker's queue. While no ack comes at all, the resend
+  timeout doubles on each round (up to 10 minutes): a collector that is down is not flooded.
+- The collector acknowledges in batches (one message per device per committed batch, at most
+  {ack_ids} ids): `stored` names samples stored now **and** duplicates of samples stored before (a
+  resend whose first ack was lost); `quarantined` names samples it refused and kept in quarantine
+  (malformed, oversized, not on the allow-list, ...), so a board never resends a payload that cannot
+  pass; a sample over the per-device rate limit is quarantined but not acknowledged, so its board sends
+  it again later. The id of a
+  refused payload is read from its first 160 bytes only (boards write `schema` then `sample_id`
+  first); a payload without a readable id is quarantined and not acknowledged.
+- The board checks an ack before it parses it (at most {ack_bytes} bytes, a JSON object with
+  `schema: edgekit.ack/1`, lists of lower-case UUIDs, at most {ack_ids} ids); a bad one is counted
+  in telemetry `errors.ack` and ignored, ids it does not hold (acknowledged before, dropped for room)
+  are ignored, a quarantined one is deleted and counted in `errors.refused`. The byte cap of the
+  outbox (`[outbox].max_bytes`, drop-oldest, counted) holds for sent-but-unacknowledged samples too.
+- **An older collector** (no acks): set `[mqtt].ack = "broker"` on its boards, and a sample leaves the
+  outbox on its PUBACK as before (a broker's queue limit can then lose samples). A board left on
+  `"collector"` keeps its samples (within the byte cap), logs once that no collector acknowledges,
+  and resends with the growing timeout until a collector that acknowledges comes.
 - `sample_id` (a UUID made on the board) is the identity: the store keeps the first copy and
   counts the others as duplicates. `seq` increases per device, so gaps are visible.
 - The collector uses an MQTT 5 **persistent session**: a fixed client id (`--client-id`), clean
   start off and a session expiry (`--session-expiry`, default 3600 s). While it is away, the
-  broker queues the QoS 1 samples for it (mind Mosquitto's `max_queued_messages`, 1000 by default:
-  raise it on a busy fleet) and delivers them when it comes back.
-- The collector acknowledges **manually**: paho only queues a message; a writer thread validates
-  a batch, stores it in one transaction, commits, and only then sends the PUBACKs. A collector
-  killed before a commit never acked those messages, so the broker delivers them again.
-- MQTT 3.1.1 brokers work too (`protocol="3.1.1"`: `clean_session=False`, no expiry, no shared
-  subscriptions).
+  broker queues the QoS 1 samples for it and delivers them when it comes back. It asks for at most
+  1000 unacknowledged messages at a time (Receive Maximum), so its memory stays bounded and the
+  rest wait at the broker; what the broker drops there comes again from the boards.
+- The collector acknowledges to the broker **manually** too: paho only queues a message; a writer
+  thread validates a batch, stores it in one transaction, commits, and only then sends the PUBACKs
+  and the boards' acks. A collector killed before a commit never acked those messages, so the broker
+  delivers them again (and the boards resend them).
+- MQTT 3.1.1 brokers work too (`protocol="3.1.1"` on both sides: `clean_session=False`, no expiry,
+  no shared subscriptions, no Receive Maximum: the broker's own in-flight limit applies). NATS with
+  JetStream is such a broker and is tested as a three-node cluster (docs/architecture.md).
 
 ## Status and the last will
 
@@ -204,14 +239,17 @@ sequenceDiagram
     B->>B: classify; policy flags the input
     B->>O: insert sample (sample_id, seq, input)
     O->>M: PUBLISH QoS 1 .../samples
-    M-->>O: PUBACK
-    O->>O: delete the sample
+    M-->>O: PUBACK (marks it sent; it stays in the outbox)
     Note over M,C: collector offline: the broker queues it in the persistent session
     M->>C: PUBLISH QoS 1 (now, or when the collector reconnects)
     C->>C: validate (size, JSON Schema, base64 x shape, topic)
     C->>S: INSERT ... ON CONFLICT (sample_id) DO NOTHING; COMMIT
     C-->>M: PUBACK (only after the commit)
-    Note over C,S: a duplicate is counted, a bad payload quarantined; both are acked
+    C->>M: PUBLISH QoS 1 .../ack {stored: [sample_id, ...], quarantined: [...]}
+    M->>O: the ack
+    O->>O: delete the samples it names
+    Note over M,O: no ack within [mqtt].ack_timeout_s (the broker dropped it, the ack was lost): publish again
+    Note over C,S: a duplicate is counted and acked as stored; a bad payload is quarantined and acked as such
 ```
 
 ## Model updates: the `bundle` topic
@@ -322,6 +360,8 @@ def render() -> str:
     text = text.replace("{max_bytes}", f"{protocol.MAX_PAYLOAD_BYTES:,}")
     text = text.replace("{collector_max}", f"{DEFAULT_MAX_PAYLOAD_BYTES:,}")
     text = text.replace("{max_bundle}", f"{protocol.DEFAULT_MAX_BUNDLE_BYTES:,}")
+    text = text.replace("{ack_ids}", f"{protocol.MAX_ACK_IDS:,}")
+    text = text.replace("{ack_bytes}", f"{protocol.MAX_ACK_BYTES:,}")
     ex = examples()
     parts = [text]
     archive = ex["edgekit.bundle/1"]["archive"]  # validated whole above; shown shortened

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, Tuple
+import re
+from typing import Any, Dict, Optional, Tuple
 
 from device_agent.delivery import protocol as wire
 
 from .fastschema import Unsupported, compile_schema
 
-__all__ = ["Malformed", "check_message", "DEFAULT_MAX_PAYLOAD_BYTES", "KIND_SCHEMAS"]
+__all__ = ["Malformed", "check_message", "sample_id_hint", "DEFAULT_MAX_PAYLOAD_BYTES", "KIND_SCHEMAS"]
 
 log = logging.getLogger(__name__)
 
@@ -105,3 +106,16 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
         raise Malformed("topic_mismatch", f"payload says {obj['fleet']}/{obj['device']}, topic says "
                                           f"{parts['fleet']}/{parts['device']}")
     return kind, obj
+
+
+# How boards write a sample: the schema, then the sample id (compact or json.dumps spacing).
+_SAMPLE_HEAD = re.compile(rb'^\{\s*"schema"\s*:\s*"edgekit\.sample/1"\s*,\s*"sample_id"\s*:\s*"'
+                          rb'([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
+
+
+def sample_id_hint(payload: bytes) -> Optional[str]:
+    """The sample id of a refused sample payload, read from its first 160 bytes only (nothing is parsed,
+    so an oversized or broken payload costs nothing): the collector acknowledges it as quarantined so
+    the board stops sending it. Only a payload that starts the way boards write one has an id here."""
+    m = _SAMPLE_HEAD.match(bytes(payload[:160]))
+    return m.group(1).decode("ascii") if m else None

@@ -9,6 +9,7 @@ from device_agent.agent import Agent
 from device_agent.sources import ArraySource
 
 from broker import Mosquitto  # tests/broker.py, on the path through tests/conftest.py
+from conftest import Acker
 
 ACL_WITHOUT_SAMPLES = """\
 topic write edgekit/v1/test/dev1/status
@@ -37,12 +38,18 @@ def test_refused_samples_are_counted_kept_and_sent_once_the_acl_allows_them(tmp_
         said = [r for r in caplog.records if "refuses the samples of this board" in r.getMessage()]
         assert len(said) == 1 and "[device].id" in said[0].getMessage()
 
-        # The operator fixes the ACL and restarts the broker: the kept samples go out on the next start.
-        acl.write_text(ACL_WITHOUT_SAMPLES + "topic write edgekit/v1/test/dev1/samples\n")
+        # The operator fixes the ACL and restarts the broker: the kept samples go out on the next start, and
+        # leave the outbox when the collector (its stand-in here, allowed to read them and write the board's
+        # ack topic) acknowledges them.
+        acl.write_text(ACL_WITHOUT_SAMPLES + "topic readwrite edgekit/v1/test/dev1/samples\n"
+                                             "topic readwrite edgekit/v1/test/dev1/ack\n")
         broker.stop()
         broker.start()
-        with Agent(config, source=ArraySource(x[:0])) as agent:
+        acker = Acker(broker.port, topic="edgekit/v1/test/dev1/samples").start()
+        assert acker.subscribed.wait(10)
+        with Agent(config.with_overrides(outbox={"drain_timeout_s": 20.0}), source=ArraySource(x[:0])) as agent:
             stats = agent.run()
+        acker.stop()
         assert (stats.published, stats.rejected, stats.pending) == (10, 0, 0)
     finally:
         broker.stop()
