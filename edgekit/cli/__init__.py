@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from .. import __version__
 
-_COMMANDS = ("convert", "evaluate", "collect", "samples", "retrain", "fleet", "demo")
+_COMMANDS = ("convert", "evaluate", "collect", "samples", "label", "retrain", "fleet", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,6 +196,18 @@ class LabelingMixin:
             rows = self._exec(query, params).fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
+    def labels_of(self, sample_ids: Iterable[str]) -> Dict[str, Tuple[Optional[str], int]]:
+        """{sample_id: (label, label_version)} of those ids that are in the store."""
+        ids = list(dict.fromkeys(sample_ids))
+        out: Dict[str, Tuple[Optional[str], int]] = {}
+        with self._lock:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                rows = self._exec("SELECT sample_id, label, label_version FROM samples WHERE sample_id IN ("
+                                  + ", ".join("?" * len(chunk)) + ")", chunk).fetchall()
+                out.update({r[0]: (r[1], int(r[2])) for r in rows})
+        return out
+
     def unlabeled_ids(self, **filters: Any) -> Set[str]:
         where, params = _where(filters, extra="label IS NULL")
         with self._lock:
