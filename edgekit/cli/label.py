@@ -8,7 +8,7 @@ import re
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 
 def register(sub: argparse._SubParsersAction) -> None:

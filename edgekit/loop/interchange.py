@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import json
 import os
 import shutil
@@ -45,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import quoteattr
 
 from ..errors import DataError, OutputExistsError
 from .label.render import kind, png_bytes

@@ -10,7 +10,7 @@ the model's doubts, but ten copies of one blurry frame then cost ten labels. The
    else a cheap stand-in (:func:`thumbnail_embedding`: a 8x8-per-channel thumbnail of the input,
    centred and scaled to unit length, beside the board's top-k scores).
 2. **Cluster once** (k-means on the unit-length embeddings, about ``cluster_size`` samples a
-   cluster): near-duplicates share a cluster.
+   cluster, at least :data:`MIN_CLUSTERS`): near-duplicates share a cluster.
 3. **Round-robin in margin order**: the queue is built in batches of ``batch``; each batch looks at
    the ``window`` lowest-margin samples not queued yet and takes one from each cluster present,
    clusters that have given fewer samples so far first, then the lowest margin (top-1 minus
@@ -48,6 +48,13 @@ Embedder = Callable[[Sequence[SampleRecord]], np.ndarray]
 """Records to an (n, d) float array, one row a sample."""
 
 THUMB = 8  # thumbnail side of the cheap embedding
+MIN_CLUSTERS = 10
+CLUSTER_SIZE = 30
+BATCH = 10
+WINDOW = 20
+# CLUSTER_SIZE, BATCH and WINDOW were chosen on bench/bench_loop.py's seeds 0-4 (cluster sizes 2, 4, 8,
+# 16 and 30, windows 5-20 batches: all within noise of each other at 25 labels; 30/20 best at 50);
+# the bench reports on other seeds.
 
 
 def order_samples(records: Sequence[SampleRecord], how: str = "informative", *, embed: Optional[Embedder] = None,
@@ -64,18 +71,19 @@ def order_samples(records: Sequence[SampleRecord], how: str = "informative", *, 
     if how in ("margin", "confidence"):
         return [recs[i] for i in np.argsort(key, kind="stable")]
     emb = (embed or thumbnail_embedding)(recs)
-    labels = cluster(emb, seed=seed, cluster_size=params.pop("cluster_size", 4))
+    labels = cluster(emb, seed=seed, cluster_size=params.pop("cluster_size", CLUSTER_SIZE))
     return [recs[i] for i in cluster_margin_order(key, labels, **params)]
 
 
-def cluster(embeddings: np.ndarray, *, cluster_size: float = 4, n_clusters: Optional[int] = None,
+def cluster(embeddings: np.ndarray, *, cluster_size: float = CLUSTER_SIZE, n_clusters: Optional[int] = None,
             seed: int = 0) -> np.ndarray:
-    """One cluster id per row (k-means on unit-length rows; k = n / cluster_size unless given)."""
+    """One cluster id per row (k-means on unit-length rows; k = n / cluster_size, at least
+    :data:`MIN_CLUSTERS`, unless given)."""
     x = np.asarray(embeddings, dtype=np.float64)
     n = len(x)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    k = int(n_clusters) if n_clusters else int(math.ceil(n / max(1.0, float(cluster_size))))
+    k = int(n_clusters) if n_clusters else max(MIN_CLUSTERS, int(math.ceil(n / max(1.0, float(cluster_size)))))
     k = max(1, min(k, n))
     if k == 1:
         return np.zeros(n, dtype=np.int64)
@@ -89,8 +97,8 @@ def cluster(embeddings: np.ndarray, *, cluster_size: float = 4, n_clusters: Opti
     return algo.fit_predict(x.astype(np.float32)).astype(np.int64)
 
 
-def cluster_margin_order(margin: Sequence[float], clusters: Sequence[int], *, batch: int = 10,
-                         window: int = 5) -> np.ndarray:
+def cluster_margin_order(margin: Sequence[float], clusters: Sequence[int], *, batch: int = BATCH,
+                         window: int = WINDOW) -> np.ndarray:
     """Indices in Cluster-Margin order (see the module docstring).
 
     ``window`` is how many batches' worth of the lowest margins each batch chooses from.

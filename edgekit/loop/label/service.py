@@ -61,6 +61,7 @@ class LabelService:
         self._lock = threading.RLock()
         self._order: List[str] = []
         self._known: Set[str] = set()
+        self._predicted: Dict[str, str] = {}
         self._checked = 0.0
         self._skipped: Dict[str, Set[str]] = {}
 
@@ -82,6 +83,7 @@ class LabelService:
                 ordered = order_samples(records, self.order_name, embed=self.embed, seed=self.seed)
                 self._order = [r.sample_id for r in ordered]
                 self._known = set(self._order)
+                self._predicted = {r.sample_id: r.label_pred for r in ordered}
                 log.info("queue: %d unlabelled samples in %s order (%.1f s)", len(self._order), self.order_name,
                          time.perf_counter() - t0)
             return self._order
@@ -185,8 +187,7 @@ class LabelService:
         skipped = self._skipped.get(user, set()) | set(exclude)
         candidates = [sid for sid in order if sid in unlabeled and sid not in held and sid not in skipped]
         if predicted is not None:
-            preds = self._predictions(candidates)
-            candidates = [sid for sid in candidates if preds.get(sid) == predicted]
+            candidates = [sid for sid in candidates if self._predicted.get(sid) == predicted]
         got: List[str] = []
         for sid in candidates:
             if self.store.claim_lease(sid, user, self.lease_seconds):
@@ -195,11 +196,6 @@ class LabelService:
                     break
         self.store.release_leases(user, keep=got)
         return [self.view(sid, with_history=False) for sid in got]
-
-    def _predictions(self, ids: Sequence[str]) -> Dict[str, str]:
-        recs = self.store.list_samples(labeled=False, **self._list_filters())
-        wanted = set(ids)
-        return {r.sample_id: r.label_pred for r in recs if r.sample_id in wanted}
 
     # -- reads -----------------------------------------------------------
     def view(self, sample_id: str, with_history: bool = True) -> Dict[str, Any]:
