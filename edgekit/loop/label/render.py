@@ -61,7 +61,9 @@ def image_array(arr: np.ndarray) -> np.ndarray:
     lo, hi = (float(f[finite].min()), float(f[finite].max())) if finite.any() else (0.0, 0.0)
     if hi <= lo:
         return np.zeros(a.shape, dtype=np.uint8)
-    return np.clip(np.nan_to_num((f - lo) / (hi - lo) * 255.0, nan=0.0), 0, 255).round().astype(np.uint8)
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = np.nan_to_num((f - lo) / (hi - lo) * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
+    return np.clip(scaled, 0, 255).round().astype(np.uint8)
 
 
 def png_bytes(record_or_array: "SampleRecord | np.ndarray") -> bytes:
