@@ -155,6 +155,7 @@ def _show(args: argparse.Namespace) -> int:
 
     with open_store(args.store) as store:
         r = store.get_sample(args.sample_id)
+        history = store.label_history(args.sample_id)
     d = r.to_dict()
     print(f"sample {r.sample_id}  device {r.fleet}/{r.device} seq {r.seq} at {_when(r.ts)} UTC")
     print(f"model {r.model_name} {r.model_version}  predicted {r.label_pred!r} confidence {r.confidence:.3f} "
@@ -162,6 +163,9 @@ def _show(args: argparse.Namespace) -> int:
     top = ", ".join("{}:{:.3f}".format(k.get("label"), float(k.get("score", 0))) for k in r.top_k)
     print(f"top-k {top or '-'}")
     print(f"label {r.label or '(none)'}" + (f" by {r.labeled_by}" if r.labeled_by else ""))
+    for e in history:  # newest first: who changed it when, and from what
+        print(f"  {_when(e.labeled_at)} UTC  {e.labeled_by or '?'}: {e.label or '(none)'}"
+              f"  (was {e.previous_label or '(none)'}; {e.action})")
     print(f"input {d['input']['dtype']} {d['input']['shape']}  source {json.dumps(r.source)}")
     if args.image:
         print(f"wrote {save_image(r, args.image, scale=args.scale)}")

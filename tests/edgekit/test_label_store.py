@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import uuid
 
@@ -151,3 +152,20 @@ def test_a_postgres_store_of_the_previous_version_is_migrated_in_place():
     finally:
         with open_store(url) as s:
             s.drop()
+
+
+def test_samples_show_prints_who_changed_the_label_and_from_what(tmp_path, capsys):
+    from edgekit.cli import main
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    with open_store(url) as s:
+        p = sample(1)
+        s.put_sample(p, "t")
+    sid = p["sample_id"]
+    assert main(["samples", "label", "--store", url, sid, "7", "--by", "ann"]) == 0
+    assert main(["samples", "label", "--store", url, sid, "1", "--by", "bob"]) == 0
+    capsys.readouterr()
+    assert main(["samples", "show", "--store", url, sid]) == 0
+    out = capsys.readouterr().out
+    assert "label 1 by bob" in out
+    assert re.search(r"bob: 1  \(was 7; relabel\)\n.*ann: 7  \(was \(none\); label\)", out)
