@@ -66,9 +66,6 @@ class LabelService:
         self._skipped: Dict[str, Set[str]] = {}
 
     # -- the queue -------------------------------------------------------
-    def _list_filters(self) -> Dict[str, Any]:
-        return dict(self.filters)
-
     def refresh(self, force: bool = False) -> List[str]:
         """The ordered queue of unlabelled ids, recomputed when samples arrived since the last look."""
         with self._lock:
@@ -78,7 +75,7 @@ class LabelService:
             self._checked = now
             unlabeled = self.store.unlabeled_ids(**self.filters)
             if force or not unlabeled <= self._known:
-                records = self.store.list_samples(labeled=False, **self._list_filters())
+                records = self.store.list_samples(labeled=False, **self.filters)
                 t0 = time.perf_counter()
                 ordered = order_samples(records, self.order_name, embed=self.embed, seed=self.seed)
                 self._order = [r.sample_id for r in ordered]
