@@ -58,6 +58,8 @@ bench: install device-env
 	$(VENV)/bin/python bench/bench_agent.py
 	$(VENV)/bin/python bench/bench_collector.py
 	$(VENV)/bin/python bench/bench_loop.py
+	$(VENV)/bin/python bench/bench_identity.py
+	$(DEVICE)/bin/python bench/bench_signature.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache demo-out

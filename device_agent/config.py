@@ -222,10 +222,19 @@ class UpdateConfig:
     enabled: bool = True
     max_bytes: int = 16 * 1024 * 1024  # the largest bundle archive accepted (before base64)
     keep: int = 2  # previous bundle directories kept under <state dir>/bundles/ for a quick rollback
+    # PEM Ed25519 public keys; with any, only bundles signed by one of them run (docs/agent.md, "Signed bundles")
+    trusted_keys: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _within("update", "max_bytes", self.max_bytes, 1024)
         _within("update", "keep", self.keep, 0, 100)
+        keys = self.trusted_keys
+        if isinstance(keys, str) or not isinstance(keys, (list, tuple)) or \
+                not all(isinstance(k, str) and k.strip() for k in keys):
+            raise _err("update", "trusted_keys", keys, 'must be a list of public key files, e.g. ["/etc/edgekit/signing.pub"]')
+        if len(set(keys)) != len(keys) or len(keys) > 16:
+            raise _err("update", "trusted_keys", keys, "must name each key file once, and at most 16")
+        object.__setattr__(self, "trusted_keys", tuple(os.path.expanduser(k) for k in keys))
 
 
 _TABLES: Dict[str, type] = {

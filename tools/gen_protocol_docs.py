@@ -40,13 +40,15 @@ def examples() -> dict:
     )
     telemetry = protocol.telemetry_payload(
         device="pi-kitchen-1", fleet="lab", model=MODEL, uptime_s=86400.5, inferences=120344, ts=TS,
-        outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809,
+        outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809, rejected=0,
         latency_ms={"p50": 0.41, "p95": 0.77}, low_confidence_rate=0.0815, errors={"input": 2},
         skipped={"duplicate": 14, "rate_limited": 0}, runtime="ai_edge_litert", threads=4, agent_version="0.1.0",
         cpu_percent=37.5, memory_rss_bytes=48234496, memory_percent=1.2, temperature_c=52.1,
         disk_free_bytes=11811160064,
         drift={"samples": 500, "window": 500, "input_z": [0.043], "input_z_max": 0.043, "confidence_mean": 0.9712,
                "confidence_mean_ref": 0.983913, "confidence_psi": 0.0381, "level": "stable"},
+        signature={"keys": ["cfdffef3ed9720935c6003b2eabb1abf0fb9a9929086c2590f325ef95c094d07"], "release": 7,
+                   "highest": 7, "refused": {"unsigned": 2, "rollback": 1}},
     )
     status = protocol.status_payload(device="pi-kitchen-1", fleet="lab", state="online", model=MODEL,
                                      agent_version="0.1.0", ts=TS)
@@ -89,6 +91,17 @@ Every topic is `{prefix}/<fleet>/<device>/<kind>`. Fleet and device names are on
 | `bundle` | host -> board | 1 | yes | `edgekit fleet push` (the model the board should run) | `edgekit.bundle/1` |
 
 The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` and `.../status`.
+
+## Identity: who may publish where
+
+The topic's `<fleet>/<device>` is the sender's identity. On a broker configured by `edgekit broker-config`
+(docs/identity.md) every client shows a certificate from the fleet's CA whose common name is its MQTT
+username, and the ACL lets a board (CN = its device id) write only its own `samples`, `telemetry`,
+`status` and `predictions` and read only its own `cmd`, `bundle` and `ack`; only the pusher identity
+writes `bundle` and `cmd`, only the collector identity reads what boards send. The collector therefore
+trusts the topic and refuses a payload whose `fleet` or `device` field differs from it by even one
+character (`topic_mismatch`, below). A broker open to all gives none of this: anyone can then publish in
+any board's name.
 
 ## Payloads in general
 
@@ -153,11 +166,13 @@ never blocks the session or crashes the collector:
 | reason | meaning |
 |---|---|
 | `oversized` | the payload is bigger than `--max-payload-bytes` |
-| `bad_topic` | the topic is not `{prefix}/<fleet>/<device>/<samples, telemetry or status>` |
+| `bad_topic` | the topic is not `{prefix}/<fleet>/<device>/<samples, telemetry or status>` with exact names (no trailing newline or space) |
+| `not_allowed` | the device is not on the collector's allow-list (`--allow-devices`: the CA's enrolment list or a file) |
+| `rate_limited` | the device sent more than `--device-rate` messages a minute (beyond its `--device-burst`) |
 | `not_json` | not UTF-8, not JSON, or not a JSON object |
 | `schema` | the `schema` field does not match the topic, or the JSON Schema below fails |
 | `bad_input` | a sample's base64 does not decode, or its size does not match dtype x shape |
-| `topic_mismatch` | the payload's fleet/device differ from the topic's |
+| `topic_mismatch` | the payload's fleet/device differ from the topic's (compared exactly: the topic is the identity) |
 | `store_error` | the database refused this one row (the rest of the batch is stored) |
 
 An empty retained message on `.../status` (someone clearing it) is ignored.
@@ -214,9 +229,10 @@ On the board (`device_agent/update/updater.py`, docs/agent.md "Model updates"):
 
 1. a message whose `sha256` is the running model's is ignored (the retained message comes back on
    every reconnect);
-2. the size, the base64 and `archive_sha256` are checked, the archive is unpacked into
-   `<state dir>/bundles/<name>-<version>-<sha12>/`, and the manifest's model sha256 is checked
-   before an interpreter opens the file;
+2. the size, the base64 and `archive_sha256` are checked; on a board with `[update] trusted_keys`
+   the archive's signature is then checked in memory, before anything is unpacked (below, "Signed
+   bundles"); the archive is unpacked into `<state dir>/bundles/<name>-<version>-<sha12>/`, and the
+   manifest's model sha256 is checked before an interpreter opens the file;
 3. the new model is opened on the same runtime and thread count, and run once on its own
    preprocessing's output; a bundle whose preprocessing the running source cannot feed is refused;
 4. only then, between two inferences, the agent loop swaps it in, writes `current_bundle-<device>.json`
@@ -231,8 +247,40 @@ and the reason in the retained status's `last_update_error` (cleared by the next
 - **Clear**: publish an empty retained message on the topic
   (`mosquitto_pub -t {prefix}/<fleet>/<device>/bundle -r -n`). The board keeps what it runs; the
   message only stops being handed to boards that connect later.
-- Only the host side should be allowed to publish on `.../bundle` (a broker ACL): whoever can
-  write there chooses the model a board runs. The sha256 checks catch damage, not intent.
+- Whoever can write on `.../bundle` chooses the model a board runs, unless the board trusts keys:
+  the sha256 checks catch damage, not intent. With `edgekit broker-config` only the pusher identity
+  may write there (docs/identity.md); the signature below is what stops anyone else, the broker's
+  operator included, from choosing the model.
+
+### Signed bundles
+
+`edgekit.bundle/1`'s own fields (`name`, `version`, `sha256`, `archive_sha256`) are not signed: they
+describe the archive for the transport. What is signed travels inside it: `signature.json` beside
+`manifest.json` (format `edgekit-signature/1`, docs/bundle.md "Signature", where every byte is
+specified), an Ed25519 signature over the exact bytes of `manifest.json`, whose `release` is a
+monotonically increasing release counter and whose `model.sha256` pins the model. A board that
+trusts keys (`[update] trusted_keys`) reads from the archive only the tar headers, `manifest.json`
+(<= 1 MiB), `signature.json` (<= 4 KiB) and the model's sha256, and refuses, before anything is
+written to disk, a bundle that is
+
+| reason (telemetry `signature.refused`) | the bundle |
+|---|---|
+| `unsigned` | has no `signature.json` beside its manifest |
+| `malformed` | has a `signature.json`, a signed manifest or an archive that does not follow the format |
+| `unknown_key` | is signed by a key the board does not trust |
+| `bad_signature` | has a manifest changed after signing (or a signature made by another key) |
+| `model_mismatch` | holds a model other than the one whose sha256 was signed |
+| `rollback` | has a release below the highest the board accepted (from a key it still trusts) |
+| `release_reused` | reuses the highest accepted release for another manifest |
+
+Each refusal is one warning line, `errors.update` + 1 and `signature.refused.<reason>` + 1 in
+telemetry, and the reason in the retained status's `last_update_error`; the running model stays.
+The highest accepted release survives restarts (`<state dir>/releases-<device>.json`), so a
+retained old bundle is refused again after every restart. Going back is a signed act:
+`edgekit fleet rollback OLD_BUNDLE --sign-key KEY` signs the old bundle again as a new release
+and pushes it. `edgekit fleet push` refuses an unsigned bundle unless `--sign-key` signs it or
+`--allow-unsigned` is given (for boards that trust no key, which accept any bundle and say so
+once in their log at start).
 
 ```mermaid
 sequenceDiagram
@@ -243,7 +291,7 @@ sequenceDiagram
     H->>M: PUBLISH QoS 1, retain .../bundle (edgekit.bundle/1)
     M-->>H: PUBACK
     M->>U: the retained message (now, or when the board connects)
-    U->>U: size, base64, archive_sha256; unpack; model sha256; open + trial inference
+    U->>U: size, base64, archive_sha256; signature + release (in memory); unpack; model sha256; open + trial inference
     U->>L: staged bundle (queue)
     L->>L: between two inferences: swap, write current_bundle-<device>.json
     L->>M: retained status with the new model

@@ -231,7 +231,8 @@ class Publisher:
         self.link = link
         self.window = max(1, int(window))
         self.published = 0
-        self.rejected = 0
+        self.rejected = 0  # samples the broker answered with a failure reason; they stay in the outbox
+        self._refused_logged = -1
         self._generation = -1
         self._inflight: dict = {}
         self._cursor = 0
@@ -260,7 +261,7 @@ class Publisher:
             if ok:
                 acked.append(rid)
             else:
-                self.rejected += 1  # stays in the outbox; replayed on the next connection
+                self._refused(rid)
         if acked:
             if not self._acked:
                 self._acked_since = time.monotonic()
@@ -280,6 +281,21 @@ class Publisher:
                 self._inflight[mid] = row.id
                 self._cursor = row.id
         return removed
+
+    def _refused(self, rid: int) -> None:
+        """The broker answered a sample with a failure reason (MQTT 5, e.g. "Not authorized" from an ACL).
+
+        The sample stays in the outbox and is offered again only after the next reconnect, never in a
+        loop; each refusal is counted (telemetry ``rejected``) and the first of each connection logged
+        with the fix. (MQTT 3.1.1 has no such reason: Mosquitto acks a refused message as if delivered.)
+        """
+        self.rejected += 1
+        if self._refused_logged != self._generation:
+            self._refused_logged = self._generation
+            log.error("the broker refuses the samples of this board (first refusal on this connection: outbox row "
+                      "%d); they stay in the outbox and are offered again after a reconnect. If the broker said "
+                      "'Not authorized', its ACL does not let this certificate write this topic: the certificate's "
+                      "CN must equal [device].id and the broker must serve [device].fleet (docs/identity.md)", rid)
 
     @property
     def inflight(self) -> int:

@@ -68,8 +68,9 @@ DEFAULT_MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 
 
 def check_name(value: str, what: str) -> str:
-    """Fleet and device names are one topic level: letters, digits, ``._-``."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    """Fleet and device names are one topic level: letters, digits, ``._-`` (the whole string: a
+    trailing newline, which ``$`` lets through, would make a look-alike of another board's name)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ProtocolError(f"{what}={value!r} is not a valid name; use 1-64 letters, digits, '.', '_' or '-'")
     return value
 
@@ -241,8 +242,8 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def pack_bundle(bundle_dir: Union[str, os.PathLike]) -> bytes:
-    """What a board needs of a bundle directory (manifest.json and the model) as ``.tar.gz`` bytes,
-    in one top-level folder; the same bytes for the same files."""
+    """What a board needs of a bundle directory (manifest.json, signature.json when signed, and the model)
+    as ``.tar.gz`` bytes, in one top-level folder, in that order; the same bytes for the same files."""
     root = Path(bundle_dir)
     if not (root / "manifest.json").is_file():
         raise ProtocolError(f"{root} is not a bundle directory (no manifest.json); pass what `edgekit convert -o` wrote")
@@ -254,7 +255,8 @@ def pack_bundle(bundle_dir: Union[str, os.PathLike]) -> bytes:
         raise ProtocolError(f"{root} has no {model_file}; pass the whole bundle directory")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in (root, root / "manifest.json", root / model_file):
+        signature = [root / "signature.json"] if (root / "signature.json").is_file() else []
+        for path in (root, root / "manifest.json", *signature, root / model_file):
             info = tar.gettarinfo(str(path), arcname=str(Path(root.name) / path.relative_to(root)))
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             if info.isfile():

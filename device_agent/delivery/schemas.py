@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict
 
-__all__ = ["NAME", "DTYPES", "COMMANDS", "SCHEMAS"]
+__all__ = ["NAME", "DTYPES", "COMMANDS", "SIGNATURE_REFUSALS", "SCHEMAS"]
 
 #: A fleet or device name: one topic level.
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -17,6 +17,9 @@ NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "float16", "float32", "float64"]
 #: The commands of ``edgekit.cmd/1``.
 COMMANDS = ("ping", "set_thresholds", "flush", "reload_bundle", "send_telemetry")
+#: Why a board with trusted keys refused a bundle (telemetry ``signature.refused``; docs/bundle.md, "Signature").
+SIGNATURE_REFUSALS = ("unsigned", "malformed", "unknown_key", "bad_signature", "model_mismatch", "rollback",
+                      "release_reused")
 _NAME, _DTYPES = NAME, DTYPES
 
 _MODEL = {
@@ -102,6 +105,8 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
             "disk_free_bytes": {"type": ["integer", "null"]},
             "inferences": {"type": "integer", "minimum": 0},
             "flagged": {"type": "integer", "minimum": 0},
+            "rejected": {"description": "samples the broker refused (an MQTT 5 PUBACK failure such as an ACL's "
+                                        "'Not authorized'); they stay in the outbox", "type": "integer", "minimum": 0},
             "latency_ms": {
                 "type": "object",
                 "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL},
@@ -133,6 +138,23 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
                     "confidence_mean_ref": _NUM_OR_NULL,
                     "confidence_psi": {"type": ["number", "null"], "minimum": 0},
                     "level": {"enum": ["stable", "moderate", "significant", None]},
+                },
+            },
+            "signature": {
+                "description": "signed bundles: null when the board trusts no key ([update].trusted_keys) and runs "
+                               "any bundle; else the trusted key ids, the running bundle's release, the highest "
+                               "release accepted, and the refused bundles counted by reason",
+                "type": ["object", "null"],
+                "required": ["keys", "release", "highest", "refused"],
+                "properties": {
+                    "keys": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                    "release": {"type": ["integer", "null"], "minimum": 1},
+                    "highest": {"type": ["integer", "null"], "minimum": 1},
+                    "refused": {
+                        "description": "refusals by reason: " + ", ".join(SIGNATURE_REFUSALS),
+                        "type": "object",
+                        "additionalProperties": {"type": "integer", "minimum": 1},
+                    },
                 },
             },
         },

@@ -15,7 +15,8 @@ from typing import List, Optional
 
 from .. import __version__
 
-_COMMANDS = ("convert", "evaluate", "collect", "samples", "label", "retrain", "fleet", "demo")
+_COMMANDS = ("convert", "evaluate", "collect", "samples", "label", "retrain", "fleet", "broker_config", "keys", "sign",
+             "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--key-file", help="client key for mqtts://")
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5",
                    help="MQTT version (3.1.1 for brokers without MQTT 5: persistent session, no shared subscriptions)")
+    p.add_argument("--allow-devices", metavar="CA_DIR|FILE",
+                   help="take messages only from these devices: a CA directory or its enrolled.json (the boards "
+                        "enrolled, in their fleet; re-read when it changes), or a file of fleet/device lines; "
+                        "others are quarantined (not_allowed)")
+    p.add_argument("--device-rate", type=float, metavar="N",
+                   help="at most N messages a minute per device (token bucket); more are quarantined (rate_limited)")
+    p.add_argument("--device-burst", type=int, metavar="N",
+                   help="with --device-rate: messages a device may send at once (default N of --device-rate); "
+                        "cover the backlog the broker holds while the collector is away")
     p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--until-idle", type=float, metavar="S", help="stop once nothing arrived for S seconds")
     p.add_argument("--stats-every", type=float, default=30.0, metavar="S", help="print counters every S seconds")
@@ -35,14 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..loop.collect import DEFAULT_MAX_PAYLOAD_BYTES, Collector
+    from ..loop.gate import DeviceGate
     from ..loop.store import open_store
 
+    gate = None
+    if args.allow_devices or args.device_rate is not None:
+        gate = DeviceGate(allow=args.allow_devices, rate_per_minute=args.device_rate, burst=args.device_burst)
     with open_store(args.store) as store:
         collector = Collector(
             args.broker, store, fleet=args.fleet, client_id=args.client_id, share_group=args.share_group,
             session_expiry_s=args.session_expiry,
             max_payload_bytes=args.max_payload_bytes or DEFAULT_MAX_PAYLOAD_BYTES,
             ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file, protocol=args.protocol,
+            gate=gate,
         )
         collector.start()
         # SIGTERM (systemd, docker stop) stops as cleanly as Ctrl-C: store and ack what arrived.

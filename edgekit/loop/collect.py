@@ -9,8 +9,10 @@ the broker delivers them again to the next collector with the same client
 id; storing is idempotent by ``sample_id``, so a redelivery is one row.
 
 Every payload is checked (size, UTF-8 JSON, the JSON Schema of its kind,
-the input's base64 against its dtype and shape, topic against payload);
-a bad one is counted by reason and kept in the store's quarantine table.
+the input's base64 against its dtype and shape, topic against payload), and
+with a :class:`~edgekit.loop.gate.DeviceGate` its device against an allow-list
+and a rate limit first; a refused one is counted by reason and kept in the
+store's quarantine table.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from device_agent.delivery import protocol as wire
 
 from ..errors import BrokerError, EdgekitError, StoreError
 from ..mqtt_url import parse_broker_url
+from .gate import DeviceGate
 from .store import Store
 from .validate import DEFAULT_MAX_PAYLOAD_BYTES, Malformed, check_message
 
@@ -91,6 +94,7 @@ class Collector:
         key_file: Optional[str] = None,
         keepalive_s: int = 30,
         protocol: str = "5",
+        gate: Optional[DeviceGate] = None,
     ) -> None:
         self.broker = parse_broker_url(broker_url)
         if protocol not in ("5", "3.1.1"):
@@ -119,6 +123,7 @@ class Collector:
         self.share_group = share_group
         self.session_expiry_s = int(session_expiry_s)
         self.max_payload_bytes = int(max_payload_bytes)
+        self.gate = gate  # allow-list and per-device rate limit (edgekit.loop.gate), checked before the payload
         self._tls = (ca_file, cert_file, key_file)
         self._keepalive = keepalive_s
         self._queue: "queue.Queue[Any]" = queue.Queue()
@@ -367,6 +372,8 @@ class Collector:
         if m.topic.endswith("/status") and not m.payload:
             return "ignored"  # someone cleared the retained status
         try:
+            if self.gate is not None:
+                self.gate.admit(m.topic)
             kind, obj = check_message(m.topic, m.payload, self.max_payload_bytes)
         except Malformed as bad:
             self.store.quarantine(m.topic, m.payload, bad.reason, bad.detail.replace("\x00", ""))

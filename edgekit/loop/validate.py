@@ -1,8 +1,11 @@
 """Is an MQTT message a valid protocol payload? The collector's gate (docs/protocol.md).
 
-Checks in order: size, topic, UTF-8 JSON object, the JSON Schema of the
-topic's kind (device_agent.delivery.protocol.SCHEMAS), a sample's input (base64 size
-against dtype x shape), and the payload's fleet/device against the topic's.
+Checks in order: size, topic (its fleet and device must be exact names), UTF-8
+JSON object, the JSON Schema of the topic's kind (device_agent.delivery.protocol.SCHEMAS),
+a sample's input (base64 size against dtype x shape), and the payload's fleet/device
+against the topic's, which must be equal character for character: the topic is the
+board's identity (the broker's ACL pins it to the board's certificate), the payload
+only repeats it.
 A failure raises :class:`Malformed` with the counter it goes to.
 """
 
@@ -72,6 +75,11 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
     except wire.ProtocolError as exc:
         raise Malformed("bad_topic", str(exc)) from None
     kind = parts["kind"]
+    try:  # the topic is the identity (the broker's ACL pins it to the certificate): exact names only
+        wire.check_name(parts["fleet"], "topic fleet")
+        wire.check_name(parts["device"], "topic device")
+    except wire.ProtocolError as exc:
+        raise Malformed("bad_topic", str(exc)) from None
     if kind not in KIND_SCHEMAS:
         raise Malformed("bad_topic", f"topic kind={kind!r}, the collector takes {sorted(KIND_SCHEMAS)}")
     try:
@@ -92,6 +100,7 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
             wire.decode_array(obj["input"])
         except wire.ProtocolError as exc:
             raise Malformed("bad_input", str(exc)) from None
+    # Exact, character for character: the payload may not speak for another board (or a look-alike name).
     if (obj["fleet"], obj["device"]) != (parts["fleet"], parts["device"]):
         raise Malformed("topic_mismatch", f"payload says {obj['fleet']}/{obj['device']}, topic says "
                                           f"{parts['fleet']}/{parts['device']}")
