@@ -31,7 +31,7 @@ from typing import BinaryIO, Dict, Optional, Union
 from ..errors import BundleError
 from ..limits import MAX_MANIFEST_BYTES, MAX_SIGNATURE_BYTES
 
-__all__ = ["MAX_MEMBERS", "SIGNATURE_NAME", "PLAIN_NAME", "unpack", "remove_tree"]
+__all__ = ["MAX_MEMBERS", "SIGNATURE_NAME", "PLAIN_NAME", "check", "unpack", "remove_tree"]
 
 MAX_MEMBERS = 4  # the folder, manifest.json, the model, signature.json
 SIGNATURE_NAME = "signature.json"
@@ -82,6 +82,11 @@ def _limit(name: str, max_total: int) -> int:
     return {"manifest.json": MAX_MANIFEST_BYTES, SIGNATURE_NAME: MAX_SIGNATURE_BYTES}.get(name, max_total)
 
 
+def check(source: Union[bytes, BinaryIO], *, what: str, max_total: int) -> None:
+    """The same rules as :func:`unpack`, on the stream, writing nothing (before anything else reads the archive)."""
+    _walk(source, None, what=what, max_total=max_total)
+
+
 def unpack(source: Union[bytes, BinaryIO], into: Union[str, os.PathLike], *, what: str, max_total: int) -> Path:
     """Unpack the archive ``source`` (bytes or a binary file) into ``into``; the bundle folder's path.
 
@@ -89,7 +94,10 @@ def unpack(source: Union[bytes, BinaryIO], into: Union[str, os.PathLike], *, wha
     removes it. The model file's name is checked against the manifest by
     :func:`~device_agent.update.manifest.load_bundle` afterwards (the manifest names it).
     """
-    into = Path(into)
+    return _walk(source, Path(into), what=what, max_total=max_total)
+
+
+def _walk(source: Union[bytes, BinaryIO], into: Optional[Path], *, what: str, max_total: int) -> Optional[Path]:
     raw = gzip.GzipFile(fileobj=io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
     stream = io.BufferedReader(_Capped(raw, max_total + _HEADROOM, what), _CHUNK)
     root: Optional[str] = None
@@ -128,14 +136,15 @@ def unpack(source: Union[bytes, BinaryIO], into: Union[str, os.PathLike], *, wha
                     raise BundleError(f"{what} member {name!r} is {member.size} bytes, over the limit of "
                                       f"{min(_limit(name, max_total), max_total - total)}")
                 total += member.size
-                folder = into / root
-                folder.mkdir(mode=0o755, exist_ok=True)
-                with open(folder / name, "xb") as out:
-                    shutil.copyfileobj(tar.extractfile(member), out, _CHUNK)
-                    copied = out.tell()
-                if copied != member.size:
-                    raise BundleError(f"{what} is cut short inside {name!r}; copy or push it again")
-                os.chmod(folder / name, 0o644)
+                if into is not None:
+                    folder = into / root
+                    folder.mkdir(mode=0o755, exist_ok=True)
+                    with open(folder / name, "xb") as out:
+                        shutil.copyfileobj(tar.extractfile(member), out, _CHUNK)
+                        copied = out.tell()
+                    if copied != member.size:
+                        raise BundleError(f"{what} is cut short inside {name!r}; copy or push it again")
+                    os.chmod(folder / name, 0o644)
                 files[name] = member.size
     except BundleError:
         raise
@@ -148,6 +157,8 @@ def unpack(source: Union[bytes, BinaryIO], into: Union[str, os.PathLike], *, wha
     if root is None or "manifest.json" not in files:
         raise BundleError(f"{what} holds no <folder>/manifest.json; pack the bundle directory with "
                           "`edgekit fleet push` (or edgekit.convert.bundle.pack)")
+    if into is None:
+        return None
     (into / root).mkdir(mode=0o755, exist_ok=True)
     return into / root
 

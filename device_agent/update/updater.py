@@ -7,7 +7,9 @@ size and keeps only the newest one; a worker thread then, in this order:
 
 1. checks the message (size, JSON depth, base64, ``archive_sha256``);
 2. refuses at once an archive refused before (it crashed the agent, failed its trial run, broke a
-   limit): a retained message that comes back after a restart is not staged again;
+   limit): a retained message that comes back after a restart is not staged again; checks the archive's
+   rules on the stream (:func:`.archive.check`, nothing written), then, with a :class:`~.signature.Verifier`,
+   the signature and release on the archive in memory, before anything is written;
 3. streams the archive into ``<state dir>/bundles/.staging-*/`` (docs/bundle.md, "The .tar.gz":
    manifest.json, the model and signature.json only, sizes checked before a byte is written) and
    runs :func:`load_bundle` (manifest limits; the model's sha256 before an interpreter opens it);
@@ -35,14 +37,17 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..delivery import protocol
-from ..errors import AgentError, BundleError, ConfigError, ProtocolError
-from .archive import remove_tree, unpack
+from ..errors import AgentError, BundleError, ConfigError, ProtocolError, SignatureError
+from .archive import check, remove_tree, unpack
 from .manifest import MANIFEST_NAME, Bundle, load_bundle
 from .sandbox import TrialTimeout
 from .state import Slot, StateFile, UpdateState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .signature import Verifier
 
 __all__ = ["Staged", "Failed", "Updater"]
 
@@ -101,6 +106,8 @@ class Updater:
         max_bytes: int = protocol.DEFAULT_MAX_BUNDLE_BYTES,
         keep: int = 2,
         max_attempts: int = 3,
+        verifier: Optional["Verifier"] = None,
+        running_sha256: Optional[Callable[[], str]] = None,  # earlier API: unused (``running`` replaces it)
     ):
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / "bundles"
@@ -114,6 +121,7 @@ class Updater:
         self._check = check
         self._running = running
         self._trial = trial
+        self.verifier = verifier  # with trusted keys: signature and release checked before anything is unpacked
         self._cond = threading.Condition()
         self._payload: Optional[bytes] = None  # the newest bundle message not yet taken by the worker
         self._chores: List[Callable[[], None]] = []
@@ -186,7 +194,8 @@ class Updater:
         meta: Dict[str, Any] = {}
         try:
             return self.stage(payload, meta)
-        except (ConfigError, TrialTimeout, OSError) as exc:  # the board, not the bundle: may pass next time
+        except (ConfigError, TrialTimeout, SignatureError, OSError) as exc:
+            # the board (its source, its load, its disk, the keys it trusts), not only the bundle: may pass next time
             self._forget_try()
             return Failed(f"{exc}", meta)
         except AgentError as exc:
@@ -212,9 +221,13 @@ class Updater:
             meta.pop("archive_sha256", None)  # already remembered
             raise BundleError(f"{what} (archive {archive_sha[:12]}...) was refused before ({refused.reason}); it is "
                               "not staged again: push a fixed bundle")
+        check(archive, what="bundle archive (pack it with `edgekit fleet push`)", max_total=8 * self.max_bytes)
+        signed = self.verifier.check_archive(archive, max_total=8 * self.max_bytes) if self.verifier else None
         self.dir.mkdir(parents=True, exist_ok=True)
         target = self.dir / f"{_UNSAFE.sub('_', fields['name'] + '-' + fields['version'])[:80]}-{archive_sha[:16]}"
         bundle = self._reuse(target, fields["sha256"])
+        if bundle is not None and signed is not None and not self.verifier.matches(target, signed):
+            bundle = None  # the same archive name under another signed manifest: unpack that
         created = bundle is None
         if bundle is None:
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.dir))
@@ -224,6 +237,8 @@ class Updater:
                 if bundle.manifest.sha256 != fields["sha256"]:
                     raise ProtocolError(f"bundle message says sha256={fields['sha256'][:12]}... but its manifest says "
                                         f"{bundle.manifest.sha256[:12]}...; push it again with `edgekit fleet push`")
+                if signed is not None:
+                    self.verifier.check_unpacked(root, signed)  # nothing slipped in between
                 if self._is_running(root):
                     log.info("%s (sha256 %s...) is what already runs; nothing to do", what, fields["sha256"][:12])
                     return None
@@ -350,6 +365,14 @@ class Updater:
             log.warning("installed bundle in %s cannot be used (%s); starting on the configured bundle",
                         self.pointer_path, exc)
             return None
+
+    def save_pointer(self, bundle: Bundle) -> Path:
+        """Make ``bundle`` (a directory) the one a restart runs, committed, as the single pointer of earlier agents did."""
+        m = bundle.manifest
+        slot = Slot(path=str(Path(bundle.path).resolve()), name=m.name, version=m.version, sha256=m.sha256,
+                    installed=protocol.now())
+        self.states.update(lambda s: s.install(slot).commit())
+        return self.pointer_path
 
     def installed(self, staged: Staged) -> None:
         """``staged`` was swapped in: it runs after a restart too (uncommitted until :meth:`commit`)."""

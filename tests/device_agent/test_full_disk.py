@@ -20,7 +20,7 @@ import pytest
 from device_agent.sources import Source
 
 from broker import Mosquitto
-from conftest import wait_for
+from conftest import Acker, wait_for
 from test_update import Running
 
 FLAG_ALL = {"random_fraction": 1.0, "dedupe": False}
@@ -93,8 +93,10 @@ def test_a_full_disk_drops_the_oldest_samples_counted_and_recovers_by_itself(sma
         assert wait_for(lambda: agent.outbox.dropped > start_dropped + 100, 120)
         assert run.thread.is_alive()
 
-        # The broker comes back: the outbox drains and the disk has room again; nothing more is dropped.
+        # The broker comes back, and a collector acknowledging what it stores: the outbox drains and the
+        # disk has room again; nothing more is dropped.
         broker.start()
+        acker = Acker(broker.port).start()
         assert wait_for(lambda: agent.publisher.published > 200, 60), "nothing was published"
         assert wait_for(lambda: agent.outbox.depth < 50, 60), f"the outbox did not drain ({agent.outbox.depth})"
         settled = agent.outbox.dropped
@@ -107,6 +109,8 @@ def test_a_full_disk_drops_the_oldest_samples_counted_and_recovers_by_itself(sma
         assert wait_for(lambda: lines.stat().st_size > size + 10_000, 30), "result lines were not written again"
     finally:
         second = run.finish()
+        if "acker" in locals():
+            acker.stop()
         broker.stop()
     # every sample is accounted for: the ones run 1 left, plus the new ones, were published, stayed or were dropped
     assert first.pending + second.flagged == second.published + second.pending + second.dropped
