@@ -6,13 +6,14 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 
 from device_agent.agent import Agent
 from device_agent.bench import choose_runtime
 from device_agent.config import load_config
 from device_agent.sources import ArraySource
 
-from conftest import BUNDLE, ROOT
+from conftest import BUNDLE, ROOT, wait_for
 
 DIGITS = BUNDLE.parent / "digits-300.npz"
 
@@ -50,24 +51,67 @@ def test_bench_stores_the_fastest_and_auto_uses_it(tmp_path):
     assert config.runtime.name == "auto"
 
 
-def test_the_loop_feeds_the_systemd_watchdog(tmp_path, monkeypatch, make_config, digits):
-    x, _ = digits
+def _notify_socket(tmp_path, monkeypatch, usec: str) -> socket.socket:
     path = str(tmp_path / "notify.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(path)
-    server.settimeout(5)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    monkeypatch.setenv("WATCHDOG_USEC", "2000")  # a 2 ms watchdog: fed at least every millisecond
-    with Agent(make_config(""), source=ArraySource(x[:50])) as agent:
-        agent.run()
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
+    return server
+
+
+def test_the_loop_feeds_the_systemd_watchdog(tmp_path, monkeypatch, make_config, digits):
+    x, _ = digits
+    server = _notify_socket(tmp_path, monkeypatch, "10000")  # a 10 ms watchdog: fed every 5 ms
     got = []
-    server.settimeout(0.5)
-    try:
-        while True:
-            got.append(server.recv(64).decode())
-    except socket.timeout:
-        pass
+
+    def read():  # like systemd: read as messages come
+        try:
+            while True:
+                got.append(server.recv(64).decode())
+        except OSError:  # the socket is shut down below
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    with Agent(make_config(""), source=ArraySource(x)) as agent:
+        agent.run()
+    assert wait_for(lambda: got and got[-1] == "STOPPING=1", 30), got
+    server.shutdown(socket.SHUT_RDWR)
     server.close()
+    reader.join(10)
     assert got[0] == "READY=1"
     assert got.count("WATCHDOG=1") >= 2
-    assert got[-1] == "STOPPING=1"
+    assert agent.watchdog.dropped == 0
+
+
+def test_a_watchdog_socket_nobody_reads_never_blocks_the_loop(tmp_path, monkeypatch, make_config, digits):
+    """systemd busy: the socket's queue is full before the agent starts, so every send would wait forever."""
+    x, _ = digits
+    server = _notify_socket(tmp_path, monkeypatch, "2000")
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    queued = 0
+    try:
+        while queued < 100_000:
+            filler.sendto(b"filler", socket.MSG_DONTWAIT, str(tmp_path / "notify.sock"))
+            queued += 1
+    except BlockingIOError:
+        pass
+    filler.close()
+    assert 0 < queued < 100_000  # the queue is full (net.unix.max_dgram_qlen)
+    agent = Agent(make_config(""), source=ArraySource(x[:50]))
+    out = {}
+    runner = threading.Thread(target=lambda: out.setdefault("stats", agent.run()), daemon=True)
+    runner.start()
+    finished = wait_for(lambda: not runner.is_alive(), 120)
+    if not finished:
+        server.close()  # wakes a loop stuck in sendto(), so the test fails instead of hanging
+        runner.join(30)
+        agent.close()
+    assert finished, "the loop blocked on the watchdog socket"
+    assert out["stats"].inferences == 50
+    before = agent.watchdog.dropped
+    agent.close()
+    server.close()
+    assert agent.watchdog.dropped == before + 1  # STOPPING=1 into the full queue: dropped, not waited for
+    assert before >= 1  # READY=1 at least; every WATCHDOG=1 too
