@@ -286,5 +286,6 @@ def open_source(cfg, color: str = "grayscale", raw_dtype: str = "float32", shape
     if cfg.kind == "folder":
         return FolderSource(cfg.path, cfg.watch, cfg.poll_interval_s, color)
     if cfg.watch:
-        raise ConfigError(f"config [source].watch=true needs kind='folder', not {cfg.kind!r}")
+        raise ConfigError(f"config [source].watch=true needs kind='folder', not {cfg.kind!r}; "
+                          f"pass --no-watch (or set watch = false) to classify {cfg.path} once")
     return NpySource(cfg.path, cfg.key)

@@ -115,3 +115,21 @@ def test_a_watchdog_socket_nobody_reads_never_blocks_the_loop(tmp_path, monkeypa
     server.close()
     assert agent.watchdog.dropped == before + 1  # STOPPING=1 into the full queue: dropped, not waited for
     assert before >= 1  # READY=1 at least; every WATCHDOG=1 too
+
+
+def test_no_watch_runs_a_batch_on_a_profile_that_watches_a_folder(tmp_path):
+    """firmware_configs/rpi-4.toml watches a folder; --no-watch lets the same profile classify an .npz and stop."""
+    common = ["--config", str(ROOT / "firmware_configs" / "rpi-4.toml"), "--bundle", str(BUNDLE), "--source",
+              str(DIGITS), "--broker", "", "--outbox", str(tmp_path / "o.sqlite")]
+    refused = agent_cli("run", *common)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"ConfigError: config [source].watch=true needs kind='folder', not 'npz'; "
+        f"pass --no-watch (or set watch = false) to classify {DIGITS} once")
+    checked = agent_cli("check", *common, "--no-watch")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"ok   source: npz {DIGITS}" in checked.stdout
+    ran = agent_cli("run", *common, "--no-watch", "--results", str(tmp_path / "results.jsonl"))
+    assert ran.returncode == 0, ran.stderr
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [line["source"]["index"] for line in lines] == list(range(300))
