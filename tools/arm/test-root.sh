@@ -19,8 +19,9 @@ REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${EDGEKIT_ARM_CACHE:-/var/cache/edgekit-arm}
 SUITE=bookworm
 # The board's Debian packages: Python, and the broker and clients the device tests start (tests/broker.py,
-# mosquitto_sub/_pub, mosquitto_passwd), openssl for the TLS test, stdbuf (coreutils).
-PACKAGES=python3,python3-venv,mosquitto,mosquitto-clients,openssl,ca-certificates,coreutils
+# mosquitto_sub/_pub, mosquitto_passwd), openssl for the TLS test, stdbuf (coreutils). No ca-certificates:
+# pip uses the host's bundle (copied in below), and configuring it under emulation costs minutes.
+PACKAGES=python3,python3-venv,mosquitto,mosquitto-clients,openssl,coreutils
 case "$ARCH" in
     arm64)  # 64-bit Pi OS / Debian on a Pi 3, 4, 5, Zero 2 W
         QEMU=aarch64; EXTRA=device; RUNTIME=ai_edge_litert; CPUINFO=cpuinfo-rpi4-aarch64
@@ -117,6 +118,7 @@ mkdir -p "$ROOT$SRC"
 rsync -a --delete --exclude=.git --exclude='.venv*' --exclude=__pycache__ --exclude='*.egg-info' \
     --exclude=build --exclude=.pytest_cache --exclude=demo-out --exclude=bench/out "$REPO/" "$ROOT$SRC/"
 # pip checks the registry's certificate against the host's CA bundle (which may hold a proxy's CA).
+mkdir -p "$ROOT/etc/ssl/certs"
 cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/host-ca.crt"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
 cp /etc/hosts "$ROOT/etc/hosts" 2>/dev/null || true
