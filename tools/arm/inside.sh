@@ -14,9 +14,12 @@ WANT="$EXTRA $VENV_FLAGS $(sha256sum pyproject.toml | cut -c1-64)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.edgekit-installed" 2>/dev/null)" != "$WANT" ]; then
     T=$(date +%s)
     rm -rf "$VENV"
-    python3 -m venv $VENV_FLAGS "$VENV"
     # --no-compile: byte-compiling every installed file costs minutes under emulation; what is imported
-    # is compiled (and cached in the root) on first use instead.
+    # is compiled (and cached in the root) on first use instead. So pip comes from Debian's wheel rather
+    # than ensurepip, which compiles pip.
+    python3 -m venv --without-pip $VENV_FLAGS "$VENV"
+    PIP_WHEEL=$(ls /usr/share/python-wheels/pip-*.whl | tail -1)
+    "$VENV/bin/python" "$PIP_WHEEL/pip" install --quiet --no-compile --no-index "$PIP_WHEEL"
     "$VENV/bin/pip" install --quiet --no-compile -e ".[$EXTRA,dev]"
     echo "$WANT" >"$VENV/.edgekit-installed"
     echo "[inside] installed .[$EXTRA,dev] in $(( $(date +%s) - T )) s"

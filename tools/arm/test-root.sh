@@ -19,8 +19,8 @@ REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${EDGEKIT_ARM_CACHE:-/var/cache/edgekit-arm}
 SUITE=bookworm
 # The board's Debian packages: Python, and the broker and clients the device tests start (tests/broker.py,
-# mosquitto_sub/_pub, mosquitto_passwd), openssl for the TLS test, stdbuf (coreutils). No ca-certificates:
-# pip uses the host's bundle (copied in below), and configuring it under emulation costs minutes.
+# mosquitto_sub/_pub, mosquitto_passwd), openssl for the TLS test, stdbuf (coreutils). pip verifies PyPI
+# against the host's CA bundle (copied in below: it holds any CA the machine's network needs).
 PACKAGES=python3,python3-venv,mosquitto,mosquitto-clients,openssl,coreutils
 case "$ARCH" in
     arm64)  # 64-bit Pi OS / Debian on a Pi 3, 4, 5, Zero 2 W
