@@ -67,7 +67,11 @@ bench: install device-env
 	$(VENV)/bin/python bench/bench_convert.py
 	$(VENV)/bin/python bench/bench_agent.py
 	$(VENV)/bin/python bench/bench_collector.py
+	$(VENV)/bin/python bench/bench_delivery.py
 	$(VENV)/bin/python bench/bench_loop.py
+	$(VENV)/bin/python bench/bench_identity.py
+	$(DEVICE)/bin/python bench/bench_signature.py
+	$(VENV)/bin/python bench/bench_shrink.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache demo-out

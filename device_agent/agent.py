@@ -44,6 +44,7 @@ from .inference.preprocess import preprocess
 from .results import ResultsWriter
 from .sources import MqttSource, Source, open_source
 from .telemetry import Stats, Watchdog, machine
+from .update.signature import Verifier
 from .update.updater import Failed, Staged, Updater
 
 __all__ = ["RunStats", "Agent"]
@@ -58,12 +59,15 @@ class RunStats:
 
     inferences: int
     flagged: int
-    published: int  # samples acknowledged by the broker (and deleted from the outbox)
+    published: int  # samples delivered and deleted from the outbox: acknowledged by the collector ([mqtt].ack)
     dropped: int  # samples dropped because the outbox was full
     errors: Mapping[str, int] = field(default_factory=dict)
     pending: int = 0  # samples left in the outbox for the next start
     skipped: Mapping[str, int] = field(default_factory=dict)  # duplicate / rate_limited
     runtime: str = ""
+    sent: int = 0  # publishes the broker acknowledged (PUBACK), resends included
+    resent: int = 0  # publishes of a sample sent before: no collector ack in time, or a reconnect
+    rejected: int = 0  # samples the broker refused (MQTT 5 reason, e.g. an ACL's "Not authorized"); kept
 
 
 def digest(raw: np.ndarray) -> str:
@@ -84,21 +88,28 @@ class Agent:
         self.device, self.fleet = config.device.id, config.device.fleet
         self.updater: Optional[Updater] = None
         self.last_update_error: Optional[str] = None
+        self.verifier = Verifier.from_config(config)  # None: no trusted keys, any bundle runs (one warning)
         if config.update.enabled:
             self.updater = Updater(
                 config.state_dir, device=self.device, open_model=self._open_like_running,
                 check=self._check_update, running_sha256=lambda: self.manifest.sha256,
-                max_bytes=config.update.max_bytes, keep=config.update.keep,
+                max_bytes=config.update.max_bytes, keep=config.update.keep, verifier=self.verifier,
             )
         installed = self.updater.load_pointer() if self.updater is not None else None
+        if self.verifier is not None:  # signed by a trusted key, checked before any interpreter opens the model
+            installed = self.verifier.screen(installed)
         if installed is not None:
             log.info("running the bundle an update installed, %s v%s (%s); `edgekit-agent run --reset-bundle` "
                      "goes back to the configured %s", installed.manifest.name, installed.manifest.version,
                      installed.path, config.bundle.path)
-        self.bundle = installed or load_bundle(config.bundle.path)  # sha256 checked before any interpreter opens it
+        if installed is None and self.verifier is not None:  # the configured bundle, its signature checked first
+            self.bundle = self.verifier.load(config.bundle.path, max_total=8 * config.update.max_bytes)
+        else:
+            self.bundle = installed or load_bundle(config.bundle.path)  # sha256 checked before any interpreter opens it
         self.manifest = m = self.bundle.manifest
         self.topics = {k: protocol.topic(self.fleet, self.device, k) for k in protocol.KINDS}
         self._closers = []
+        self.stats = Stats()
         try:
             runtime, threads = choose_runtime(config)
             self.model = TFLiteModel.open(self.bundle.model_path, runtime, threads)
@@ -122,7 +133,6 @@ class Agent:
             raise
         self._prepare_fast_path()
         self._prepare_drift()
-        self.stats = Stats()
         self.watchdog = Watchdog()
         self._cmds: "queue.SimpleQueue[bytes]" = queue.SimpleQueue()
         self._telemetry_due = 0.0
@@ -143,7 +153,12 @@ class Agent:
                 self._closers.append(self.updater.close)
             if isinstance(self.source, MqttSource):
                 self.link.subscribe(self.source.topic, self.source.offer)
-            self.publisher = Publisher(self.outbox, self.link, window=config.mqtt.max_inflight)
+            mq = config.mqtt
+            self.publisher = Publisher(self.outbox, self.link, window=mq.max_inflight, ack=mq.ack,
+                                       ack_timeout_s=mq.ack_timeout_s, max_unacked=mq.max_unacked,
+                                       on_error=self.stats.error)
+            if mq.ack == "collector":  # samples leave the outbox when the collector says it has them
+                self.link.subscribe(self.topics["ack"], self.publisher.offer_ack)
         log.info(
             "agent %s/%s: model %s v%s on %s (%d threads), outbox %s holds %d samples",
             self.fleet, self.device, m.name, m.version, self.model.runtime, self.model.num_threads,
@@ -226,6 +241,8 @@ class Agent:
             outbox={"depth": self.outbox.depth, "bytes": self.outbox.bytes, "dropped": self.outbox.dropped},
             flagged=s.flagged,
             published=self.publisher.published if self.publisher else 0,
+            resent=self.publisher.resent if self.publisher else 0,
+            rejected=self.publisher.rejected if self.publisher else 0,
             latency_ms=s.latency(),
             low_confidence_rate=s.low_confidence_rate(),
             errors=dict(s.errors),
@@ -234,6 +251,7 @@ class Agent:
             threads=self.model.num_threads,
             agent_version=__version__,
             drift=self.drift.snapshot().to_dict() if self.drift is not None else None,
+            signature=self.verifier.snapshot(self.manifest.sha256) if self.verifier is not None else None,
             **machine(self.outbox.path.parent),
         )
 
@@ -478,6 +496,9 @@ class Agent:
             pending=self.outbox.depth,
             skipped=dict(self.policy.skipped),
             runtime=self.model.runtime,
+            sent=self.publisher.sent if self.publisher else 0,
+            resent=self.publisher.resent if self.publisher else 0,
+            rejected=self.publisher.rejected if self.publisher else 0,
         )
 
     # -- lifetime -----------------------------------------------------------

@@ -62,8 +62,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Agent(config) as agent:
         stats = agent.run(stop)
     log.info(
-        "done: %d inferences, %d flagged, %d published, %d dropped, %d pending, errors %s",
-        stats.inferences, stats.flagged, stats.published, stats.dropped, stats.pending, dict(stats.errors) or "none",
+        "done: %d inferences, %d flagged, %d published, %d dropped, %d pending, %d refused by the broker, errors %s",
+        stats.inferences, stats.flagged, stats.published, stats.dropped, stats.pending, stats.rejected,
+        dict(stats.errors) or "none",
     )
     return 0
 
@@ -111,6 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             else:
                 report(False, "update", f"{updater.pointer_path} names a bundle that does not load; "
                                         "the configured bundle runs (see the warning above)")
+    _check_signature(config, bundle, report)
     if bundle is not None:
         try:
             from .bench import choose_runtime
@@ -151,6 +153,27 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         report(True, "broker", "none configured: samples stay in the outbox")
     return 1 if failures else 0
+
+
+def _check_signature(config, bundle, report) -> None:
+    """The bundle that would run is signed by a trusted key (or the board trusts none: it runs anything)."""
+    if not config.update.trusted_keys:
+        report(True, "signature", "no [update].trusted_keys: this board runs any bundle, signed or not")
+        return
+    try:
+        from .update.signature import Verifier, load_public_key
+
+        keys = [load_public_key(k) for k in config.update.trusted_keys]
+        verifier = Verifier(keys, config.state_dir / f"releases-{config.device.id}.json")
+        top, _ = verifier.highest()
+        trusted = f"{len(keys)} trusted key(s) {', '.join(k.key_id[:12] for k in keys)}; highest release accepted: {top}"
+        if bundle is None:
+            report(True, "signature", trusted)
+            return
+        signed = verifier.verify_dir(bundle.path)
+        report(True, "signature", f"release {signed.release} signed by key {signed.key_id[:12]}...; {trusted}")
+    except AgentError as exc:
+        report(False, "signature", str(exc))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -199,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--source", help="folder, .npy or .npz (overrides [source].path, kind inferred)")
     watch(run)
-    run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port (overrides [mqtt].broker)")
+    run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port, or the nodes of a cluster "
+                                      "comma-separated (overrides [mqtt].broker)")
     run.add_argument("--results", help="JSON lines of every prediction: a file, or - for stdout")
     run.add_argument("--reset-bundle", action="store_true",
                      help="forget the bundle an update installed and start on the configured one (a retained "

@@ -153,16 +153,25 @@ class MqttConfig:
     reconnect_max_s: float = 60.0
     max_inflight: int = 50
     publish_predictions: bool = False
+    # Who lets a sample go from the outbox: "collector" (its edgekit.ack/1, after its commit) or
+    # "broker" (the PUBACK: for a collector without end-to-end acks; a broker's queue limit can lose samples).
+    ack: str = "collector"
+    ack_timeout_s: float = 30.0  # a sample the collector has not acknowledged this long after its PUBACK goes again
+    max_unacked: int = 500  # samples sent and not yet acknowledged by the collector, at most
 
     def __post_init__(self) -> None:
         if self.broker:
-            url = urlparse(self.broker)
-            if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
-                raise _err("mqtt", "broker", self.broker, "must look like mqtt://host:1883 or mqtts://host:8883")
-            try:
-                url.port
-            except ValueError:
-                raise _err("mqtt", "broker", self.broker, "has an invalid port") from None
+            urls = [urlparse(u.strip()) for u in self.broker.split(",")]
+            for url in urls:
+                if url.scheme not in ("mqtt", "mqtts") or not url.hostname:
+                    raise _err("mqtt", "broker", self.broker, "must look like mqtt://host:1883 or mqtts://host:8883 "
+                                                              "(several nodes of a cluster: separated by commas)")
+                try:
+                    url.port
+                except ValueError:
+                    raise _err("mqtt", "broker", self.broker, "has an invalid port") from None
+            if len({u.scheme for u in urls}) > 1:
+                raise _err("mqtt", "broker", self.broker, "mixes mqtt:// and mqtts://; use one scheme for every node")
         if self.protocol not in ("5", "3.1.1"):
             raise _err("mqtt", "protocol", self.protocol, "must be \"5\" or \"3.1.1\"")
         if bool(self.cert_file) != bool(self.key_file):
@@ -173,19 +182,31 @@ class MqttConfig:
         _within("mqtt", "reconnect_min_s", self.reconnect_min_s, 0.01)
         _within("mqtt", "reconnect_max_s", self.reconnect_max_s, self.reconnect_min_s)
         _within("mqtt", "max_inflight", self.max_inflight, 1, 65535)
+        if self.ack not in ("collector", "broker"):
+            raise _err("mqtt", "ack", self.ack, "must be \"collector\" (end-to-end) or \"broker\" (PUBACK only)")
+        _within("mqtt", "ack_timeout_s", self.ack_timeout_s, 0.1)
+        _within("mqtt", "max_unacked", self.max_unacked, 1, 100_000)
+
+    @property
+    def endpoints(self) -> "list[Tuple[str, int]]":
+        """``(host, port)`` of every node in ``broker``, in order (one for a single broker)."""
+        out = []
+        for text in filter(None, (u.strip() for u in self.broker.split(","))):
+            url = urlparse(text)
+            out.append((url.hostname or "", url.port or (8883 if url.scheme == "mqtts" else 1883)))
+        return out
 
     @property
     def host(self) -> str:
-        return urlparse(self.broker).hostname or ""
+        return self.endpoints[0][0] if self.broker else ""
 
     @property
     def port(self) -> int:
-        url = urlparse(self.broker)
-        return url.port or (8883 if url.scheme == "mqtts" else 1883)
+        return self.endpoints[0][1] if self.broker else 1883
 
     @property
     def tls(self) -> bool:
-        return urlparse(self.broker).scheme == "mqtts" or bool(self.ca_file)
+        return urlparse(self.broker.split(",")[0].strip()).scheme == "mqtts" or bool(self.ca_file)
 
 
 @dataclass(frozen=True)
@@ -222,10 +243,19 @@ class UpdateConfig:
     enabled: bool = True
     max_bytes: int = 16 * 1024 * 1024  # the largest bundle archive accepted (before base64)
     keep: int = 2  # previous bundle directories kept under <state dir>/bundles/ for a quick rollback
+    # PEM Ed25519 public keys; with any, only bundles signed by one of them run (docs/agent.md, "Signed bundles")
+    trusted_keys: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _within("update", "max_bytes", self.max_bytes, 1024)
         _within("update", "keep", self.keep, 0, 100)
+        keys = self.trusted_keys
+        if isinstance(keys, str) or not isinstance(keys, (list, tuple)) or \
+                not all(isinstance(k, str) and k.strip() for k in keys):
+            raise _err("update", "trusted_keys", keys, 'must be a list of public key files, e.g. ["/etc/edgekit/signing.pub"]')
+        if len(set(keys)) != len(keys) or len(keys) > 16:
+            raise _err("update", "trusted_keys", keys, "must name each key file once, and at most 16")
+        object.__setattr__(self, "trusted_keys", tuple(os.path.expanduser(k) for k in keys))
 
 
 _TABLES: Dict[str, type] = {

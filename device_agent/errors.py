@@ -6,6 +6,7 @@ package raises on purpose and print ``Type: message`` in one line::
     AgentError
      +-- ConfigError        a config file or flag is wrong (names the key)
      +-- BundleError        a bundle is missing, malformed or fails its sha256
+     |    +-- SignatureError  unsigned, signed by a key the board does not trust, tampered, or an older release
      +-- RuntimeMissing     no TFLite interpreter package is installed
      +-- InputError         one input cannot be read or does not fit the model
      +-- ProtocolError      an MQTT payload does not follow docs/protocol.md
@@ -19,6 +20,7 @@ __all__ = [
     "AgentError",
     "ConfigError",
     "BundleError",
+    "SignatureError",
     "RuntimeMissing",
     "InputError",
     "ProtocolError",
@@ -35,6 +37,15 @@ class ConfigError(AgentError):
 
 class BundleError(AgentError):
     """A bundle directory or archive cannot be used."""
+
+
+class SignatureError(BundleError):
+    """A bundle's signature or release counter is refused; ``reason`` is one of
+    :data:`device_agent.update.signature.REASONS` (counted in telemetry)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class RuntimeMissing(AgentError):

@@ -25,4 +25,11 @@ def tfmot():
     return _tfmot
 
 
-__all__ = ["tf", "keras", "tfmot"]
+def tflite_flatbuffer():
+    """TensorFlow's reader of ``.tflite`` flatbuffers (``flatbuffer_utils``), to inspect a converted model's weights."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    return flatbuffer_utils
+
+
+__all__ = ["tf", "keras", "tfmot", "tflite_flatbuffer"]

@@ -1,12 +1,13 @@
 """``edgekit demo``: the whole loop on one machine, in a few minutes (docs/demo.md).
 
-train the example CNN on real digits -> convert with QAT (bundle v1) -> find or
+train the example CNN on real digits -> convert with QAT (bundle v1, signed
+with a key made for the run; the agent trusts only that key) -> find or
 start a broker -> start the collector -> an agent streams digits the model has
 not seen, a shifted part among them -> the collector stores what it flags ->
 those samples are labeled from the known ground truth (standing in for a
 person) -> retrain (bundle v2) -> accuracy before and after, on a held-out
-shifted test set and on the clean test set -> a promoted v2 is pushed back to
-the board, which swaps it in and runs it.
+shifted test set and on the clean test set -> a promoted v2, signed as the
+next release, is pushed back to the board, which verifies, swaps it in and runs it.
 
 Everything lands in one directory (default ``./demo-out``), replaced on each
 run: the data, the float model, both bundles with their reports, the agent's
@@ -176,6 +177,7 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     from .loop.collect import Collector
     from .convert.pipeline import convert
     from .data import load_dataset
+    from .fleet.keys import init_keys, sign_bundle
     from .fleet.push import bundle_message, push_bundle
     from .models import digits_cnn, train
     from .loop.retrain import bundle_accuracy, retrain
@@ -231,14 +233,21 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     model = stages.run(f"train the example CNN for {c.base_epochs} epochs", train_model,
                        lambda m: f"{m.count_params():,} parameters -> {model_path}")
 
-    # 3. QAT + int8
+    # 3. QAT + int8, signed with the owner's key: the board runs only bundles that key signed
     v1 = out / "bundle-v1"
+    keys = init_keys(out / "keys")
+
+    def convert_and_sign():
+        r = convert(model, data, mode="qat", output=v1, epochs=c.qat_epochs, name="digits", version="1",
+                    progress=False, seed=c.seed)
+        return r, sign_bundle(v1, keys.private)
+
     stages.run(
-        f"convert with QAT ({c.qat_epochs} epochs) to an int8 bundle",
-        lambda: convert(model, data, mode="qat", output=v1, epochs=c.qat_epochs, name="digits", version="1",
-                        progress=False, seed=c.seed),
-        lambda r: (f"int8 top-1 {100 * r.report.int8.accuracy:.1f}% on the clean test split, "
-                   f"confidence threshold {r.manifest.confidence_threshold:.2f} -> {v1}"),
+        f"convert with QAT ({c.qat_epochs} epochs) to an int8 bundle, and sign it",
+        convert_and_sign,
+        lambda rs: (f"int8 top-1 {100 * rs[0].report.int8.accuracy:.1f}% on the clean test split, "
+                    f"confidence threshold {rs[0].manifest.confidence_threshold:.2f} -> {v1}; signed as release "
+                    f"{rs[1].release} with key {keys.key_id[:12]}... ({keys.private}, new for this run)"),
     )
 
     # 4. broker
@@ -264,12 +273,13 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
         # 6. the agent, on the board's code path (device_agent, no TensorFlow in it)
         agent_dir = out / "agent"
         agent_dir.mkdir()
-        def agent_config(b, results: str):
+        def agent_config(b, results: str, ack: str = "collector"):
             return load_config(
                 bundle=str(v1), broker=b.url, device_id=c.device, fleet=c.fleet,
                 results=str(agent_dir / results), outbox=str(agent_dir / "outbox.sqlite"), threads=1,
                 policy={"random_fraction": c.random_fraction, "seed": c.seed},
-                mqtt={"protocol": b.protocol}, telemetry={"period_s": 1},
+                mqtt={"protocol": b.protocol, "ack": ack}, telemetry={"period_s": 1},
+                update={"trusted_keys": [str(keys.public)]},  # as tools/install_agent.py --trusted-key sets it
             )
 
         agent_cfg = agent_config(broker, "results.jsonl")
@@ -285,12 +295,12 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
 
         stats = stages.run(
             f"run the agent as device {c.fleet}/{c.device} over the {len(ids)}-digit stream", run_agent,
-            lambda s: (f"{s.inferences} inferences on {s.runtime}, {s.flagged} flagged, {s.published} acknowledged "
-                       f"by the broker, {s.pending} left in the outbox"),
+            lambda s: (f"{s.inferences} inferences on {s.runtime}, {s.flagged} flagged, {s.published} stored and "
+                       f"acknowledged by the collector, {s.pending} left in the outbox"),
         )
 
         if stats.flagged and not stats.published:
-            raise EdgekitError(f"the agent flagged {stats.flagged} samples but the broker acknowledged none; "
+            raise EdgekitError(f"the agent flagged {stats.flagged} samples but the collector acknowledged none; "
                                f"see {out / 'demo.log'} and try --broker embedded")
 
         def wait_collected() -> int:
@@ -345,12 +355,18 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
 
     # 8. retrain
     v2 = out / "bundle-v2"
-    res = stages.run(
-        f"retrain: fine-tune {c.retrain_epochs} epochs on the original data + feedback, QAT, int8",
-        lambda: retrain(v1, float_model=model_path, data=str(out / "data.npz"), feedback=store_url, output=v2,
-                        epochs=c.retrain_epochs, qat_epochs=c.retrain_qat_epochs, feedback_share=c.feedback_share,
-                        seed=c.seed, progress=False),
-        lambda r: f"bundle v{r.version} -> {v2}; verdict: {r.verdict.word} ({r.verdict.reason})",
+
+    def retrain_and_sign():
+        r = retrain(v1, float_model=model_path, data=str(out / "data.npz"), feedback=store_url, output=v2,
+                    epochs=c.retrain_epochs, qat_epochs=c.retrain_qat_epochs, feedback_share=c.feedback_share,
+                    seed=c.seed, progress=False)
+        return r, sign_bundle(v2, keys.private)
+
+    res, v2_signed = stages.run(
+        f"retrain: fine-tune {c.retrain_epochs} epochs on the original data + feedback, QAT, int8, sign",
+        retrain_and_sign,
+        lambda rs: (f"bundle v{rs[0].version} -> {v2}, signed as release {rs[1].release}; "
+                    f"verdict: {rs[0].verdict.word} ({rs[0].verdict.reason})"),
     )
 
     # 9. before and after, on test sets no step has seen
@@ -378,7 +394,8 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
 
             n = min(100, len(d["y_test"]))
             source = _AfterUpdate(d["x_test_shifted"][:n], uri="demo-after-update")
-            with Agent(agent_config(b, "results-after-update.jsonl"), source=source) as agent:
+            # No collector runs in this step: a sample leaves the outbox on the broker's PUBACK.
+            with Agent(agent_config(b, "results-after-update.jsonl", ack="broker"), source=source) as agent:
                 source.ready = lambda: agent.manifest.sha256 == res_sha
                 agent.run()
         finally:
@@ -394,7 +411,8 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     res_sha = load_bundle(v2).manifest.sha256
     shipped = stages.run(
         f"ship v2 back to {c.fleet}/{c.device} (edgekit fleet push) and run it", ship,
-        lambda v: (f"the board verified v{res.version}, swapped it in between two inferences and ran "
+        lambda v: (f"the board verified v{res.version} (its signature, release {v2_signed.release}, "
+                   f"and model sha256), swapped it in between two inferences and ran "
                    f"{sum(v.values())} new shifted inputs on it ({', '.join(f'v{k}: {n}' for k, n in sorted(v.items()))})"
                    if v else f"not shipped: the retrain verdict was '{res.verdict.word}'"),
     )

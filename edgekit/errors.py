@@ -8,6 +8,8 @@ One root; the CLI catches it, prints ``Type: message`` and exits 1::
      +-- ConversionError    quantization or TFLite conversion failed
      +-- StoreError         the sample store cannot be opened or queried
  +-- BrokerError        the MQTT broker cannot be reached or refused the collector
+     +-- IdentityError      a CA, certificate or enrolment is missing, unreadable or conflicts
+     +-- SigningError       a signing key is missing or unusable, or a bundle is unsigned where it must be signed
      +-- OutputExistsError  the output path exists (pass --force to replace it)
 
 device_agent's ``AgentError`` (bundle, runtime, input, protocol errors) is
@@ -16,7 +18,8 @@ caught by the CLI the same way.
 
 from __future__ import annotations
 
-__all__ = ["EdgekitError", "DataError", "ModelError", "ConversionError", "StoreError", "BrokerError", "OutputExistsError"]
+__all__ = ["EdgekitError", "DataError", "ModelError", "ConversionError", "StoreError", "BrokerError", "IdentityError",
+           "SigningError", "OutputExistsError"]
 
 
 class EdgekitError(Exception):
@@ -41,6 +44,14 @@ class StoreError(EdgekitError):
 
 class BrokerError(EdgekitError):
     """The MQTT broker cannot be reached or refused the connection or a subscription."""
+
+
+class IdentityError(EdgekitError):
+    """A CA, certificate or enrolment is missing, unreadable or conflicts (``edgekit fleet ca|enroll|revoke``)."""
+
+
+class SigningError(EdgekitError):
+    """A signing key is missing or unusable, or a bundle is not signed where it has to be."""
 
 
 class OutputExistsError(EdgekitError):

@@ -28,7 +28,9 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
 class Mosquitto:
     """``mosquitto -c <conf>`` in a temp dir; ``persistence`` keeps queued QoS 1 messages across restarts."""
 
-    def __init__(self, workdir: Path, port: Optional[int] = None, extra_conf: str = "", persistence: bool = True):
+    def __init__(self, workdir: Path, port: Optional[int] = None, extra_conf: str = "", persistence: bool = True,
+                 max_queued: Optional[int] = 100000):
+        """``max_queued=None`` keeps Mosquitto's own limits (``max_queued_messages`` 1000 per client)."""
         if shutil.which("mosquitto") is None:
             raise RuntimeError("mosquitto is not installed; apt-get install mosquitto (.ci/run does it)")
         self.workdir = Path(workdir)
@@ -41,7 +43,7 @@ class Mosquitto:
             f"persistence {'true' if persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "autosave_interval 1",
-            "max_queued_messages 100000",
+            *([f"max_queued_messages {max_queued}"] if max_queued is not None else []),
             # Started as root, mosquitto would switch to user `mosquitto`, which cannot write
             # the persistence file or the log in a test's temp dir: stay who we are.
             f"user {getpass.getuser()}",

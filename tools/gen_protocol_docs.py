@@ -40,13 +40,15 @@ def examples() -> dict:
     )
     telemetry = protocol.telemetry_payload(
         device="pi-kitchen-1", fleet="lab", model=MODEL, uptime_s=86400.5, inferences=120344, ts=TS,
-        outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809,
+        outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809, resent=41, rejected=0,
         latency_ms={"p50": 0.41, "p95": 0.77}, low_confidence_rate=0.0815, errors={"input": 2},
         skipped={"duplicate": 14, "rate_limited": 0}, runtime="ai_edge_litert", threads=4, agent_version="0.1.0",
         cpu_percent=37.5, memory_rss_bytes=48234496, memory_percent=1.2, temperature_c=52.1,
         disk_free_bytes=11811160064,
         drift={"samples": 500, "window": 500, "input_z": [0.043], "input_z_max": 0.043, "confidence_mean": 0.9712,
                "confidence_mean_ref": 0.983913, "confidence_psi": 0.0381, "level": "stable"},
+        signature={"keys": ["cfdffef3ed9720935c6003b2eabb1abf0fb9a9929086c2590f325ef95c094d07"], "release": 7,
+                   "highest": 7, "refused": {"unsigned": 2, "rollback": 1}},
     )
     status = protocol.status_payload(device="pi-kitchen-1", fleet="lab", state="online", model=MODEL,
                                      agent_version="0.1.0", ts=TS)
@@ -54,8 +56,11 @@ def examples() -> dict:
                                              sample_id=sample["sample_id"], ts=TS)
     cmd = {"schema": "edgekit.cmd/1", "cmd": "set_thresholds", "args": {"confidence_threshold": 0.6}, "id": "c-42"}
     bundle = protocol.bundle_payload(ROOT / "tests" / "device_agent" / "data" / "digits-bundle-v2", ts=TS)
+    ack = protocol.ack_payload([sample["sample_id"], "0c9e5b7a-2f4d-4e61-8a3b-5d7c9e1f2a4b"],
+                               ["6a2f0d91-7c3e-4b58-9f10-2e4d6c8a0b1c"], ts=TS)
     out = {"edgekit.sample/1": sample, "edgekit.telemetry/1": telemetry, "edgekit.status/1": status,
-           "edgekit.prediction/1": prediction, "edgekit.cmd/1": cmd, "edgekit.bundle/1": bundle}
+           "edgekit.prediction/1": prediction, "edgekit.cmd/1": cmd, "edgekit.bundle/1": bundle,
+           "edgekit.ack/1": ack}
     try:
         import jsonschema
     except ImportError:  # pragma: no cover - the host environment has it
@@ -77,7 +82,8 @@ definition of everything on this page.
 ## Topics
 
 Every topic is `{prefix}/<fleet>/<device>/<kind>`. Fleet and device names are one topic level:
-1-64 letters, digits, `.`, `_` or `-`.
+1-64 letters, digits, `.`, `_` or `-` (leave out `.` if the broker is NATS 2.9: it drops a client that
+publishes on a topic with a `.` in a level).
 
 | topic suffix | direction | QoS | retained | published by | payload schema |
 |---|---|---|---|---|---|
@@ -87,8 +93,22 @@ Every topic is `{prefix}/<fleet>/<device>/<kind>`. Fleet and device names are on
 | `predictions` | board -> host | 0 | no | the agent, only with `[mqtt].publish_predictions = true` | `edgekit.prediction/1` |
 | `cmd` | host -> board | 1 | no | an operator or a tool | `edgekit.cmd/1` |
 | `bundle` | host -> board | 1 | yes | `edgekit fleet push` (the model the board should run) | `edgekit.bundle/1` |
+| `ack` | host -> board | 1 | no | the collector, after each commit: the sample ids it has | `edgekit.ack/1` |
 
-The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` and `.../status`.
+The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` and `.../status`, and
+publishes on each board's `.../ack`; a board subscribes to its own `cmd`, `bundle` and `ack`. A broker
+ACL must let the collector's identity write `{prefix}/+/+/ack` and each board read its own `.../ack`.
+
+## Identity: who may publish where
+
+The topic's `<fleet>/<device>` is the sender's identity. On a broker configured by `edgekit broker-config`
+(docs/identity.md) every client shows a certificate from the fleet's CA whose common name is its MQTT
+username, and the ACL lets a board (CN = its device id) write only its own `samples`, `telemetry`,
+`status` and `predictions` and read only its own `cmd`, `bundle` and `ack`; only the pusher identity
+writes `bundle` and `cmd`, only the collector identity reads what boards send. The collector therefore
+trusts the topic and refuses a payload whose `fleet` or `device` field differs from it by even one
+character (`topic_mismatch`, below). A broker open to all gives none of this: anyone can then publish in
+any board's name.
 
 ## Payloads in general
 
@@ -108,20 +128,48 @@ The collector subscribes to `{prefix}/<fleet or +>/+/samples`, `.../telemetry` a
 
 ## Delivery: nothing is lost, nothing is stored twice
 
-- The agent writes a flagged sample into its SQLite outbox *before* publishing it with QoS 1 and
-  deletes it only on the broker's PUBACK; on reconnect and restart the outbox is published again
-  in order. A sample may therefore arrive more than once (QoS 1 is at least once).
+- The agent writes a flagged sample into its SQLite outbox *before* publishing it with QoS 1. The
+  broker's PUBACK only marks it sent: the sample stays in the outbox until the **collector** names it
+  in an `edgekit.ack/1` on `{prefix}/<fleet>/<device>/ack`, which it sends only after the commit
+  (end-to-end acknowledgement, `[mqtt].ack = "collector"`, the default). A broker that drops a queued
+  message (Mosquitto drops QoS 1 messages past `max_queued_messages`, 1000 per session by default,
+  when a collector falls behind), or loses it in a crash, costs a resend, never the sample.
+- What no ack names `[mqtt].ack_timeout_s` (default 30 s) after its PUBACK is published again,
+  oldest first; on every reconnect and restart the outbox is replayed from its oldest sample. At
+  most `[mqtt].max_unacked` (default 500) samples are out unacknowledged, so a slow collector slows
+  its boards down instead of filling the broker's queue. While no ack comes at all, the resend
+  timeout doubles on each round (up to 10 minutes): a collector that is down is not flooded.
+- The collector acknowledges in batches (one message per device per committed batch, at most
+  {ack_ids} ids): `stored` names samples stored now **and** duplicates of samples stored before (a
+  resend whose first ack was lost); `quarantined` names samples it refused and kept in quarantine
+  (malformed, oversized, not on the allow-list, ...), so a board never resends a payload that cannot
+  pass; a sample over the per-device rate limit is quarantined but not acknowledged, so its board sends
+  it again later. The id of a
+  refused payload is read from its first 160 bytes only (boards write `schema` then `sample_id`
+  first); a payload without a readable id is quarantined and not acknowledged.
+- The board checks an ack before it parses it (at most {ack_bytes} bytes, a JSON object with
+  `schema: edgekit.ack/1`, lists of lower-case UUIDs, at most {ack_ids} ids); a bad one is counted
+  in telemetry `errors.ack` and ignored, ids it does not hold (acknowledged before, dropped for room)
+  are ignored, a quarantined one is deleted and counted in `errors.refused`. The byte cap of the
+  outbox (`[outbox].max_bytes`, drop-oldest, counted) holds for sent-but-unacknowledged samples too.
+- **An older collector** (no acks): set `[mqtt].ack = "broker"` on its boards, and a sample leaves the
+  outbox on its PUBACK as before (a broker's queue limit can then lose samples). A board left on
+  `"collector"` keeps its samples (within the byte cap), logs once that no collector acknowledges,
+  and resends with the growing timeout until a collector that acknowledges comes.
 - `sample_id` (a UUID made on the board) is the identity: the store keeps the first copy and
   counts the others as duplicates. `seq` increases per device, so gaps are visible.
 - The collector uses an MQTT 5 **persistent session**: a fixed client id (`--client-id`), clean
   start off and a session expiry (`--session-expiry`, default 3600 s). While it is away, the
-  broker queues the QoS 1 samples for it (mind Mosquitto's `max_queued_messages`, 1000 by default:
-  raise it on a busy fleet) and delivers them when it comes back.
-- The collector acknowledges **manually**: paho only queues a message; a writer thread validates
-  a batch, stores it in one transaction, commits, and only then sends the PUBACKs. A collector
-  killed before a commit never acked those messages, so the broker delivers them again.
-- MQTT 3.1.1 brokers work too (`protocol="3.1.1"`: `clean_session=False`, no expiry, no shared
-  subscriptions).
+  broker queues the QoS 1 samples for it and delivers them when it comes back. It asks for at most
+  1000 unacknowledged messages at a time (Receive Maximum), so its memory stays bounded and the
+  rest wait at the broker; what the broker drops there comes again from the boards.
+- The collector acknowledges to the broker **manually** too: paho only queues a message; a writer
+  thread validates a batch, stores it in one transaction, commits, and only then sends the PUBACKs
+  and the boards' acks. A collector killed before a commit never acked those messages, so the broker
+  delivers them again (and the boards resend them).
+- MQTT 3.1.1 brokers work too (`protocol="3.1.1"` on both sides: `clean_session=False`, no expiry,
+  no shared subscriptions, no Receive Maximum: the broker's own in-flight limit applies). NATS with
+  JetStream is such a broker and is tested as a three-node cluster (docs/architecture.md).
 
 ## Status and the last will
 
@@ -153,11 +201,13 @@ never blocks the session or crashes the collector:
 | reason | meaning |
 |---|---|
 | `oversized` | the payload is bigger than `--max-payload-bytes` |
-| `bad_topic` | the topic is not `{prefix}/<fleet>/<device>/<samples, telemetry or status>` |
+| `bad_topic` | the topic is not `{prefix}/<fleet>/<device>/<samples, telemetry or status>` with exact names (no trailing newline or space) |
+| `not_allowed` | the device is not on the collector's allow-list (`--allow-devices`: the CA's enrolment list or a file) |
+| `rate_limited` | the device sent more than `--device-rate` messages a minute (beyond its `--device-burst`) |
 | `not_json` | not UTF-8, not JSON, or not a JSON object |
 | `schema` | the `schema` field does not match the topic, or the JSON Schema below fails |
 | `bad_input` | a sample's base64 does not decode, or its size does not match dtype x shape |
-| `topic_mismatch` | the payload's fleet/device differ from the topic's |
+| `topic_mismatch` | the payload's fleet/device differ from the topic's (compared exactly: the topic is the identity) |
 | `store_error` | the database refused this one row (the rest of the batch is stored) |
 
 An empty retained message on `.../status` (someone clearing it) is ignored.
@@ -189,14 +239,17 @@ sequenceDiagram
     B->>B: classify; policy flags the input
     B->>O: insert sample (sample_id, seq, input)
     O->>M: PUBLISH QoS 1 .../samples
-    M-->>O: PUBACK
-    O->>O: delete the sample
+    M-->>O: PUBACK (marks it sent; it stays in the outbox)
     Note over M,C: collector offline: the broker queues it in the persistent session
     M->>C: PUBLISH QoS 1 (now, or when the collector reconnects)
     C->>C: validate (size, JSON Schema, base64 x shape, topic)
     C->>S: INSERT ... ON CONFLICT (sample_id) DO NOTHING; COMMIT
     C-->>M: PUBACK (only after the commit)
-    Note over C,S: a duplicate is counted, a bad payload quarantined; both are acked
+    C->>M: PUBLISH QoS 1 .../ack {stored: [sample_id, ...], quarantined: [...]}
+    M->>O: the ack
+    O->>O: delete the samples it names
+    Note over M,O: no ack within [mqtt].ack_timeout_s (the broker dropped it, the ack was lost): publish again
+    Note over C,S: a duplicate is counted and acked as stored; a bad payload is quarantined and acked as such
 ```
 
 ## Model updates: the `bundle` topic
@@ -214,9 +267,10 @@ On the board (`device_agent/update/updater.py`, docs/agent.md "Model updates"):
 
 1. a message whose `sha256` is the running model's is ignored (the retained message comes back on
    every reconnect);
-2. the size, the base64 and `archive_sha256` are checked, the archive is unpacked into
-   `<state dir>/bundles/<name>-<version>-<sha12>/`, and the manifest's model sha256 is checked
-   before an interpreter opens the file;
+2. the size, the base64 and `archive_sha256` are checked; on a board with `[update] trusted_keys`
+   the archive's signature is then checked in memory, before anything is unpacked (below, "Signed
+   bundles"); the archive is unpacked into `<state dir>/bundles/<name>-<version>-<sha12>/`, and the
+   manifest's model sha256 is checked before an interpreter opens the file;
 3. the new model is opened on the same runtime and thread count, and run once on its own
    preprocessing's output; a bundle whose preprocessing the running source cannot feed is refused;
 4. only then, between two inferences, the agent loop swaps it in, writes `current_bundle-<device>.json`
@@ -231,8 +285,40 @@ and the reason in the retained status's `last_update_error` (cleared by the next
 - **Clear**: publish an empty retained message on the topic
   (`mosquitto_pub -t {prefix}/<fleet>/<device>/bundle -r -n`). The board keeps what it runs; the
   message only stops being handed to boards that connect later.
-- Only the host side should be allowed to publish on `.../bundle` (a broker ACL): whoever can
-  write there chooses the model a board runs. The sha256 checks catch damage, not intent.
+- Whoever can write on `.../bundle` chooses the model a board runs, unless the board trusts keys:
+  the sha256 checks catch damage, not intent. With `edgekit broker-config` only the pusher identity
+  may write there (docs/identity.md); the signature below is what stops anyone else, the broker's
+  operator included, from choosing the model.
+
+### Signed bundles
+
+`edgekit.bundle/1`'s own fields (`name`, `version`, `sha256`, `archive_sha256`) are not signed: they
+describe the archive for the transport. What is signed travels inside it: `signature.json` beside
+`manifest.json` (format `edgekit-signature/1`, docs/bundle.md "Signature", where every byte is
+specified), an Ed25519 signature over the exact bytes of `manifest.json`, whose `release` is a
+monotonically increasing release counter and whose `model.sha256` pins the model. A board that
+trusts keys (`[update] trusted_keys`) reads from the archive only the tar headers, `manifest.json`
+(<= 1 MiB), `signature.json` (<= 4 KiB) and the model's sha256, and refuses, before anything is
+written to disk, a bundle that is
+
+| reason (telemetry `signature.refused`) | the bundle |
+|---|---|
+| `unsigned` | has no `signature.json` beside its manifest |
+| `malformed` | has a `signature.json`, a signed manifest or an archive that does not follow the format |
+| `unknown_key` | is signed by a key the board does not trust |
+| `bad_signature` | has a manifest changed after signing (or a signature made by another key) |
+| `model_mismatch` | holds a model other than the one whose sha256 was signed |
+| `rollback` | has a release below the highest the board accepted (from a key it still trusts) |
+| `release_reused` | reuses the highest accepted release for another manifest |
+
+Each refusal is one warning line, `errors.update` + 1 and `signature.refused.<reason>` + 1 in
+telemetry, and the reason in the retained status's `last_update_error`; the running model stays.
+The highest accepted release survives restarts (`<state dir>/releases-<device>.json`), so a
+retained old bundle is refused again after every restart. Going back is a signed act:
+`edgekit fleet rollback OLD_BUNDLE --sign-key KEY` signs the old bundle again as a new release
+and pushes it. `edgekit fleet push` refuses an unsigned bundle unless `--sign-key` signs it or
+`--allow-unsigned` is given (for boards that trust no key, which accept any bundle and say so
+once in their log at start).
 
 ```mermaid
 sequenceDiagram
@@ -243,7 +329,7 @@ sequenceDiagram
     H->>M: PUBLISH QoS 1, retain .../bundle (edgekit.bundle/1)
     M-->>H: PUBACK
     M->>U: the retained message (now, or when the board connects)
-    U->>U: size, base64, archive_sha256; unpack; model sha256; open + trial inference
+    U->>U: size, base64, archive_sha256; signature + release (in memory); unpack; model sha256; open + trial inference
     U->>L: staged bundle (queue)
     L->>L: between two inferences: swap, write current_bundle-<device>.json
     L->>M: retained status with the new model
@@ -274,6 +360,8 @@ def render() -> str:
     text = text.replace("{max_bytes}", f"{protocol.MAX_PAYLOAD_BYTES:,}")
     text = text.replace("{collector_max}", f"{DEFAULT_MAX_PAYLOAD_BYTES:,}")
     text = text.replace("{max_bundle}", f"{protocol.DEFAULT_MAX_BUNDLE_BYTES:,}")
+    text = text.replace("{ack_ids}", f"{protocol.MAX_ACK_IDS:,}")
+    text = text.replace("{ack_bytes}", f"{protocol.MAX_ACK_BYTES:,}")
     ex = examples()
     parts = [text]
     archive = ex["edgekit.bundle/1"]["archive"]  # validated whole above; shown shortened

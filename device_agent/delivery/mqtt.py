@@ -7,6 +7,10 @@ will that says ``offline``. Reconnects back off exponentially
 (``reconnect_delay_set``) plus a random extra of up to half the delay, so a
 fleet that lost its broker does not come back in lock step.
 
+``[mqtt].broker`` may name several nodes of a clustered broker (comma-separated):
+the link connects to the first and moves on to the next whenever a connection
+fails or drops, round and round.
+
 paho keeps unacknowledged messages in memory only. Persistence is the
 outbox's job: :class:`Link` reports every PUBACK (its ``mid`` and whether the
 broker accepted it) on :attr:`Link.acks`, and bumps :attr:`Link.generation`
@@ -28,11 +32,18 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from ..errors import ConfigError
 
-__all__ = ["Link"]
+__all__ = ["Link", "move_to"]
 
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
+
+
+def move_to(client: "paho.Client", host: str, port: int) -> None:
+    """Point a client's next (re)connection at another node. paho's own ``host``/``port`` setters refuse
+    while a lost connection is being re-established, which is the moment to switch, so this sets the
+    two attributes its ``reconnect()`` reads (``_host``, ``_port``; the same in paho 1.x and 2.x)."""
+    client._host, client._port = host, int(port)
 
 
 class Link:
@@ -56,6 +67,8 @@ class Link:
         self._failures = 0
         self._on_connect_hook = on_connect
         self._handlers: Dict[str, MessageHandler] = {}
+        self._endpoints = cfg.endpoints
+        self._endpoint = 0
         protocol = paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311
         kwargs = {"client_id": client_id, "protocol": protocol}
         if protocol == paho.MQTTv311:
@@ -147,9 +160,22 @@ class Link:
             client.subscribe(topic, qos=1)
         self.generation += 1
         self.connected.set()
-        log.info("connected to %s (%s)", self.cfg.broker, "MQTT 5" if self.cfg.protocol == "5" else "MQTT 3.1.1")
+        log.info("connected to %s (%s)", self.where, "MQTT 5" if self.cfg.protocol == "5" else "MQTT 3.1.1")
         if self._on_connect_hook:
             self._on_connect_hook()
+
+    @property
+    def where(self) -> str:
+        """The node this link uses (or tries) now, as a URL."""
+        host, port = self._endpoints[self._endpoint]
+        scheme = "mqtts" if self.cfg.broker.lstrip().startswith("mqtts") else "mqtt"
+        return f"{scheme}://{host}:{port}"
+
+    def _next_endpoint(self, client) -> None:
+        """Move to the next node of the list for the next attempt (the connection is closed here)."""
+        if len(self._endpoints) > 1:
+            self._endpoint = (self._endpoint + 1) % len(self._endpoints)
+            move_to(client, *self._endpoints[self._endpoint])
 
     def _backoff(self) -> None:
         delay = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * (2 ** min(self._failures, 20)))
@@ -163,13 +189,15 @@ class Link:
         if self._stop.is_set():
             return
         if was:
-            log.warning("lost the broker %s (%s); samples wait in the outbox", self.cfg.broker, reason_code)
+            log.warning("lost the broker %s (%s); samples wait in the outbox", self.where, reason_code)
+        self._next_endpoint(client)
         self._backoff()
 
     def _connect_failed(self, client, userdata) -> None:
         if self._failures == 0:
-            log.warning("cannot reach the broker %s; retrying with backoff, samples wait in the outbox", self.cfg.broker)
-        self.last_error = f"cannot reach the broker {self.cfg.broker}"
+            log.warning("cannot reach the broker %s; retrying with backoff, samples wait in the outbox", self.where)
+        self.last_error = f"cannot reach the broker {self.where}"
+        self._next_endpoint(client)
         self._backoff()
 
     def _published(self, client, userdata, mid, reason_code, properties) -> None:

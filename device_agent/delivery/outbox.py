@@ -1,7 +1,9 @@
-"""The on-disk outbox: flagged samples wait here (SQLite, WAL) until the broker acknowledges them.
+"""The on-disk outbox: flagged samples wait here (SQLite, WAL) until they are delivered.
 
-A sample is committed before it is published and deleted only on its PUBACK,
-so it survives a broker outage, a lost network and ``kill -9``. The outbox is
+A sample is committed before it is published and deleted only once delivered:
+when the collector's ``edgekit.ack/1`` names it (``[mqtt].ack = "collector"``,
+the default), or on the broker's PUBACK (``"broker"``). So it survives a broker
+outage, a broker that drops queued messages, a lost network and ``kill -9``. The outbox is
 bounded in bytes: when a new sample does not fit, the oldest go first, and the
 number dropped is kept in the database (it survives restarts) and reported in
 telemetry. The same database keeps the per-device sample sequence number and
@@ -20,11 +22,13 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional
+from collections import OrderedDict
+from typing import Callable, Iterable, List, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ProtocolError
+from .protocol import MAX_ACK_BYTES, parse_ack
 
-__all__ = ["Row", "Outbox"]
+__all__ = ["Row", "Outbox", "Publisher"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,7 @@ CREATE TABLE IF NOT EXISTS samples (
     size INTEGER NOT NULL,
     created REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS samples_sample_id ON samples (sample_id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, ts REAL NOT NULL);
 """
@@ -171,6 +176,41 @@ class Outbox:
         )
         return [Row(int(r[0]), r[1], r[2], bytes(r[3])) for r in cur]
 
+    def get(self, row_id: int) -> Optional[Row]:
+        """One waiting sample by its row id; None once it is gone (delivered or dropped)."""
+        r = self._db.execute("SELECT id, sample_id, topic, payload FROM samples WHERE id = ?", (row_id,)).fetchone()
+        return Row(int(r[0]), r[1], r[2], bytes(r[3])) if r else None
+
+    def remove_samples(self, sample_ids: Iterable[str]) -> List[str]:
+        """Delete the samples a collector acknowledged, by ``sample_id``, in one transaction;
+        the ids that were here (unknown ones, e.g. dropped or acknowledged before, are ignored)."""
+        sample_ids = list(dict.fromkeys(sample_ids))
+        if not sample_ids:
+            return []
+        found: List[str] = []
+        freed = 0
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for start in range(0, len(sample_ids), 500):  # old SQLite builds bind at most 999 parameters
+                chunk = sample_ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    f"SELECT id, sample_id, size FROM samples WHERE sample_id IN ({marks})", chunk
+                ).fetchall()
+                if rows:
+                    self._db.execute(f"DELETE FROM samples WHERE id IN ({','.join('?' * len(rows))})",
+                                     [r[0] for r in rows])
+                found.extend(r[1] for r in rows)
+                freed += sum(int(r[2]) for r in rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._reload_counts()
+            raise
+        self._depth -= len(found)
+        self._bytes -= freed
+        return found
+
     def ack(self, ids: Iterable[int]) -> int:
         """Delete acknowledged samples (unknown ids, e.g. dropped meanwhile, are ignored)."""
         ids = list(ids)
@@ -214,37 +254,87 @@ class Outbox:
 
 
 class Publisher:
-    """Drains the outbox through a :class:`~device_agent.delivery.mqtt.Link`, in order, at most ``window`` in flight.
+    """Drains the outbox through a :class:`~device_agent.delivery.mqtt.Link`, in order, at most ``window``
+    publishes awaiting their PUBACK.
 
     Runs in the agent's thread (:meth:`pump` after each inference and while
     idle). On every new connection it forgets what was in flight and replays
     the outbox from its oldest sample: paho's in-memory retries may be lost
     with a clean session, and a duplicate is harmless (the collector stores by
-    ``sample_id``). A row is deleted only when its PUBACK says success.
+    ``sample_id``).
+
+    ``ack="broker"``: a row is deleted when its PUBACK says success.
+
+    ``ack="collector"`` (end to end): a PUBACK only marks a row sent; it is
+    deleted when an ``edgekit.ack/1`` from the collector names its sample id
+    (:meth:`offer_ack`, from the MQTT thread). A sent row that no ack names
+    ``ack_timeout_s`` after its PUBACK is published again, oldest first; at
+    most ``max_unacked`` rows are out (sent or in flight, not acknowledged) at
+    once, which is also how a slow collector slows the board down instead of
+    overflowing the broker's queue. While nothing at all is acknowledged the
+    timeout doubles on each round of resends (up to ``MAX_ACK_TIMEOUT_S``), so
+    a collector that is down, or too old to acknowledge, is not flooded.
     """
 
     ACK_BATCH = 32
     ACK_DELAY_S = 0.05
+    MAX_ACK_TIMEOUT_S = 600.0
+    ACK_BACKLOG = 256  # ack messages waiting for the agent's thread; more are dropped (their samples go again)
 
-    def __init__(self, outbox: Outbox, link, window: int = 50):
+    def __init__(self, outbox: Outbox, link, window: int = 50, *, ack: str = "broker", ack_timeout_s: float = 30.0,
+                 max_unacked: int = 500, on_error: Optional[Callable[[str], None]] = None):
+        if ack not in ("broker", "collector"):
+            raise ConfigError(f"config [mqtt].ack={ack!r} must be \"collector\" or \"broker\"")
         self.outbox = outbox
         self.link = link
         self.window = max(1, int(window))
-        self.published = 0
-        self.rejected = 0
+        self.end_to_end = ack == "collector"
+        self.ack_timeout_s = float(ack_timeout_s)
+        self.max_unacked = max(1, int(max_unacked))
+        self._on_error = on_error or (lambda kind: None)
+        self.published = 0  # rows delivered and deleted (by the collector's ack, or by the PUBACK)
+        self.sent = 0  # publishes the broker accepted, resends included
+        self.resent = 0  # publishes of a row sent before (ack timeout, reconnect)
+        self.acked = 0  # rows a collector's ack named as stored
+        self.refused = 0  # rows a collector's ack named as quarantined
+        self.rejected = 0  # samples the broker answered with a failure reason; they stay in the outbox
+        self._refused_logged = -1
+        self.bad_acks = 0  # ack messages that were malformed or too big
+        self.unknown_acks = 0  # ids in acks that are not (any more) in the outbox
+        self.ack_overflow = 0  # ack messages dropped because ACK_BACKLOG were waiting
         self._generation = -1
-        self._inflight: dict = {}
+        self._inflight: dict = {}  # mid -> (row id, sample id)
         self._cursor = 0
+        self._high = 0  # the newest row id published by this process: a row at or below it is a resend
         self._acked: list = []  # acknowledged, deleted in batches (a duplicate after a crash is harmless)
         self._acked_since = 0.0
+        self._sent: "OrderedDict[str, tuple]" = OrderedDict()  # sample id -> (row id, resend at), by PUBACK time
+        self._acks: "queue.Queue[Optional[bytes]]" = queue.Queue(self.ACK_BACKLOG)
+        self._ack_stored: list = []  # ids acknowledged by the collector, deleted in batches
+        self._ack_quarantined: list = []
+        self._ack_since = 0.0
+        self._timeout = self.ack_timeout_s
+        self._last_ack = self._backoff_at = time.monotonic()
+        self._warned_silence = False
 
+    # -- the MQTT thread ----------------------------------------------------
+    def offer_ack(self, topic: str, payload: bytes) -> None:
+        """Queue an ``edgekit.ack/1`` for :meth:`pump` (called in the MQTT thread; never parses here)."""
+        item = bytes(payload) if len(payload) <= MAX_ACK_BYTES else None  # None: too big, counted in pump()
+        try:
+            self._acks.put_nowait(item)
+        except queue.Full:
+            self.ack_overflow += 1  # only this thread writes it
+
+    # -- the agent's thread -------------------------------------------------
     def pump(self, wait_s: float = 0.0) -> int:
-        """Process acknowledgements (waiting up to ``wait_s`` for the first), then publish what fits
-        the window; returns rows acknowledged."""
+        """Process acknowledgements (waiting up to ``wait_s`` for the first), resend what timed out, then
+        publish what fits the windows; returns rows deleted."""
         link = self.link
         if link.generation != self._generation:
             self._generation = link.generation
             self._inflight.clear()
+            self._sent.clear()
             self._cursor = 0
         acked = []
         block = wait_s > 0 and bool(self._inflight)
@@ -254,33 +344,158 @@ class Publisher:
             except queue.Empty:
                 break
             block = False
-            rid = self._inflight.pop(mid, None)
-            if rid is None:
+            entry = self._inflight.pop(mid, None)
+            if entry is None:
                 continue
-            if ok:
-                acked.append(rid)
+            if not ok:
+                self._refused(entry[0])  # stays in the outbox, offered again after a reconnect (not on a timer)
+                continue
+            self.sent += 1
+            if self.end_to_end:
+                self._sent[entry[1]] = (entry[0], time.monotonic() + self._timeout)
+                self._sent.move_to_end(entry[1])
             else:
-                self.rejected += 1  # stays in the outbox; replayed on the next connection
-        if acked:
-            if not self._acked:
-                self._acked_since = time.monotonic()
-            self._acked.extend(acked)
+                acked.append(entry[0])
         removed = 0
-        if self._acked and (wait_s > 0 or len(self._acked) >= self.ACK_BATCH or not self._inflight
-                            or time.monotonic() - self._acked_since >= self.ACK_DELAY_S):
-            removed = self.outbox.ack(self._acked)
-            self._acked = []
-        self.published += removed
+        if self.end_to_end:
+            removed = self._take_acks(wait_s if wait_s > 0 and not self._inflight and self._sent else 0.0)
+            if link.connected.is_set():
+                self._resend_due()
+        else:
+            if acked:
+                if not self._acked:
+                    self._acked_since = time.monotonic()
+                self._acked.extend(acked)
+            if self._acked and (wait_s > 0 or len(self._acked) >= self.ACK_BATCH or not self._inflight
+                                or time.monotonic() - self._acked_since >= self.ACK_DELAY_S):
+                removed = self.outbox.ack(self._acked)
+                self._acked = []
+            self.published += removed
         room = self.window - len(self._inflight)
+        if self.end_to_end:
+            room = min(room, self.max_unacked - len(self._inflight) - len(self._sent))
         if room > 0 and self.outbox.last_id > self._cursor and link.connected.is_set():
             for row in self.outbox.pending(self._cursor, room):
-                mid = link.publish(row.topic, row.payload, qos=1)
-                if mid is None:
+                if not self._publish(row):
                     break
-                self._inflight[mid] = row.id
                 self._cursor = row.id
         return removed
+
+    def _publish(self, row: Row) -> bool:
+        mid = self.link.publish(row.topic, row.payload, qos=1)
+        if mid is None:
+            return False
+        self._inflight[mid] = (row.id, row.sample_id)
+        if row.id <= self._high:
+            self.resent += 1
+        else:
+            self._high = row.id
+        return True
+
+    def _take_acks(self, wait_s: float) -> int:
+        """Delete what the queued ``edgekit.ack/1`` messages name, in batches (one transaction per
+        ACK_BATCH ids or ACK_DELAY_S, at once when waiting, when the window is full or when every sample
+        out is acknowledged: a crash in between costs a resend, which the collector acks again); rows deleted."""
+        messages = []
+        try:
+            if wait_s > 0:
+                messages.append(self._acks.get(timeout=wait_s))
+            while not self._acks.empty():
+                messages.append(self._acks.get_nowait())
+        except queue.Empty:
+            pass
+        for payload in messages:
+            try:
+                if payload is None:
+                    raise ProtocolError(f"ack message is over MAX_ACK_BYTES={MAX_ACK_BYTES}")
+                s, q = parse_ack(payload)
+            except ProtocolError as exc:
+                self.bad_acks += 1
+                self._on_error("ack")
+                (log.warning if self.bad_acks <= 10 else log.debug)("ack ignored: %s", exc)
+                continue
+            if not self._ack_stored and not self._ack_quarantined:
+                self._ack_since = time.monotonic()
+            self._ack_stored.extend(s)
+            self._ack_quarantined.extend(q)
+        named = len(self._ack_stored) + len(self._ack_quarantined)
+        out = len(self._inflight) + len(self._sent)
+        if not named or not (wait_s > 0 or named >= self.ACK_BATCH or named >= out or out >= self.max_unacked
+                             or time.monotonic() - self._ack_since >= self.ACK_DELAY_S):
+            return 0
+        stored, quarantined = self._ack_stored, self._ack_quarantined
+        self._ack_stored, self._ack_quarantined = [], []
+        gone = set(self.outbox.remove_samples(stored + quarantined))
+        for sid in gone:
+            self._sent.pop(sid, None)
+        n_stored = sum(1 for sid in dict.fromkeys(stored) if sid in gone)
+        n_refused = len(gone) - n_stored
+        self.unknown_acks += len(set(stored) | set(quarantined)) - len(gone)
+        self.acked += n_stored
+        self.refused += n_refused
+        self.published += len(gone)
+        if n_refused:
+            for _ in range(n_refused):
+                self._on_error("refused")
+            log.warning("the collector refused %d sample(s) as malformed and quarantined them; they are not sent "
+                        "again (see the store's quarantine table)", n_refused)
+        if gone:
+            self._last_ack = time.monotonic()
+            self._timeout = self.ack_timeout_s
+            self._warned_silence = False
+        return len(gone)
+
+    def _resend_due(self) -> None:
+        """Publish again, oldest first, the sent rows no ack named in time (within the PUBACK window)."""
+        now = time.monotonic()
+        resent = False
+        while self._sent and len(self._inflight) < self.window:
+            sid, (rid, due) = next(iter(self._sent.items()))
+            if due > now:
+                break
+            del self._sent[sid]
+            row = self.outbox.get(rid)
+            if row is None:
+                continue  # dropped for room, or deleted meanwhile
+            if not self._publish(row):
+                self._sent[sid] = (rid, due)
+                self._sent.move_to_end(sid, last=False)
+                break
+            resent = True
+        if resent and now - self._last_ack >= self._timeout and now >= self._backoff_at:  # once per round
+            if not self._warned_silence:
+                self._warned_silence = True
+                log.warning("no collector acknowledged a sample for %.0f s although the broker takes them; samples "
+                            "wait in the outbox and go again with a growing timeout. Is `edgekit collect` running? "
+                            "A collector without end-to-end acks needs [mqtt].ack = \"broker\"", now - self._last_ack)
+            self._timeout = min(self._timeout * 2, self.MAX_ACK_TIMEOUT_S)
+            self._backoff_at = now + self._timeout
+
+    def _refused(self, rid: int) -> None:
+        """The broker answered a sample with a failure reason (MQTT 5, e.g. "Not authorized" from an ACL).
+
+        The sample stays in the outbox and is offered again only after the next reconnect, never in a
+        loop; each refusal is counted (telemetry ``rejected``) and the first of each connection logged
+        with the fix. (MQTT 3.1.1 has no such reason: Mosquitto acks a refused message as if delivered.)
+        """
+        self.rejected += 1
+        if self._refused_logged != self._generation:
+            self._refused_logged = self._generation
+            log.error("the broker refuses the samples of this board (first refusal on this connection: outbox row "
+                      "%d); they stay in the outbox and are offered again after a reconnect. If the broker said "
+                      "'Not authorized', its ACL does not let this certificate write this topic: the certificate's "
+                      "CN must equal [device].id and the broker must serve [device].fleet (docs/identity.md)", rid)
 
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def ack_timeout_now_s(self) -> float:
+        """The resend timeout in force: ``ack_timeout_s``, doubled per round while no ack comes."""
+        return self._timeout
+
+    @property
+    def unacked(self) -> int:
+        """Rows out and not yet deleted: awaiting their PUBACK, or (end to end) the collector's ack."""
+        return len(self._inflight) + len(self._sent)

@@ -11,6 +11,7 @@ status         dev -> host 1      yes       ``edgekit.status/1`` (last will: off
 predictions    dev -> host 0      no        ``edgekit.prediction/1`` (optional)
 cmd            host -> dev 1      no        ``edgekit.cmd/1``
 bundle         host -> dev 1      yes       ``edgekit.bundle/1`` (the model the board should run)
+ack            host -> dev 1      no        ``edgekit.ack/1`` (sample ids a collector committed)
 =============  ==========  =====  ========  =======================================
 
 Every payload is a UTF-8 JSON object with a ``schema`` field. The JSON Schemas
@@ -37,7 +38,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import ProtocolError
-from .schemas import COMMANDS, DTYPES as _DTYPES, NAME as _NAME, SCHEMAS
+from .schemas import COMMANDS, DTYPES as _DTYPES, MAX_ACK_IDS, NAME as _NAME, SCHEMAS, UUID as _UUID
 
 __all__ = [
     "PREFIX",
@@ -54,6 +55,10 @@ __all__ = [
     "telemetry_payload",
     "prediction_payload",
     "parse_cmd",
+    "MAX_ACK_BYTES",
+    "MAX_ACK_IDS",
+    "ack_payload",
+    "parse_ack",
     "DEFAULT_MAX_BUNDLE_BYTES",
     "pack_bundle",
     "bundle_payload",
@@ -61,15 +66,18 @@ __all__ = [
 ]
 
 PREFIX = "edgekit/v1"
-KINDS = ("samples", "telemetry", "status", "predictions", "cmd", "bundle")
+KINDS = ("samples", "telemetry", "status", "predictions", "cmd", "bundle", "ack")
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
+MAX_ACK_BYTES = 64 * 1024
+"""Largest ``edgekit.ack/1`` message a board reads (MAX_ACK_IDS ids take about 40 KB)."""
 DEFAULT_MAX_BUNDLE_BYTES = 16 * 1024 * 1024
 """Largest bundle archive (the .tar.gz, before base64) a ``bundle`` message may carry by default."""
 
 
 def check_name(value: str, what: str) -> str:
-    """Fleet and device names are one topic level: letters, digits, ``._-``."""
-    if not isinstance(value, str) or not _NAME.match(value):
+    """Fleet and device names are one topic level: letters, digits, ``._-`` (the whole string: a
+    trailing newline, which ``$`` lets through, would make a look-alike of another board's name)."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ProtocolError(f"{what}={value!r} is not a valid name; use 1-64 letters, digits, '.', '_' or '-'")
     return value
 
@@ -236,13 +244,45 @@ def parse_cmd(payload: bytes) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# End-to-end acknowledgement: the collector names the samples it has committed.
+def ack_payload(stored: Sequence[str], quarantined: Sequence[str] = (), *, ts: Optional[float] = None) -> Dict[str, Any]:
+    """``edgekit.ack/1`` for at most MAX_ACK_IDS sample ids (split bigger batches over several messages)."""
+    if len(stored) + len(quarantined) > MAX_ACK_IDS:
+        raise ProtocolError(f"an ack names {len(stored) + len(quarantined)} sample ids, more than "
+                            f"MAX_ACK_IDS={MAX_ACK_IDS}; split it")
+    out: Dict[str, Any] = {"schema": "edgekit.ack/1", "ts": ts if ts is not None else now(), "stored": list(stored)}
+    if quarantined:
+        out["quarantined"] = list(quarantined)
+    return out
+
+
+def parse_ack(payload: bytes) -> Tuple[list, list]:
+    """Check an ``edgekit.ack/1`` message: its ``(stored, quarantined)`` sample ids.
+
+    The size is checked before the JSON is parsed; raises :class:`ProtocolError` with one line.
+    """
+    if len(payload) > MAX_ACK_BYTES:
+        raise ProtocolError(f"ack message is {len(payload)} bytes, over MAX_ACK_BYTES={MAX_ACK_BYTES}")
+    obj = _json_object(payload, "edgekit.ack/1", "ack message")
+    lists = []
+    for key in ("stored", "quarantined"):
+        ids = obj.get(key, [] if key == "quarantined" else None)
+        if not isinstance(ids, list) or not all(isinstance(i, str) and _UUID.match(i) for i in ids):
+            raise ProtocolError(f"ack message field {key!r} must be a list of sample ids (lower-case UUIDs)")
+        lists.append(ids)
+    if len(lists[0]) + len(lists[1]) > MAX_ACK_IDS:
+        raise ProtocolError(f"ack message names {len(lists[0]) + len(lists[1])} sample ids, over MAX_ACK_IDS={MAX_ACK_IDS}")
+    return lists[0], lists[1]
+
+
+# ---------------------------------------------------------------------------
 # Model updates: a bundle travels as a base64 .tar.gz in one retained message.
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def pack_bundle(bundle_dir: Union[str, os.PathLike]) -> bytes:
-    """What a board needs of a bundle directory (manifest.json and the model) as ``.tar.gz`` bytes,
-    in one top-level folder; the same bytes for the same files."""
+    """What a board needs of a bundle directory (manifest.json, signature.json when signed, and the model)
+    as ``.tar.gz`` bytes, in one top-level folder, in that order; the same bytes for the same files."""
     root = Path(bundle_dir)
     if not (root / "manifest.json").is_file():
         raise ProtocolError(f"{root} is not a bundle directory (no manifest.json); pass what `edgekit convert -o` wrote")
@@ -254,7 +294,8 @@ def pack_bundle(bundle_dir: Union[str, os.PathLike]) -> bytes:
         raise ProtocolError(f"{root} has no {model_file}; pass the whole bundle directory")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in (root, root / "manifest.json", root / model_file):
+        signature = [root / "signature.json"] if (root / "signature.json").is_file() else []
+        for path in (root, root / "manifest.json", *signature, root / model_file):
             info = tar.gettarinfo(str(path), arcname=str(Path(root.name) / path.relative_to(root)))
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
             if info.isfile():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict
 
-__all__ = ["NAME", "DTYPES", "COMMANDS", "SCHEMAS"]
+__all__ = ["NAME", "DTYPES", "COMMANDS", "SIGNATURE_REFUSALS", "SCHEMAS", "UUID", "MAX_ACK_IDS"]
 
 #: A fleet or device name: one topic level.
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -17,6 +17,13 @@ NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 DTYPES = ["uint8", "int8", "int16", "uint16", "int32", "float16", "float32", "float64"]
 #: The commands of ``edgekit.cmd/1``.
 COMMANDS = ("ping", "set_thresholds", "flush", "reload_bundle", "send_telemetry")
+#: A sample id: a lower-case UUID, as the board makes it.
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+#: At most this many sample ids in one ``edgekit.ack/1`` (``stored`` and ``quarantined`` together).
+MAX_ACK_IDS = 1024
+#: Why a board with trusted keys refused a bundle (telemetry ``signature.refused``; docs/bundle.md, "Signature").
+SIGNATURE_REFUSALS = ("unsigned", "malformed", "unknown_key", "bad_signature", "model_mismatch", "rollback",
+                      "release_reused")
 _NAME, _DTYPES = NAME, DTYPES
 
 _MODEL = {
@@ -40,8 +47,7 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
         "required": ["schema", "sample_id", "device", "fleet", "seq", "ts", "model", "prediction", "reasons", "input"],
         "properties": {
             "schema": {"const": "edgekit.sample/1"},
-            "sample_id": {"type": "string", "format": "uuid",
-                          "pattern": "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"},
+            "sample_id": {"type": "string", "format": "uuid", "pattern": UUID.pattern},
             "device": _NAMEPAT,
             "fleet": _NAMEPAT,
             "seq": {"type": "integer", "minimum": 0},
@@ -102,6 +108,11 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
             "disk_free_bytes": {"type": ["integer", "null"]},
             "inferences": {"type": "integer", "minimum": 0},
             "flagged": {"type": "integer", "minimum": 0},
+            "resent": {"type": "integer", "minimum": 0,
+                       "description": "samples published again: not acknowledged by a collector within the ack "
+                                      "timeout, or unacknowledged at a reconnect"},
+            "rejected": {"description": "samples the broker refused (an MQTT 5 PUBACK failure such as an ACL's "
+                                        "'Not authorized'); they stay in the outbox", "type": "integer", "minimum": 0},
             "latency_ms": {
                 "type": "object",
                 "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL},
@@ -133,6 +144,23 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
                     "confidence_mean_ref": _NUM_OR_NULL,
                     "confidence_psi": {"type": ["number", "null"], "minimum": 0},
                     "level": {"enum": ["stable", "moderate", "significant", None]},
+                },
+            },
+            "signature": {
+                "description": "signed bundles: null when the board trusts no key ([update].trusted_keys) and runs "
+                               "any bundle; else the trusted key ids, the running bundle's release, the highest "
+                               "release accepted, and the refused bundles counted by reason",
+                "type": ["object", "null"],
+                "required": ["keys", "release", "highest", "refused"],
+                "properties": {
+                    "keys": {"type": "array", "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+                    "release": {"type": ["integer", "null"], "minimum": 1},
+                    "highest": {"type": ["integer", "null"], "minimum": 1},
+                    "refused": {
+                        "description": "refusals by reason: " + ", ".join(SIGNATURE_REFUSALS),
+                        "type": "object",
+                        "additionalProperties": {"type": "integer", "minimum": 1},
+                    },
                 },
             },
         },
@@ -196,5 +224,19 @@ SCHEMAS["edgekit.bundle/1"] = {
         "encoding": {"const": "base64"},
         "archive": {"type": "string", "contentEncoding": "base64", "contentMediaType": "application/gzip"},
         "ts": _NUM,
+    },
+}
+_SAMPLE_IDS = {"type": "array", "items": {"type": "string", "pattern": UUID.pattern}, "maxItems": MAX_ACK_IDS}
+SCHEMAS["edgekit.ack/1"] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "edgekit.ack/1: sample ids a collector has committed (host to device); the board forgets only these",
+    "type": "object",
+    "required": ["schema", "ts", "stored"],
+    "properties": {
+        "schema": {"const": "edgekit.ack/1"},
+        "ts": _NUM,
+        "stored": dict(_SAMPLE_IDS, description="in the store: stored now, or a duplicate of a sample stored before"),
+        "quarantined": dict(_SAMPLE_IDS, description="refused (malformed, too big, ...) and kept in the store's "
+                                                     "quarantine table: resending cannot help"),
     },
 }

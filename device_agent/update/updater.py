@@ -3,7 +3,8 @@
 The host publishes the bundle the board should run as a retained
 ``edgekit.bundle/1`` message on ``.../<device>/bundle`` (``edgekit fleet
 push``). :meth:`Updater.offer` (called on the MQTT thread) only queues the
-message; a worker thread checks it (size, ``archive_sha256``), unpacks it into
+message; a worker thread checks it (size, ``archive_sha256``; with a :class:`~.signature.Verifier`, the
+signature and release on the archive in memory, before anything is written), unpacks it into
 ``<state dir>/bundles/<name>-<version>-<sha12>/``, runs :func:`load_bundle`
 (the model's sha256 is checked before an interpreter opens it), opens the
 model with the agent's ``open_model`` and runs the agent's ``check``. What
@@ -32,11 +33,14 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Union
 
 from ..delivery import protocol
 from ..errors import AgentError, BundleError, ProtocolError
 from .manifest import MANIFEST_NAME, Bundle, extract_archive, load_bundle
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .signature import Verifier
 
 __all__ = ["Staged", "Failed", "Updater"]
 
@@ -91,6 +95,7 @@ class Updater:
         running_sha256: Callable[[], str],
         max_bytes: int = protocol.DEFAULT_MAX_BUNDLE_BYTES,
         keep: int = 2,
+        verifier: Optional["Verifier"] = None,
     ):
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / "bundles"
@@ -101,6 +106,7 @@ class Updater:
         self._open_model = open_model
         self._check = check
         self._running_sha256 = running_sha256
+        self.verifier = verifier  # with trusted keys: signature and release checked before anything is unpacked
         self._inbox: "queue.SimpleQueue[Optional[bytes]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
@@ -145,10 +151,13 @@ class Updater:
             log.info("bundle %s v%s (sha256 %s...) is what already runs; nothing to do",
                      meta["name"], meta["version"], meta["sha256"][:12])
             return None
+        signed = self.verifier.check_archive(archive, max_total=8 * self.max_bytes) if self.verifier else None
         name = _UNSAFE.sub("_", f"{meta['name']}-{meta['version']}")[:80]
         target = self.dir / f"{name}-{meta['sha256'][:12]}"
         self.dir.mkdir(parents=True, exist_ok=True)
         bundle = self._reuse(target, meta["sha256"])
+        if bundle is not None and signed is not None and not self.verifier.matches(target, signed):
+            bundle = None  # the same model under another signed manifest (a re-signed rollback): unpack that
         created = bundle is None
         if bundle is None:
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.dir))
@@ -164,6 +173,8 @@ class Updater:
             except BundleError:
                 shutil.rmtree(target, ignore_errors=True)
                 raise
+        if signed is not None:
+            self.verifier.check_unpacked(target, signed)
         if bundle.manifest.sha256 != meta["sha256"]:
             shutil.rmtree(target, ignore_errors=True)
             raise ProtocolError(f"bundle message says sha256={meta['sha256'][:12]}... but its manifest says "

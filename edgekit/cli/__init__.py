@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from .. import __version__
 
-_COMMANDS = ("convert", "evaluate", "collect", "samples", "retrain", "fleet", "demo")
+_COMMANDS = ("convert", "distill", "evaluate", "collect", "samples", "retrain", "fleet", "broker_config", "keys", "sign", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command. As the program (``argv`` None) SIGTERM/SIGINT stay a stop request until the
+    process ends; a caller passing ``argv`` gets its own signal handlers back afterwards."""
+    # First thing: a SIGTERM from here on is a stop request, never a kill mid-way (see _signals).
+    from ._signals import STOP, install, restore
+
+    previous = install()
+    try:
+        return _main(argv, STOP)
+    finally:
+        if argv is not None:
+            restore(previous)
+
+
+def _main(argv: Optional[List[str]], stop) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -52,6 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..errors import EdgekitError
 
     try:
+        if not getattr(args, "graceful_stop", False):
+            stop.raise_on_signal()
         return int(args.func(args) or 0)
     except (EdgekitError, AgentError) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)

@@ -33,6 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="time this runtime in the report (repeatable; default: every one installed)")
     p.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--sign-key", metavar="KEY",
+                   help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
+                        "key's next release; boards with [update] trusted_keys run only signed bundles")
+    g = p.add_argument_group("pruning (docs/shrink.md)")
+    g.add_argument("--prune", type=float, metavar="SPARSITY",
+                   help="magnitude-prune this fraction of the Conv/Dense weights to zero while fine-tuning, before "
+                        "quantizing (within (0, 1), e.g. 0.5); QAT then keeps the zeros")
+    g.add_argument("--prune-structure", metavar="MxN",
+                   help="structured pruning instead: M zeros in every N consecutive input-channel weights, e.g. 2x4 "
+                        "(sparsity M/N; --prune may be left out)")
+    g.add_argument("--prune-schedule", choices=("polynomial", "constant"), default="polynomial",
+                   help="sparsity grows from 0 over 60%% of the steps (polynomial, default) or starts at the target (constant)")
+    g.add_argument("--prune-epochs", type=int, default=4, help="fine-tuning epochs while pruning (default 4)")
     p.set_defaults(func=handle)
 
 
@@ -40,6 +53,16 @@ def handle(args: argparse.Namespace) -> int:
     from ..convert.bundle import check_output
 
     check_output(args.output, args.force)  # before the slow imports
+    key = None
+    if args.sign_key:  # a bad key fails before the slow work
+        from ..fleet.keys import load_signing_key
+
+        key = load_signing_key(args.sign_key)
+    prune = None
+    if args.prune is not None or args.prune_structure is not None:
+        from ..convert.prune import PruneSpec
+
+        prune = PruneSpec(args.prune, args.prune_structure, schedule=args.prune_schedule, epochs=args.prune_epochs)
     from ..convert.pipeline import convert
     from ..data import load_dataset
 
@@ -67,9 +90,25 @@ def handle(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         runtimes=args.runtimes,
         seed=args.seed,
+        prune=prune,
     )
     for layer, action in result.fallbacks:
         print(f"fallback: {layer}: {action}")
     print(result.report.to_markdown())
     print(f"bundle: {result.bundle_path}  (report: {result.bundle_path / 'report' / 'report.md'})")
+    _sign(result.bundle_path, key)
     return 0
+
+
+def _sign(bundle, key) -> None:
+    """Sign what was just written (convert and retrain share this)."""
+    if key is None:
+        return
+    from ..errors import SigningError
+    from ..fleet.keys import sign_bundle
+
+    try:
+        r = sign_bundle(bundle, key)
+    except SigningError as exc:
+        raise SigningError(f"{exc}; the bundle {bundle} is written but not signed: sign it with `edgekit sign`") from exc
+    print(f"signed: release {r.release} with key {r.key_id[:16]}... ({r.path / 'signature.json'})")

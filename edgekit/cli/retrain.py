@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed, also for splitting the original data (default 0)")
     p.add_argument("--force", action="store_true", help="replace NEW_BUNDLE if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
+    p.add_argument("--sign-key", metavar="KEY",
+                   help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
+                        "key's next release; boards with [update] trusted_keys run only signed bundles")
     p.set_defaults(func=handle)
 
 
@@ -42,6 +45,11 @@ def handle(args: argparse.Namespace) -> int:
     from ..convert.bundle import check_output
 
     check_output(args.output, args.force)  # before the slow imports
+    key = None
+    if args.sign_key:  # a bad key fails before the slow work
+        from ..fleet.keys import load_signing_key
+
+        key = load_signing_key(args.sign_key)
     from ..loop.retrain import retrain
 
     result = retrain(
@@ -54,4 +62,7 @@ def handle(args: argparse.Namespace) -> int:
     print(f"bundle v{result.version}: {result.bundle_path}  (report: {result.report_path}, "
           f"float model for the next retrain: {result.float_model_path})")
     print(f"verdict: {result.verdict.word}")
+    from .convert import _sign
+
+    _sign(result.bundle_path, key)
     return 0

@@ -29,7 +29,8 @@ from device_agent.update.manifest import Bundle, load_bundle
 from ..data import Dataset
 from ..errors import DataError, ModelError
 
-__all__ = ["ModelMetrics", "Latency", "Baseline", "Thresholds", "EvalReport", "evaluate", "derive_thresholds", "scores_to_probs"]
+__all__ = ["ModelMetrics", "Latency", "Baseline", "Thresholds", "Section", "EvalReport", "evaluate", "derive_thresholds",
+           "scores_to_probs"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,16 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class Section:
+    """A further part of a report (pruning, distillation): its key in report.json, a title and Markdown."""
+
+    key: str
+    title: str
+    data: Dict[str, Any]
+    markdown: str
+
+
+@dataclass(frozen=True)
 class EvalReport:
     bundle: str
     name: str
@@ -91,6 +102,7 @@ class EvalReport:
     latency: Tuple[Latency, ...]
     baseline: Baseline
     thresholds: Thresholds
+    sections: Tuple[Section, ...] = ()
 
     @property
     def beats_baseline(self) -> bool:
@@ -100,6 +112,9 @@ class EvalReport:
         out = dataclasses.asdict(self)
         out["labels"] = list(self.labels)
         out["beats_baseline"] = self.beats_baseline
+        out.pop("sections", None)
+        for section in self.sections:
+            out[section.key] = section.data
         return out
 
     def to_markdown(self) -> str:

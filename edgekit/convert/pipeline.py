@@ -10,12 +10,13 @@ On any failure nothing is left behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,8 +25,14 @@ from device_agent.update.manifest import Manifest, load_bundle, read_labels
 from .bundle import FLOAT_MODEL_NAME, atomic_dir, check_output, rewrite_manifest, write_bundle
 from ..data import Dataset
 from ..errors import ConversionError
-from .evaluate import EvalReport, evaluate, scores_to_probs
+from .evaluate import EvalReport, Section, evaluate, scores_to_probs
 from .load import load_model, model_file_size
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .prune import PruneSpec
+
+#: Called with the staged bundle directory, the bundle's final name and its report; returns report sections.
+SectionsHook = Callable[[Path, str, EvalReport], Sequence[Section]]
 
 __all__ = ["ConvertResult", "convert", "load_model", "reference_stats", "MODES"]
 
@@ -98,8 +105,14 @@ def convert(
     report: bool = True,
     seed: int = 0,
     save_float: bool = True,
+    prune: Optional["PruneSpec"] = None,
+    sections: Optional[SectionsHook] = None,
 ) -> ConvertResult:
-    """Convert ``model`` (a Keras model or a path) to an int8 bundle at ``output``; see the module doc."""
+    """Convert ``model`` (a Keras model or a path) to an int8 bundle at ``output``; see the module doc.
+
+    ``prune``: magnitude pruning while fine-tuning before quantization (:mod:`edgekit.convert.prune`);
+    ``sections``: adds sections to the report (``edgekit distill`` adds its comparison).
+    """
     from . import quantize as q
     from ..models import seed_everything
 
@@ -125,6 +138,13 @@ def convert(
     seed_everything(seed)
     activation = q.output_activation(model, data)
     calibration = q.representative_inputs(data, calibration_samples, seed)
+    pruned = None
+    if prune is not None:
+        from .prune import prune_model
+
+        pruned = prune_model(model, data, prune, from_logits=activation == "logits", calibration=calibration,
+                             progress=progress, seed=seed)
+        model = pruned.model
     float_bytes = q.to_tflite_float(model)
     if keras_size is None:
         with tempfile.TemporaryDirectory(prefix="edgekit-keras-") as tmp:
@@ -137,7 +157,8 @@ def convert(
     used = mode
     if mode == "qat":
         qat = q.quantize_aware(
-            model, data, epochs=epochs, fallback=fallback, progress=progress, from_logits=activation == "logits", seed=seed
+            model, data, epochs=epochs, fallback=fallback, progress=progress, from_logits=activation == "logits", seed=seed,
+            scheme=pruned.qat_scheme() if pruned is not None else None,
         )
         fallbacks, used = qat.fallbacks, qat.mode
         if qat.model is not None:
@@ -161,6 +182,12 @@ def convert(
         "qat_epochs": int(epochs) if used == "qat" else 0,
         "fallbacks": [{"layer": n, "action": a} for n, a in fallbacks],
     }
+    pruned_layers = None
+    if pruned is not None:
+        from .prune import manifest_entry, measure
+
+        pruned_layers = measure(pruned, int8_bytes)
+        quantization["pruning"] = manifest_entry(pruned, pruned_layers, used)
     bundle_name = name or getattr(model, "name", None) or data.name
     with atomic_dir(output, force) as tmp:
         manifest = write_bundle(
@@ -202,9 +229,18 @@ def convert(
         rewrite_manifest(tmp, manifest)
         if save_float:
             _save_float(model, tmp / FLOAT_MODEL_NAME)
+        extra = []
+        if pruned is not None:
+            from .prune import report_section
+
+            extra.append(report_section(pruned, pruned_layers, tmp, output.name, rep, data, runtimes, baseline))
+        if sections is not None:
+            extra.extend(sections(tmp, output.name, rep))
+        rep = replace(rep, sections=tuple(extra))
     log.info("bundle written to %s (int8 top-1 %.2f%%)", output, 100 * rep.int8.accuracy)
     report_obj = replace(rep, bundle=str(output))
     if report:
+        (output / REPORT_DIR / "report.json").write_text(json.dumps(report_obj.to_dict(), indent=2) + "\n", encoding="utf-8")
         (output / REPORT_DIR / "report.md").write_text(report_obj.to_markdown(), encoding="utf-8")
     return ConvertResult(bundle_path=output, manifest=manifest, report=report_obj, fallbacks=fallbacks)
 

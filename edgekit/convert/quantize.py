@@ -184,8 +184,13 @@ def quantize_aware(
     learning_rate: float = 1e-4,
     batch_size: int = 32,
     seed: int = 0,
+    scheme: Any = None,
 ) -> QatResult:
-    """tfmot QAT: annotate what can be quantized, apply, fine-tune ``epochs`` on the train split."""
+    """tfmot QAT: annotate what can be quantized, apply, fine-tune ``epochs`` on the train split.
+
+    ``scheme``: a tfmot quantize scheme other than the default 8-bit one (pruning passes the
+    sparsity-preserving scheme, so fine-tuning keeps zero weights zero).
+    """
     from .._keras import keras, tfmot
 
     from ..models import seed_everything
@@ -224,6 +229,8 @@ def quantize_aware(
         annotated = keras.models.clone_model(model, clone_function=annotate)
         annotated.set_weights(model.get_weights())
         with mot.quantization.keras.quantize_scope(), SafeModeScope(False):
+            if scheme is not None:
+                return mot.quantization.keras.quantize_apply(annotated, scheme)
             return mot.quantization.keras.quantize_apply(annotated)
 
     batch_norms = [layer.name for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]

@@ -81,6 +81,10 @@ def markdown(r: "EvalReport") -> str:
         f"On the test split they accept {_pct(t.accepted_fraction)} of inputs at {_pct(t.accepted_accuracy)} accuracy; "
         f"the flagged rest is {_pct(t.flagged_accuracy)} accurate.",
         "",
+    ]
+    for section in r.sections:
+        lines += [f"## {section.title}", "", section.markdown.rstrip(), ""]
+    lines += [
         "## Plots",
         "",
     ]

@@ -2,12 +2,16 @@
 
 A push publishes the bundle as a retained ``edgekit.bundle/1`` on each board's
 ``.../<device>/bundle`` topic (docs/protocol.md, "Model updates"): a board
-that is offline gets it when it connects.
+that is offline gets it when it connects. Boards with ``[update] trusted_keys``
+run only bundles signed by one of those keys, with a release above the last
+they accepted: :func:`sign_for_push` signs (or refuses) before anything is sent,
+and a rollback is the old bundle signed again as a new release.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import threading
 import time
@@ -19,7 +23,9 @@ from device_agent.delivery import protocol
 
 from ..errors import BrokerError
 
-__all__ = ["PushResult", "bundle_message", "push_bundle"]
+__all__ = ["PushResult", "bundle_message", "push_bundle", "sign_for_push"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,57 @@ def bundle_message(bundle: Any, *, max_bytes: int = protocol.DEFAULT_MAX_BUNDLE_
         archive = path.read_bytes()
     payload = protocol.bundle_payload(archive, max_bytes=max_bytes)
     return payload, json.dumps(payload, separators=(",", ":")).encode("utf-8")
+
+
+def sign_for_push(bundle: Any, *, key: Any = None, allow_unsigned: bool = False, resign: bool = False,
+                  release: Optional[int] = None, dry_run: bool = False) -> str:
+    """Make sure ``bundle`` goes out signed, as boards with ``[update] trusted_keys`` need it; one line saying how.
+
+    With ``key`` (a path or :class:`~edgekit.fleet.keys.SigningKey`) an unsigned bundle, or one signed by another
+    key, is signed in place with the next release; one this key signed goes as it is. ``resign`` (a rollback)
+    always signs it again as a new release. Without ``key`` an unsigned bundle is refused unless
+    ``allow_unsigned``. ``dry_run`` signs nothing and says what it would do.
+    """
+    from device_agent.update.manifest import load_bundle
+
+    from ..errors import SigningError
+    from .keys import SigningKey, bundle_signature, last_release, load_signing_key, sign_bundle, verify_bundle
+
+    path = Path(bundle)
+    load_bundle(path)  # what the board checks first: manifest, model sha256
+    current = bundle_signature(path)
+    if key is None:
+        if resign:
+            raise SigningError("a rollback signs the old bundle as a new release: pass --sign-key KEY")
+        if current is not None:
+            return f"signed by key {current.key_id[:16]}..., release {current.release}"
+        if not allow_unsigned:
+            raise SigningError(f"bundle {path} is not signed, and boards with [update].trusted_keys refuse it: pass "
+                               "--sign-key KEY (or sign it first with `edgekit sign`), or --allow-unsigned for boards "
+                               "that trust no key")
+        log.warning("pushing the unsigned bundle %s: only boards without [update].trusted_keys will run it", path)
+        return "unsigned: only boards that trust no key run it"
+    key = key if isinstance(key, SigningKey) else load_signing_key(key)
+    valid = False
+    if current is not None and current.key_id == key.key_id:
+        try:
+            verify_bundle(path, [key])
+            valid = True
+        except SigningError:
+            pass
+    if valid and not resign:
+        last = last_release(key.path)
+        if current.release is not None and current.release < last:
+            log.warning("bundle %s is release %s, but release %d was signed since with this key: boards that took a "
+                        "later release refuse it; roll back with `edgekit fleet rollback`", path, current.release, last)
+        return f"signed by key {key.key_id[:16]}..., release {current.release}"
+    if not path.is_dir():
+        raise SigningError(f"bundle {path} is an archive; signing needs its directory (unpack it first)")
+    if dry_run:
+        nxt = release if release is not None else max(last_release(key.path), (current.release or 0) if current else 0) + 1
+        return f"would be signed by key {key.key_id[:16]}... as release {nxt}"
+    result = sign_bundle(path, key, release=release)
+    return f"signed now by key {key.key_id[:16]}... as release {result.release}"
 
 
 def push_bundle(

@@ -8,27 +8,38 @@ dies (even ``kill -9``) before the commit never acked those messages, so
 the broker delivers them again to the next collector with the same client
 id; storing is idempotent by ``sample_id``, so a redelivery is one row.
 
+End to end: after the commit, the collector names the sample ids of the
+batch on each board's ``.../<device>/ack`` topic (``edgekit.ack/1``, QoS 1):
+stored ones (new, or duplicates of a stored sample) and quarantined ones. A
+board deletes a sample from its outbox only then, and sends again what no ack
+names in time, so a broker that drops queued messages loses nothing either.
+
 Every payload is checked (size, UTF-8 JSON, the JSON Schema of its kind,
-the input's base64 against its dtype and shape, topic against payload);
-a bad one is counted by reason and kept in the store's quarantine table.
+the input's base64 against its dtype and shape, topic against payload), and
+with a :class:`~edgekit.loop.gate.DeviceGate` its device against an allow-list
+and a rate limit first; a refused one is counted by reason and kept in the
+store's quarantine table.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from device_agent.delivery import protocol as wire
+from device_agent.delivery.mqtt import move_to
 
 from ..errors import BrokerError, EdgekitError, StoreError
 from ..mqtt_url import parse_broker_url
+from .gate import DeviceGate
 from .store import Store
-from .validate import DEFAULT_MAX_PAYLOAD_BYTES, Malformed, check_message
+from .validate import DEFAULT_MAX_PAYLOAD_BYTES, Malformed, check_message, sample_id_hint
 
 __all__ = ["Collector", "CollectorStats", "Malformed", "check_message", "DEFAULT_MAX_PAYLOAD_BYTES"]
 
@@ -36,6 +47,7 @@ log = logging.getLogger(__name__)
 
 _BATCH = 256
 _STOP = object()
+_ACK_CHUNK = 512  # sample ids per edgekit.ack/1 message (MAX_ACK_IDS allows 1024)
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class CollectorStats:
     status: int = 0
     ignored: int = 0
     malformed: Dict[str, int] = field(default_factory=dict)
+    acked: int = 0  # sample ids named in edgekit.ack/1 messages to the boards (stored, duplicate or quarantined)
 
     @property
     def malformed_total(self) -> int:
@@ -61,7 +74,8 @@ class CollectorStats:
     def line(self) -> str:
         bad = ", ".join(f"{k}={v}" for k, v in sorted(self.malformed.items())) or "none"
         return (f"received={self.received} stored={self.stored} duplicates={self.duplicates} "
-                f"telemetry={self.telemetry} status={self.status} malformed={self.malformed_total} ({bad})")
+                f"telemetry={self.telemetry} status={self.status} malformed={self.malformed_total} ({bad}) "
+                f"acked={self.acked}")
 
 
 @dataclass
@@ -91,8 +105,17 @@ class Collector:
         key_file: Optional[str] = None,
         keepalive_s: int = 30,
         protocol: str = "5",
+        receive_maximum: int = 1000,
+        gate: Optional[DeviceGate] = None,
     ) -> None:
-        self.broker = parse_broker_url(broker_url)
+        # Several nodes of a clustered broker, comma-separated: connect to the first that answers, move on
+        # to the next whenever the connection drops (the persistent session lives in the cluster).
+        self.brokers = [parse_broker_url(u) for u in str(broker_url).split(",")]
+        first = self.broker = self.brokers[0]
+        if any((b.tls, b.username, b.password) != (first.tls, first.username, first.password) for b in self.brokers):
+            raise EdgekitError(f"broker URLs {', '.join(b.redacted() for b in self.brokers)} differ in scheme or "
+                               "credentials; give every node of one cluster the same")
+        self._node = 0
         if protocol not in ("5", "3.1.1"):
             raise EdgekitError(f"protocol={protocol!r} is not supported; use '5' or '3.1.1'")
         # "3.1.1" is for brokers without MQTT 5 (e.g. the demo's embedded one): a persistent
@@ -113,12 +136,18 @@ class Collector:
             raise EdgekitError(f"session_expiry_s={session_expiry_s}, expected >= 0 seconds")
         if int(max_payload_bytes) < 1024:
             raise EdgekitError(f"max_payload_bytes={max_payload_bytes}, expected >= 1024")
+        if not 1 <= int(receive_maximum) <= 65535:
+            raise EdgekitError(f"receive_maximum={receive_maximum}, expected 1-65535 messages")
+        # MQTT 5: the broker sends at most this many unacknowledged messages; the rest wait at the broker
+        # (bounded by its queue limit: what it drops there, the boards send again for want of an ack).
+        self.receive_maximum = int(receive_maximum)
         self.store = store
         self.fleet = fleet
         self.client_id = client_id
         self.share_group = share_group
         self.session_expiry_s = int(session_expiry_s)
         self.max_payload_bytes = int(max_payload_bytes)
+        self.gate = gate  # allow-list and per-device rate limit (edgekit.loop.gate), checked before the payload
         self._tls = (ca_file, cert_file, key_file)
         self._keepalive = keepalive_s
         self._queue: "queue.Queue[Any]" = queue.Queue()
@@ -132,6 +161,8 @@ class Collector:
         self._client: Any = None
         self._writer: Optional[threading.Thread] = None
         self._last_message = time.monotonic()
+        self._last_ack_info: Any = None
+        self.session_present = False  # the broker still had this client id's session at the last connect
 
     # -- public ----------------------------------------------------------
     @property
@@ -140,7 +171,7 @@ class Collector:
             c = self._counts
             return CollectorStats(received=c["received"], stored=c["stored"], duplicates=c["duplicates"],
                                   telemetry=c["telemetry"], status=c["status"], ignored=c["ignored"],
-                                  malformed=dict(self._malformed))
+                                  malformed=dict(self._malformed), acked=c["acked"])
 
     def subscriptions(self) -> List[str]:
         """Samples and telemetry may be shared by a group; status never is (shared
@@ -149,7 +180,12 @@ class Collector:
         subs.append(wire.subscription(self.fleet, "status"))
         return subs
 
-    def start(self, timeout: float = 10.0) -> "Collector":
+    def start(self, timeout: float = 10.0, cancel: Optional[Callable[[], bool]] = None) -> "Collector":
+        """Connect and subscribe; raises :class:`BrokerError` when that fails within ``timeout``.
+
+        ``cancel`` is polled while waiting for the broker: when it says True the collector
+        stops and ``start()`` returns at once (a stop request during start-up).
+        """
         import paho.mqtt.client as mqtt
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
@@ -170,21 +206,40 @@ class Collector:
         client.on_disconnect = self._on_disconnect
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry_s
+        props.ReceiveMaximum = self.receive_maximum
         self._client = client
         self._accepting = True
         self._writer = threading.Thread(target=self._write_loop, name="edgekit-collector-writer", daemon=True)
         self._writer.start()
-        try:
-            if v5:
-                client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive,
-                               clean_start=False, properties=props)
-            else:
-                client.connect(self.broker.host, self.broker.port, keepalive=self._keepalive)
-        except (OSError, ValueError) as exc:
+        client.on_connect_fail = self._on_connect_fail
+        errors = []
+        for i, node in enumerate(self.brokers):
+            log.info("connecting to %s as %r (MQTT %s)", node.redacted(), self.client_id, self.protocol)
+            try:
+                if v5:
+                    client.connect(node.host, node.port, keepalive=self._keepalive, clean_start=False,
+                                   properties=props)
+                else:
+                    client.connect(node.host, node.port, keepalive=self._keepalive)
+            except (OSError, ValueError) as exc:
+                errors.append(f"{node.redacted()}: {exc}")
+                continue
+            self._node, self.broker = i, node
+            break
+        else:
             self._shutdown_writer()
-            raise BrokerError(f"cannot connect to {self.broker.redacted()}: {exc}; is the broker running?") from exc
+            self._client = None
+            raise BrokerError(f"cannot connect to {'; '.join(errors)}; is the broker running?")
         client.loop_start()
-        if not self._ready.wait(timeout) or self._error:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if cancel is not None and cancel():
+                log.info("stop requested while connecting to %s", self.broker.redacted())
+                self.stop(drain_timeout=1.0)
+                return self
+            if time.monotonic() >= deadline:
+                break
+        if not self._ready.is_set() or self._error:
             why = self._error or f"no CONNACK/SUBACK within {timeout}s"
             self.stop()
             raise BrokerError(f"collector on {self.broker.redacted()}: {why}")
@@ -222,6 +277,12 @@ class Collector:
             if self._writer.is_alive():
                 log.warning("collector writer still busy after %.0fs; unacked messages stay queued at the broker",
                             drain_timeout)
+        info = self._last_ack_info
+        if info is not None and self._ready.is_set():  # let the last acks reach the broker (else: a resend)
+            try:
+                info.wait_for_publish(2.0)
+            except (RuntimeError, ValueError):
+                pass
         self._client.disconnect()
         self._client.loop_stop()
         self._client = None
@@ -246,7 +307,9 @@ class Collector:
             client.subscribe([(s, SubscribeOptions(qos=1)) for s in self.subscriptions()])
         else:
             client.subscribe([(s, 1) for s in self.subscriptions()])
-        log.debug("connected (session present=%s)", getattr(flags, "session_present", None))
+        self.session_present = bool(getattr(flags, "session_present", False))
+        log.log(logging.INFO if self._generation > 1 else logging.DEBUG, "connected to %s (session present=%s)",
+                self.broker.redacted(), self.session_present)
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         bad = [f"{s}: {rc}" for s, rc in zip(self.subscriptions(), reason_codes) if rc.is_failure]
@@ -256,7 +319,18 @@ class Collector:
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._accepting:
-            log.warning("broker connection lost (%s); reconnecting", reason_code)
+            log.warning("broker connection to %s lost (%s); reconnecting", self.broker.redacted(), reason_code)
+            self._next_node(client)
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        if self._accepting:
+            self._next_node(client)
+
+    def _next_node(self, client: Any) -> None:
+        if len(self.brokers) > 1:
+            self._node = (self._node + 1) % len(self.brokers)
+            self.broker = self.brokers[self._node]
+            move_to(client, self.broker.host, self.broker.port)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         self._last_message = time.monotonic()
@@ -312,14 +386,16 @@ class Collector:
         delay = 0.5
         while True:
             try:
-                counts = self._apply(batch)
+                counts, acks = self._apply(batch)
                 break
             except StoreError as exc:
                 # Per message, so one row the database refuses cannot block the rest.
                 try:
-                    counts = Counter()
+                    counts, acks = Counter(), _Acks()
                     for m in batch:
-                        counts += self._apply_one_or_quarantine(m)
+                        c, a = self._apply_one_or_quarantine(m)
+                        counts += c
+                        acks.merge(a)
                     break
                 except StoreError:
                     if not retry or not self._accepting:
@@ -329,6 +405,7 @@ class Collector:
                     time.sleep(delay)
                     delay = min(delay * 2, 30.0)
         self._ack(batch)
+        counts["acked"] += self._send_acks(acks)
         with self._stats_lock:
             for key, n in counts.items():
                 if key.startswith("malformed:"):
@@ -336,21 +413,29 @@ class Collector:
                 else:
                     self._counts[key] += n
 
-    def _apply(self, batch: List[_Msg]) -> Counter:
+    def _apply(self, batch: List[_Msg]) -> "tuple[Counter, _Acks]":
         counts: Counter = Counter()
+        acks = _Acks()
         samples: List[Dict[str, Any]] = []
+        topics: List[str] = []
         with self.store.batch():
             for m in batch:
                 outcome = self._handle(m)
                 if isinstance(outcome, dict):
                     samples.append(outcome)
+                    topics.append(m.topic)
                 else:
                     counts[outcome] += 1
-            for new in self.store.put_samples(samples):  # one INSERT for the batch's samples
+                    # Quarantined for good: the board may forget it. Over the rate limit: not acknowledged,
+                    # so the board sends it again later, when the bucket has room.
+                    if outcome.startswith("malformed:") and outcome != "malformed:rate_limited":
+                        acks.quarantined(m.topic, m.payload)
+            for topic, payload, new in zip(topics, samples, self.store.put_samples(samples)):  # one INSERT
                 counts["stored" if new else "duplicates"] += 1
-        return counts
+                acks.stored(topic, payload["sample_id"])
+        return counts, acks
 
-    def _apply_one_or_quarantine(self, m: _Msg) -> Counter:
+    def _apply_one_or_quarantine(self, m: _Msg) -> "tuple[Counter, _Acks]":
         try:
             return self._apply([m])
         except StoreError:
@@ -360,13 +445,17 @@ class Collector:
         except StoreError as exc:
             self.store.quarantine(m.topic, m.payload, "store_error", str(exc).replace("\x00", ""))
             log.warning("message on %s refused by the store (%s); quarantined", m.topic, exc)
-            return Counter({"malformed:store_error": 1})
+            acks = _Acks()
+            acks.quarantined(m.topic, m.payload)
+            return Counter({"malformed:store_error": 1}), acks
 
     def _handle(self, m: _Msg) -> Any:
         """The counter a message goes to, or a valid sample's payload for the batch INSERT."""
         if m.topic.endswith("/status") and not m.payload:
             return "ignored"  # someone cleared the retained status
         try:
+            if self.gate is not None:
+                self.gate.admit(m.topic)
             kind, obj = check_message(m.topic, m.payload, self.max_payload_bytes)
         except Malformed as bad:
             self.store.quarantine(m.topic, m.payload, bad.reason, bad.detail.replace("\x00", ""))
@@ -380,6 +469,22 @@ class Collector:
         self.store.put_status(obj)
         return "status"
 
+    def _send_acks(self, acks: "_Acks") -> int:
+        """After the commit: tell each board which of its samples are stored or quarantined (QoS 1);
+        the number of sample ids named. A lost ack costs a resend, which is stored as a duplicate."""
+        client = self._client
+        if client is None:
+            return 0
+        named = 0
+        for topic, (stored, quarantined) in acks.by_topic.items():
+            ids = [(sid, False) for sid in stored] + [(sid, True) for sid in quarantined]
+            for start in range(0, len(ids), _ACK_CHUNK):
+                chunk = ids[start:start + _ACK_CHUNK]
+                payload = wire.ack_payload([i for i, q in chunk if not q], [i for i, q in chunk if q])
+                self._last_ack_info = client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1)
+                named += len(chunk)
+        return named
+
     def _ack(self, batch: List[_Msg]) -> None:
         client = self._client
         if client is None:
@@ -388,3 +493,37 @@ class Collector:
             # A message from an earlier connection is redelivered on this one; its old mid means nothing now.
             if m.qos > 0 and m.generation == self._generation:
                 client.ack(m.mid, m.qos)
+
+
+class _Acks:
+    """Sample ids to acknowledge, by the ack topic of the device that sent them."""
+
+    def __init__(self) -> None:
+        self.by_topic: Dict[str, "tuple[List[str], List[str]]"] = {}
+
+    def _lists(self, sample_topic: str) -> "Optional[tuple[List[str], List[str]]]":
+        try:
+            parts = wire.parse_topic(sample_topic)
+            if parts["kind"] != "samples":
+                return None
+            topic = wire.topic(parts["fleet"], parts["device"], "ack")
+        except wire.ProtocolError:
+            return None  # no board can have sent it: nobody to tell
+        return self.by_topic.setdefault(topic, ([], []))
+
+    def stored(self, sample_topic: str, sample_id: str) -> None:
+        lists = self._lists(sample_topic)
+        if lists is not None:
+            lists[0].append(sample_id)
+
+    def quarantined(self, sample_topic: str, payload: bytes) -> None:
+        lists = self._lists(sample_topic)
+        sid = sample_id_hint(payload) if lists is not None else None
+        if sid is not None:
+            lists[1].append(sid)
+
+    def merge(self, other: "_Acks") -> None:
+        for topic, (stored, quarantined) in other.by_topic.items():
+            mine = self.by_topic.setdefault(topic, ([], []))
+            mine[0].extend(stored)
+            mine[1].extend(quarantined)

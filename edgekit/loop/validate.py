@@ -1,8 +1,11 @@
 """Is an MQTT message a valid protocol payload? The collector's gate (docs/protocol.md).
 
-Checks in order: size, topic, UTF-8 JSON object, the JSON Schema of the
-topic's kind (device_agent.delivery.protocol.SCHEMAS), a sample's input (base64 size
-against dtype x shape), and the payload's fleet/device against the topic's.
+Checks in order: size, topic (its fleet and device must be exact names), UTF-8
+JSON object, the JSON Schema of the topic's kind (device_agent.delivery.protocol.SCHEMAS),
+a sample's input (base64 size against dtype x shape), and the payload's fleet/device
+against the topic's, which must be equal character for character: the topic is the
+board's identity (the broker's ACL pins it to the board's certificate), the payload
+only repeats it.
 A failure raises :class:`Malformed` with the counter it goes to.
 """
 
@@ -10,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, Tuple
+import re
+from typing import Any, Dict, Optional, Tuple
 
 from device_agent.delivery import protocol as wire
 
 from .fastschema import Unsupported, compile_schema
 
-__all__ = ["Malformed", "check_message", "DEFAULT_MAX_PAYLOAD_BYTES", "KIND_SCHEMAS"]
+__all__ = ["Malformed", "check_message", "sample_id_hint", "DEFAULT_MAX_PAYLOAD_BYTES", "KIND_SCHEMAS"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,11 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
     except wire.ProtocolError as exc:
         raise Malformed("bad_topic", str(exc)) from None
     kind = parts["kind"]
+    try:  # the topic is the identity (the broker's ACL pins it to the certificate): exact names only
+        wire.check_name(parts["fleet"], "topic fleet")
+        wire.check_name(parts["device"], "topic device")
+    except wire.ProtocolError as exc:
+        raise Malformed("bad_topic", str(exc)) from None
     if kind not in KIND_SCHEMAS:
         raise Malformed("bad_topic", f"topic kind={kind!r}, the collector takes {sorted(KIND_SCHEMAS)}")
     try:
@@ -92,7 +101,21 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
             wire.decode_array(obj["input"])
         except wire.ProtocolError as exc:
             raise Malformed("bad_input", str(exc)) from None
+    # Exact, character for character: the payload may not speak for another board (or a look-alike name).
     if (obj["fleet"], obj["device"]) != (parts["fleet"], parts["device"]):
         raise Malformed("topic_mismatch", f"payload says {obj['fleet']}/{obj['device']}, topic says "
                                           f"{parts['fleet']}/{parts['device']}")
     return kind, obj
+
+
+# How boards write a sample: the schema, then the sample id (compact or json.dumps spacing).
+_SAMPLE_HEAD = re.compile(rb'^\{\s*"schema"\s*:\s*"edgekit\.sample/1"\s*,\s*"sample_id"\s*:\s*"'
+                          rb'([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"')
+
+
+def sample_id_hint(payload: bytes) -> Optional[str]:
+    """The sample id of a refused sample payload, read from its first 160 bytes only (nothing is parsed,
+    so an oversized or broken payload costs nothing): the collector acknowledges it as quarantined so
+    the board stops sending it. Only a payload that starts the way boards write one has an id here."""
+    m = _SAMPLE_HEAD.match(bytes(payload[:160]))
+    return m.group(1).decode("ascii") if m else None

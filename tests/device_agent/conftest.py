@@ -18,6 +18,7 @@ import pytest
 
 from device_agent.config import load_config
 from device_agent.inference.interpreter import available_runtimes
+from device_agent.delivery import protocol
 from device_agent.delivery.protocol import SCHEMAS
 
 DATA = Path(__file__).parent / "data"
@@ -138,7 +139,11 @@ class Sub:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(5)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:  # a loaded machine: it is only a test's subscriber
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 @pytest.fixture
@@ -153,6 +158,63 @@ def sub_factory():
     yield make
     for s in subs:
         s.stop()
+
+
+class Acker:
+    """What a collector does for the boards, and nothing else: after "storing" a sample, name its id in an
+    ``edgekit.ack/1`` on the device's ack topic. A plain paho client with a persistent session (the broker
+    keeps samples for it while it is away) that reconnects by itself (a test may stop and start the broker).
+    The device tests have no edgekit collector (no edgekit here); tests/edgekit/test_delivery.py runs the
+    real one.
+    """
+
+    def __init__(self, port: int, topic: str = "edgekit/v1/+/+/samples"):
+        import paho.mqtt.client as paho
+
+        self.port, self.topic = port, topic
+        self.acked: List[str] = []
+        self.paused = False
+        self._lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"edgekit-test-acker-{port}",
+                                  protocol=paho.MQTTv311, clean_session=False)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.subscribed = threading.Event()
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(self.topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
+        self.client.on_message = self._message
+
+    def _message(self, client, userdata, msg) -> None:
+        if self.paused:
+            return
+        try:
+            sample_id = json.loads(msg.payload)["sample_id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        fleet, device = msg.topic.split("/")[2:4]
+        ack = protocol.ack_payload([sample_id])
+        client.publish(protocol.topic(fleet, device, "ack"), json.dumps(ack), qos=1)
+        with self._lock:
+            self.acked.append(sample_id)
+
+    def start(self) -> "Acker":
+        self.client.connect_async("127.0.0.1", self.port, keepalive=5)
+        self.client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def broker(broker):
+    """The private Mosquitto of tests/conftest.py with an :class:`Acker` on it (``broker.acker``): boards
+    delete a sample when a collector acknowledges it (``[mqtt].ack = "collector"``), so every device test
+    that expects an outbox to drain needs one. ``broker.acker.paused = True`` makes it an old collector."""
+    broker.acker = Acker(broker.port).start()
+    assert broker.acker.subscribed.wait(10), "the acker did not subscribe"  # from now on the broker keeps samples for it
+    yield broker
+    broker.acker.stop()
 
 
 def wait_for(predicate, timeout: float) -> bool:

@@ -137,8 +137,8 @@ def test_outbox_cap_holds_and_the_dropped_count_is_exact(broker, sub_factory, ma
 
     broker.start()
     assert sub.synced()  # telemetry is QoS 0: the broker keeps none for an absent subscriber
-    with Agent(config, source=ArraySource(x[:0])) as agent:
-        drained = agent.run()
+    with Agent(config.with_overrides(outbox={"drain_timeout_s": 20.0}), source=ArraySource(x[:0])) as agent:
+        drained = agent.run()  # until the collector (the acker) has acknowledged every sample
         telemetry = agent.telemetry()
     assert (drained.published, drained.pending) == (stats.pending, 0)
     assert telemetry["outbox"]["dropped"] == stats.dropped  # reported, and it survived the restart

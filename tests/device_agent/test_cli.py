@@ -28,7 +28,8 @@ def test_check_passes_and_then_names_what_is_wrong(broker, tmp_path):
     ok = agent_cli("check", *common, "--broker", broker.url)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert [line.split()[1] for line in ok.stdout.splitlines()] == [
-        "config:", "bundle:", "runtime:", "source:", "outbox:", "broker:"]
+        "config:", "bundle:", "signature:", "runtime:", "source:", "outbox:", "broker:"]
+    assert "ok   signature: no [update].trusted_keys: this board runs any bundle" in ok.stdout
 
     broker.stop()
     bad = agent_cli("check", *common, "--broker", broker.url, "--timeout", "1")

@@ -38,6 +38,10 @@ def test_every_board_profile_loads(name):
         ("[mqtt]\nbroker = \"http://x:1\"\n", "config [mqtt].broker='http://x:1' must look like mqtt://"),
         ("[mqtt]\nprotocol = \"4\"\n", "config [mqtt].protocol='4' must be \"5\" or \"3.1.1\""),
         ("[mqtt]\ncert_file = \"c.pem\"\n", "config [mqtt].cert_file and [mqtt].key_file go together"),
+        ("[mqtt]\nack = \"store\"\n", "config [mqtt].ack='store' must be \"collector\" (end-to-end) or \"broker\""),
+        ("[mqtt]\nack_timeout_s = 0\n", "config [mqtt].ack_timeout_s=0.0 must be >= 0.1"),
+        ("[mqtt]\nbroker = \"mqtt://a:1,mqtts://b:2\"\n", "mixes mqtt:// and mqtts://"),
+        ("[mqtt]\nbroker = \"mqtt://a:1,b:2\"\n", "(several nodes of a cluster: separated by commas)"),
         ("[source]\nkind = \"video\"\n", "config [source].kind='video' is unknown"),
         ("[source]\nwatch = \"yes\"\n", "config [source].watch='yes' must be true or false"),
         ("[device]\nid = \"my board\"\n", "config [device].id='my board' is not a valid name"),
@@ -79,3 +83,9 @@ def test_defaults_are_usable():
     config = load_config()
     assert config.device.id  # the hostname
     assert config.bench_path.parent == config.outbox_path.parent
+
+
+def test_broker_may_list_the_nodes_of_a_cluster():
+    config = load_config(None, broker="mqtts://n1.lan, mqtts://n2.lan:9883,mqtts://n3.lan:8883")
+    assert config.mqtt.endpoints == [("n1.lan", 8883), ("n2.lan", 9883), ("n3.lan", 8883)]
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.tls) == ("n1.lan", 8883, True)

@@ -59,3 +59,38 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path):
     assert "would write " + str(root / "etc/systemd/system/edgekit-agent.service") in out
     assert "would write " + str(root / "etc/edgekit/agent.toml") in out
     assert not root.exists()
+
+
+def test_trusted_keys_are_installed_and_an_unsigned_bundle_is_refused_before_anything_is_written(tmp_path):
+    from device_agent.update.signature import Verifier, load_public_key
+
+    from signing import Key, signed_copy
+
+    owner = Key(tmp_path / "keys")
+    root = tmp_path / "root"
+    dry = install("--board", "rpi-4", "--root", str(root), "--no-venv", "--dry-run", "--trusted-key", str(owner.pub))
+    assert dry.returncode == 0, dry.stderr
+    board_key = f"/etc/edgekit/trusted_keys/{owner.key_id[:16]}.pub"
+    assert f"would trust key {owner.key_id[:16]}... ({owner.pub})" in dry.stdout
+    assert f"would copy {owner.pub} -> {root}{board_key} (mode 0644)" in dry.stdout
+    assert not root.exists()
+
+    refused = install("--board", "rpi-4", "--root", str(root), "--no-venv", "--bundle", str(BUNDLE),
+                      "--trusted-key", str(owner.pub))
+    assert refused.returncode == 1 and "is not signed by a --trusted-key" in refused.stderr
+    assert not root.exists()  # nothing half-installed
+
+    signed = signed_copy(BUNDLE, tmp_path / "signed", owner, 1)
+    proc = install("--board", "rpi-4", "--root", str(root), "--no-venv", "--bundle", str(signed),
+                   "--trusted-key", str(owner.pub))
+    assert proc.returncode == 0, proc.stderr
+    config = load_config(root / "etc/edgekit/agent.toml")
+    assert config.update.trusted_keys == (board_key,)
+    key = load_public_key(root / board_key.lstrip("/"))
+    assert key.key_id == owner.key_id
+    assert Verifier([key], tmp_path / "r.json").verify_dir(root / "opt/edgekit/bundle").release == 1
+
+    private = tmp_path / "keys" / "signing.key"
+    private.write_text("-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n")
+    wrong = install("--board", "rpi-4", "--root", str(tmp_path / "r2"), "--no-venv", "--trusted-key", str(private))
+    assert wrong.returncode == 1 and "is a private key" in wrong.stderr

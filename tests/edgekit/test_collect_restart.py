@@ -49,10 +49,13 @@ def test_a_collector_killed_mid_stream_loses_nothing_after_restart(broker, tmp_p
     config = load_config(
         None, bundle=str(DATA / "digits-bundle"), source=str(tmp_path / "inputs.npz"), broker=broker.url,
         device_id="pi-restart", fleet="restart", results=str(results), runtime="ai_edge_litert",
-        outbox=str(tmp_path / "outbox.sqlite"), policy={"random_fraction": 1.0, "dedupe": False},
-        telemetry={"period_s": 0.5},
+        outbox={"path": str(tmp_path / "outbox.sqlite"), "drain_timeout_s": 180.0},
+        policy={"random_fraction": 1.0, "dedupe": False}, telemetry={"period_s": 0.5},
+        # What the killed collector committed but had not acknowledged yet goes again after 2 s.
+        mqtt={"ack_timeout_s": 2.0},
     )
-    first = _collector(broker.url, store_url, tmp_path / "collector.log")
+    log = tmp_path / "collector.log"
+    first = _collector(broker.url, store_url, log)
     run = {}
     with Agent(config) as agent:
         thread = threading.Thread(target=lambda: run.setdefault("stats", agent.run()))
@@ -64,14 +67,15 @@ def test_a_collector_killed_mid_stream_loses_nothing_after_restart(broker, tmp_p
             first.send_signal(signal.SIGKILL)
             first.wait(10)
             stored_before = store.count_samples()
-        thread.join(60)
-    stats = run["stats"]
-    assert stats.pending == 0 and stats.published == stats.flagged == 3000
-    assert 200 <= stored_before < 3000, f"stored {stored_before} before the kill; the test did not test a restart"
-
-    second = _collector(broker.url, store_url, tmp_path / "collector.log", "--until-idle", "2")
-    out, _ = second.communicate(timeout=60)
+        assert agent.outbox.depth > 0, "the board must still hold what no collector acknowledged"
+        second = _collector(broker.url, store_url, log)  # the same client id: the broker kept its session
+        thread.join(200)
+        second.send_signal(signal.SIGTERM)
+        out, _ = second.communicate(timeout=60)
     assert second.returncode == 0, out
+    stats = run["stats"]
+    assert (stats.flagged, stats.published, stats.pending, stats.dropped) == (3000, 3000, 0, 0)
+    assert 200 <= stored_before < 3000, f"stored {stored_before} before the kill; the test did not test a restart"
     sent = {json.loads(line)["sample_id"] for line in results.read_text().splitlines() if '"sample_id"' in line}
     assert len(sent) == 3000
     with open_store(store_url) as store:
@@ -80,10 +84,56 @@ def test_a_collector_killed_mid_stream_loses_nothing_after_restart(broker, tmp_p
         assert store.devices()[0].device == "pi-restart"
 
 
+def _start(cmd: list, tmp_path: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), **kw)
+
+
+def _collect_cmd(broker_url: str, store: Path) -> list:
+    return [sys.executable, "-m", "edgekit", "collect", "--broker", broker_url, "--store", f"sqlite:///{store}",
+            "--client-id", f"sigterm-{time.monotonic_ns()}"]
+
+
+def _assert_clean_exit(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, (proc.returncode, out, err)
+    assert "Traceback" not in err and "interrupted" not in err, err
+    assert out.strip().splitlines()[-1].startswith("received=0 stored=0"), out
+    return err
+
+
 def test_sigterm_stops_the_collector_cleanly_with_its_counters(broker, tmp_path):
-    proc = _collector(broker.url, f"sqlite:///{tmp_path}/s.db", tmp_path / "collector.log")
+    proc = _start(_collect_cmd(broker.url, tmp_path / "s.db"), tmp_path)
+    assert proc.stdout.readline().startswith("collecting into")  # the marker: it is collecting
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=20)
-    assert proc.returncode == 0, out
-    assert out.strip().splitlines()[-1].startswith("received=0 stored=0")
-    assert "collector stopped" in (tmp_path / "collector.log").read_text()
+    assert "collector stopped" in _assert_clean_exit(proc)
+
+
+def test_sigterm_while_connecting_stops_the_collector_cleanly(broker, tmp_path):
+    """The broker is frozen (SIGSTOP): the TCP connection opens, no CONNACK comes, the collector waits."""
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        proc = _start(_collect_cmd(broker.url, tmp_path / "s.db"), tmp_path)
+        for line in proc.stderr:  # the marker: it is connecting
+            if "connecting to" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        err = _assert_clean_exit(proc)
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    assert "stop requested while connecting" in err
+
+
+def test_sigterm_at_the_earliest_moment_stops_the_collector_cleanly(broker, tmp_path):
+    """SIGTERM sent the moment the process exists, before Python has even started. Blocked in the child
+    (the mask is inherited), it stays pending until ``edgekit``'s main() has installed its handler, so
+    this is a signal that arrived before the handler, delivered at the first moment it can be seen."""
+    store = tmp_path / "s.db"
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        proc = _start(_collect_cmd(broker.url, store), tmp_path)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    _assert_clean_exit(proc)
+    assert not store.exists(), "it stopped before opening anything"

@@ -66,6 +66,23 @@ def test_a_promoted_v2_goes_back_to_the_board_and_runs_there(demo):
         assert after == {} and "not shipped" in "\n".join(lines)
 
 
+def test_the_demo_signs_its_bundles_and_its_board_runs_only_what_its_key_signed(demo):
+    import stat
+
+    from edgekit.fleet.keys import load_signing_key, verify_bundle
+
+    result, lines = demo
+    out = result.output
+    key = load_signing_key(out / "keys" / "signing.key")
+    assert stat.S_IMODE((out / "keys" / "signing.key").stat().st_mode) == 0o600
+    assert verify_bundle(out / "bundle-v1", [key]).release == 1
+    assert verify_bundle(out / "bundle-v2", [key]).release == 2
+    record = json.loads((out / "agent" / "releases-demo-board-1.json").read_text())["keys"]
+    assert list(record) == [key.key_id]
+    assert record[key.key_id]["release"] == (2 if result.verdict == "promote" else 1)
+    assert "signed as release 1 with key" in "\n".join(lines)
+
+
 def test_output_not_made_by_the_demo_is_left_alone(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(EdgekitError, match="not made by the demo"):

@@ -57,6 +57,8 @@ def _bases():
         "edgekit.prediction/1": protocol.prediction_payload(device="d", seq=1, label="3", confidence=0.5),
         "edgekit.cmd/1": {"schema": "edgekit.cmd/1", "cmd": "ping", "args": {}, "id": "1"},
         "edgekit.bundle/1": protocol.bundle_payload(_BUNDLE),
+        "edgekit.ack/1": protocol.ack_payload(["3f1d2c4e-8a7b-4c1d-9e2f-0a1b2c3d4e5f"],
+                                              ["6a2f0d91-7c3e-4b58-9f10-2e4d6c8a0b1c"], ts=1.5),
     }
 
 
