@@ -30,11 +30,11 @@ case "$ARCH" in
         ;;
     armhf)  # 32-bit Pi OS: tflite-runtime 2.14 has armv7l wheels, but PyPI has none of numpy, psutil or
             # pillow: numpy<2 and psutil come from Debian (`apt install python3-numpy python3-psutil`, seen
-            # through --system-site-packages) rather than compiled under emulation; pillow>=10 (the dev
-            # extra; Debian has 9.4) is compiled (docs/agent.md, "ARM boards").
+            # through --system-site-packages) rather than compiled under emulation, and so does PyNaCl (dev
+            # extra); pillow>=10 (dev extra; Debian has 9.4) is compiled (docs/agent.md, "ARM boards").
         QEMU=arm; EXTRA=device-tflite; RUNTIME=tflite_runtime; CPUINFO=cpuinfo-rpi4-armv7l
         QEMU_CPU=${QEMU_CPU:-cortex-a15}  # qemu-arm has no cortex-a72; the A15 is a subset of its AArch32
-        PACKAGES=$PACKAGES,python3-numpy,python3-psutil,build-essential,python3-dev,libjpeg62-turbo-dev,zlib1g-dev
+        PACKAGES=$PACKAGES,python3-numpy,python3-psutil,python3-nacl,build-essential,python3-dev,libjpeg62-turbo-dev,zlib1g-dev
         VENV_FLAGS="--system-site-packages"
         ;;
     *) echo "usage: $0 arm64|armhf" >&2; exit 2 ;;
