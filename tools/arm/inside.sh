@@ -57,8 +57,12 @@ for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && brea
 stdbuf -oL mosquitto_sub -h 127.0.0.1 -p "$PORT" -t 'edgekit/v1/arm-smoke/+/samples' -q 1 >"$S/samples.jsonl" &
 SUB_PID=$!
 trap 'kill $SUB_PID $BROKER_PID 2>/dev/null || true' EXIT
-# The profile as shipped, but every input is a candidate to send (its per-minute cap still applies).
-sed 's/^random_fraction = .*/random_fraction = 1.0/' firmware_configs/rpi-4.toml >"$S/rpi-4.toml"
+# The profile as shipped, but every input is a candidate to send (its per-minute cap still applies), and
+# samples leave the outbox on the broker's PUBACK: no edgekit collector acknowledges them here (the device
+# tests cover end-to-end acknowledgement).
+sed -e 's/^random_fraction = .*/random_fraction = 1.0/' -e 's/^ack = "collector"/ack = "broker"/' \
+    firmware_configs/rpi-4.toml >"$S/rpi-4.toml"
+grep -q '^ack = "broker"' "$S/rpi-4.toml" || { echo "[inside] firmware_configs/rpi-4.toml has no ack line"; exit 1; }
 FLAGS=(--config "$S/rpi-4.toml" --bundle "$DATA/digits-bundle" --outbox "$S/outbox.sqlite"
        --device-id pi-emulated --fleet arm-smoke)
 "$AGENT" check "${FLAGS[@]}" --source "$DATA/digits-300.npz" --no-watch --broker "mqtt://127.0.0.1:$PORT"
