@@ -132,6 +132,7 @@ class Watchdog:
         usec = os.environ.get("WATCHDOG_USEC", "")
         self.period = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else 0.0
         self._last = 0.0
+        self.sent = 0  # messages the socket took
         self.dropped = 0  # messages the full socket queue did not take
         self._sock: Optional[socket.socket] = None
         if self.address:
@@ -150,6 +151,7 @@ class Watchdog:
             return
         try:
             self._sock.sendto(message.encode(), socket.MSG_DONTWAIT, self.address)
+            self.sent += 1
         except BlockingIOError:
             self.dropped += 1
             if self.dropped == 1:
