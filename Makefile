@@ -9,11 +9,14 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help install device-env tflite-env demo test test-host test-device test-tflite bench docs clean
+.PHONY: help install device-env tflite-env demo test test-host test-device test-tflite test-arm64 test-armhf bench docs clean
 
 help:
 	@echo "make demo    train, convert (QAT), run an agent, collect, relabel, retrain: the whole loop"
 	@echo "make test    every test: host side, then device side on ai-edge-litert and on tflite-runtime"
+	@echo "make test-arm64  the board side on 64-bit ARM: device tests + check/bench/run in a Debian arm64"
+	@echo "                 root under qemu-user (root, debootstrap, qemu-user-static; root cached in /var/cache)"
+	@echo "make test-armhf  the same on 32-bit ARM with tflite-runtime 2.14 (not in CI; docs/agent.md)"
 	@echo "make bench   the measurements in bench/"
 
 # Workstation environment: TensorFlow, tf-keras, tfmot, plus the device side.
@@ -52,6 +55,13 @@ test-device: device-env
 
 test-tflite: tflite-env
 	EDGEKIT_EXPECT_RUNTIME=tflite_runtime $(TFLITE)/bin/python -m pytest tests/device_agent
+
+# The board side on ARM, emulated (tools/arm/test-root.sh; docs/agent.md, "ARM boards").
+test-arm64:
+	tools/arm/test-root.sh arm64
+
+test-armhf:
+	tools/arm/test-root.sh armhf
 
 bench: install device-env
 	$(VENV)/bin/python bench/bench_convert.py

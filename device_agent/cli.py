@@ -24,7 +24,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     return {
         "bundle": getattr(args, "bundle", None),
         "source": getattr(args, "source", None),
-        "watch": True if getattr(args, "watch", False) else None,
+        "watch": getattr(args, "watch", None),  # None: the config's [source].watch
         "broker": getattr(args, "broker", None),
         "device_id": getattr(args, "device_id", None),
         "fleet": getattr(args, "fleet", None),
@@ -216,10 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--fleet", help="overrides [device].fleet")
         sp.add_argument("--outbox", help="outbox file (overrides [outbox].path)")
 
+    def watch(sp: argparse.ArgumentParser) -> None:
+        w = sp.add_mutually_exclusive_group()
+        w.add_argument("--watch", dest="watch", action="store_true", default=None,
+                       help="keep watching the folder for new files (overrides [source].watch)")
+        w.add_argument("--no-watch", dest="watch", action="store_false",
+                       help="classify what is there and stop; turns a profile's watch = true off (for --source x.npz)")
+
     run = sub.add_parser("run", help="classify the source and send unsure inputs home")
     common(run)
     run.add_argument("--source", help="folder, .npy or .npz (overrides [source].path, kind inferred)")
-    run.add_argument("--watch", action="store_true", help="keep watching the folder for new files")
+    watch(run)
     run.add_argument("--broker", help="mqtt://host:port or mqtts://host:port, or the nodes of a cluster "
                                       "comma-separated (overrides [mqtt].broker)")
     run.add_argument("--results", help="JSON lines of every prediction: a file, or - for stdout")
@@ -231,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate config, bundle, runtime, source, outbox and broker")
     common(check)
     check.add_argument("--source")
+    watch(check)
     check.add_argument("--broker")
     check.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
     check.set_defaults(func=cmd_check)

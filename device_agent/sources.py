@@ -102,6 +102,10 @@ class FolderSource(Source):
         self._seen: set = set()
         self._index = 0
 
+    def _settle(self) -> None:
+        """The one wait between the two stat passes of :func:`stable_files`."""
+        time.sleep(min(0.05, self.poll_interval_s))
+
     def _new_files(self):
         found = []
         for p in sorted(self.path.iterdir()):
@@ -116,9 +120,7 @@ class FolderSource(Source):
         while not stop.is_set():
             files = self._new_files()
             if self.watch and files:
-                # A file still being written changes size; take it on the next poll.
-                time.sleep(min(0.05, self.poll_interval_s))
-                files = [p for p in files if _stable(p)]
+                files = stable_files(files, self._settle)  # one wait for the lot, however many there are
             for p in files:
                 if stop.is_set():
                     return
@@ -137,13 +139,29 @@ class FolderSource(Source):
                 time.sleep(min(_IDLE_S, max(0.0, deadline - time.monotonic())))
 
 
-def _stable(p: Path) -> bool:
-    try:
-        size = p.stat().st_size
-        time.sleep(0.01)
-        return size > 0 and p.stat().st_size == size
-    except OSError:
-        return False
+def _stats(paths) -> Dict[Path, Tuple[int, int]]:
+    out = {}
+    for p in paths:
+        try:
+            st = p.stat()
+        except OSError:  # gone already
+            continue
+        out[p] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def stable_files(paths: Sequence[Path], wait) -> list:
+    """The non-empty files among ``paths`` whose size and mtime did not change over one ``wait()``.
+
+    One stat pass, one wait, a second stat pass: a restart over a folder of thousands of files waits
+    once, not once per file. A file still being written changes; the next poll takes it.
+    """
+    if not paths:
+        return []
+    before = _stats(paths)
+    wait()
+    after = _stats(before)
+    return [p for p, st in before.items() if st[0] > 0 and after.get(p) == st]
 
 
 class CameraSource(Source):
@@ -305,5 +323,6 @@ def open_source(cfg, color: str = "grayscale", raw_dtype: str = "float32", shape
     if cfg.kind == "folder":
         return FolderSource(cfg.path, cfg.watch, cfg.poll_interval_s, color)
     if cfg.watch:
-        raise ConfigError(f"config [source].watch=true needs kind='folder', not {cfg.kind!r}")
+        raise ConfigError(f"config [source].watch=true needs kind='folder', not {cfg.kind!r}; "
+                          f"pass --no-watch (or set watch = false) to classify {cfg.path} once")
     return NpySource(cfg.path, cfg.key)

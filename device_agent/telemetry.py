@@ -4,7 +4,9 @@
 and a bounded deque). :func:`machine` reads CPU, memory, temperature and
 disk through psutil, with ``/sys/class/thermal`` as the fallback for boards
 whose sensors psutil does not list. :class:`Watchdog` speaks systemd's
-``sd_notify`` protocol over ``$NOTIFY_SOCKET`` with a plain socket.
+``sd_notify`` protocol over ``$NOTIFY_SOCKET`` with a plain socket that never
+blocks the loop: a message that does not fit the socket's queue is dropped and
+counted (:attr:`Watchdog.dropped`).
 """
 
 from __future__ import annotations
@@ -120,7 +122,12 @@ def machine(disk_path: os.PathLike | str = "/") -> Dict[str, Any]:
 
 
 class Watchdog:
-    """``sd_notify`` without a dependency: READY=1 once, WATCHDOG=1 at half of ``$WATCHDOG_USEC``."""
+    """``sd_notify`` without a dependency: READY=1 once, WATCHDOG=1 at half of ``$WATCHDOG_USEC``.
+
+    Sends never block: when the receiver's queue is full (``net.unix.max_dgram_qlen``, 10 datagrams by
+    default; systemd is busy or the reader never reads), the message is dropped and :attr:`dropped`
+    counts it. A loop that waited there would stop classifying for as long as systemd does not read.
+    """
 
     def __init__(self) -> None:
         addr = os.environ.get("NOTIFY_SOCKET", "")
@@ -128,6 +135,8 @@ class Watchdog:
         usec = os.environ.get("WATCHDOG_USEC", "")
         self.period = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else 0.0
         self._last = 0.0
+        self.sent = 0  # messages the socket took
+        self.dropped = 0  # messages the full socket queue did not take
         self._sock: Optional[socket.socket] = None
         if self.address:
             try:
@@ -144,9 +153,13 @@ class Watchdog:
         if self._sock is None:
             return
         try:
-            self._sock.sendto(message.encode(), self.address)
+            self._sock.sendto(message.encode(), socket.MSG_DONTWAIT, self.address)
+            self.sent += 1
         except BlockingIOError:
-            log.debug("sd_notify %r dropped: the service manager's queue is full", message)
+            self.dropped += 1
+            if self.dropped == 1:
+                log.warning("sd_notify %r dropped: %s is full (its reader is not reading); the loop goes on "
+                            "and drops what does not fit", message, self.address.lstrip("\0") or "$NOTIFY_SOCKET")
         except OSError as exc:
             log.warning("sd_notify %r failed: %s", message, exc)
 

@@ -21,5 +21,5 @@ def test_readme_links_and_make_targets_exist():
     for link in re.findall(r"\]\((docs/[^)#]+)\)", readme):
         assert (ROOT / link).is_file(), f"README links to missing {link}"
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    for target in ("demo", "test", "bench"):
+    for target in ("demo", "test", "bench", "test-arm64", "test-armhf"):
         assert re.search(rf"^{target}:", makefile, re.M), f"make {target} is promised by README but missing"

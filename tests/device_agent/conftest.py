@@ -64,6 +64,9 @@ def validate(payload: dict) -> None:
     jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(payload)
 
 
+PROBE = "edgekit/v1/_probe"
+
+
 class Sub:
     """``mosquitto_sub`` (an independent client) collecting ``topic payload`` lines, with a persistent session."""
 
@@ -72,26 +75,36 @@ class Sub:
         self.topic = topic
         self.client_id = client_id
         self.lines: List[Tuple[str, str]] = []
+        self.probes: List[str] = []  # payloads on PROBE: proof of a live subscription, kept apart from lines
         self._lock = threading.Lock()
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "Sub":
+        from paho.mqtt.client import topic_matches_sub
+
+        probe = [] if topic_matches_sub(self.topic, PROBE) else ["-t", PROBE]
         # -c with a fixed id: the broker queues QoS 1 messages for us while we are away.
         self.proc = subprocess.Popen(
             # stdbuf -oL: one line per message as it arrives (a pipe is block-buffered otherwise)
-            ["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(self.port), "-t", self.topic, "-q", "1", "-v",
-             "-c", "-i", self.client_id, "-V", "mqttv311"],
+            ["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(self.port), "-t", self.topic, *probe,
+             "-q", "1", "-v", "-c", "-i", self.client_id, "-V", "mqttv311"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        time.sleep(0.3)
+        # Subscribed for sure before the test goes on (a test that stops the broker next would otherwise
+        # leave a mosquitto_sub that never connected, and so never reconnects; slow under emulation).
+        if not self.synced(timeout=60):
+            raise RuntimeError(f"mosquitto_sub on port {self.port} did not subscribe to {self.topic} within 60 s")
         return self
 
     def _read(self, proc) -> None:
         for line in proc.stdout:
             t, _, p = line.rstrip("\n").partition(" ")
             with self._lock:
-                self.lines.append((t, p))
+                if t == PROBE:
+                    self.probes.append(p)
+                else:
+                    self.lines.append((t, p))
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -118,8 +131,8 @@ class Sub:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port), "-q", "1",
-                            "-t", "edgekit/v1/_probe", "-m", json.dumps({"probe": token})], capture_output=True)
-            if self.wait(lambda s: any(token in p for _, p in s.lines), 1.0):
+                            "-t", PROBE, "-m", json.dumps({"probe": token})], capture_output=True)
+            if self.wait(lambda s: any(token in p for p in s.probes), 1.0):
                 return True
         return False
 

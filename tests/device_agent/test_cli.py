@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import subprocess
 import sys
+import threading
 
 from device_agent.agent import Agent
 from device_agent.bench import choose_runtime
 from device_agent.config import load_config
 from device_agent.sources import ArraySource
 
-from conftest import BUNDLE, ROOT
+from conftest import BUNDLE, ROOT, wait_for
 
 DIGITS = BUNDLE.parent / "digits-300.npz"
 
@@ -52,32 +52,92 @@ def test_bench_stores_the_fastest_and_auto_uses_it(tmp_path):
     assert config.runtime.name == "auto"
 
 
-def test_the_loop_feeds_the_systemd_watchdog(tmp_path, monkeypatch, make_config, digits):
-    x, _ = digits
+def _notify_socket(tmp_path, monkeypatch, usec: str) -> socket.socket:
     path = str(tmp_path / "notify.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(path)
     monkeypatch.setenv("NOTIFY_SOCKET", path)
-    monkeypatch.setenv("WATCHDOG_USEC", "2000")  # a 2 ms watchdog: fed at least every millisecond
-    got: list = []
-    done = threading.Event()
+    monkeypatch.setenv("WATCHDOG_USEC", usec)
+    return server
 
-    def read():  # as systemd does, while the agent runs (a full socket queue drops notifications)
-        server.settimeout(0.1)
-        while not (done.is_set() and got and got[-1] == "STOPPING=1"):
-            try:
-                got.append(server.recv(64).decode())
-            except socket.timeout:
-                if done.is_set():
+
+def test_the_loop_feeds_the_systemd_watchdog(tmp_path, monkeypatch, make_config, digits):
+    x, _ = digits
+    server = _notify_socket(tmp_path, monkeypatch, "10000")  # a 10 ms watchdog: fed every 5 ms
+    got = []
+
+    def read():  # like systemd: read as messages come
+        try:
+            while True:
+                data = server.recv(64)
+                if not data:  # shut down below
                     return
+                got.append(data.decode())
+        except OSError:
+            pass
 
-    reader = threading.Thread(target=read)
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    with Agent(make_config(""), source=ArraySource(x[:50])) as agent:
+    with Agent(make_config(""), source=ArraySource(x)) as agent:
         agent.run()
-    done.set()
-    reader.join(10)
+        watchdog = agent.watchdog
+        # All that was sent has arrived, so the queue has room for STOPPING=1 (a reader starved of CPU, as
+        # under qemu, may have let some WATCHDOG=1 be dropped meanwhile: counted, never waited for).
+        assert wait_for(lambda: len(got) == watchdog.sent, 30), (len(got), watchdog.sent)
+    assert wait_for(lambda: got and got[-1] == "STOPPING=1", 30), got
+    server.shutdown(socket.SHUT_RDWR)
     server.close()
-    assert got[0] == "READY=1"
+    reader.join(10)
+    assert got[0] == "READY=1"  # into an empty queue
     assert got.count("WATCHDOG=1") >= 2
-    assert got[-1] == "STOPPING=1"
+    assert len(got) == watchdog.sent
+
+
+def test_a_watchdog_socket_nobody_reads_never_blocks_the_loop(tmp_path, monkeypatch, make_config, digits):
+    """systemd busy: the socket's queue is full before the agent starts, so every send would wait forever."""
+    x, _ = digits
+    server = _notify_socket(tmp_path, monkeypatch, "2000")
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    queued = 0
+    try:
+        while queued < 100_000:
+            filler.sendto(b"filler", socket.MSG_DONTWAIT, str(tmp_path / "notify.sock"))
+            queued += 1
+    except BlockingIOError:
+        pass
+    filler.close()
+    assert 0 < queued < 100_000  # the queue is full (net.unix.max_dgram_qlen)
+    agent = Agent(make_config(""), source=ArraySource(x[:50]))
+    out = {}
+    runner = threading.Thread(target=lambda: out.setdefault("stats", agent.run()), daemon=True)
+    runner.start()
+    finished = wait_for(lambda: not runner.is_alive(), 120)
+    if not finished:
+        server.close()  # wakes a loop stuck in sendto(), so the test fails instead of hanging
+        runner.join(30)
+        agent.close()
+    assert finished, "the loop blocked on the watchdog socket"
+    assert out["stats"].inferences == 50
+    before = agent.watchdog.dropped
+    agent.close()
+    server.close()
+    assert agent.watchdog.dropped == before + 1  # STOPPING=1 into the full queue: dropped, not waited for
+    assert before >= 1  # READY=1 at least; every WATCHDOG=1 too
+
+
+def test_no_watch_runs_a_batch_on_a_profile_that_watches_a_folder(tmp_path):
+    """firmware_configs/rpi-4.toml watches a folder; --no-watch lets the same profile classify an .npz and stop."""
+    common = ["--config", str(ROOT / "firmware_configs" / "rpi-4.toml"), "--bundle", str(BUNDLE), "--source",
+              str(DIGITS), "--broker", "", "--outbox", str(tmp_path / "o.sqlite")]
+    refused = agent_cli("run", *common)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"ConfigError: config [source].watch=true needs kind='folder', not 'npz'; "
+        f"pass --no-watch (or set watch = false) to classify {DIGITS} once")
+    checked = agent_cli("check", *common, "--no-watch")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"ok   source: npz {DIGITS}" in checked.stdout
+    ran = agent_cli("run", *common, "--no-watch", "--results", str(tmp_path / "results.jsonl"))
+    assert ran.returncode == 0, ran.stderr
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [line["source"]["index"] for line in lines] == list(range(300))
