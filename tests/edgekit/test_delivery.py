@@ -49,6 +49,51 @@ def delivery_broker(request, tmp_path):
     b.stop()
 
 
+def test_test_brokers_start_on_another_port_when_their_free_port_was_taken_first(tmp_path, monkeypatch):
+    """On a busy machine the port tests/broker.py ``free_port()`` hands out may be taken before the broker
+    binds it: Mosquitto and NATS then start on other ports, and neither takes the other listener for itself."""
+    import socket
+
+    import broker as mosquitto_module
+    import nats_broker as nats_module
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()  # answers TCP connections, speaks no MQTT
+    port = taken.getsockname()[1]
+    first = {"mosquitto": True, "nats": True}
+
+    def free_port():
+        if first["mosquitto"]:
+            first["mosquitto"] = False
+            return port
+        return real_free_port()
+
+    def free_ports(n):
+        if first["nats"]:
+            first["nats"] = False
+            return [port] + real_free_ports(n - 1)
+        return real_free_ports(n)
+
+    real_free_port, real_free_ports = mosquitto_module.free_port, nats_module.free_ports
+    monkeypatch.setattr(mosquitto_module, "free_port", free_port)
+    monkeypatch.setattr(nats_module, "free_ports", free_ports)
+    try:
+        for b in (Mosquitto(tmp_path / "mosquitto"), NatsServer(tmp_path / "nats")):
+            b.start()
+            try:
+                assert port not in (b.port, getattr(b, "mqtt_port", None))
+                assert "already in use" in b.log.lower()
+                client = Client(b.url)  # a broker that works, on its new port
+                client.publish("edgekit/v1/lab/pi-1/telemetry", b"{}")
+                client.close()
+            finally:
+                b.stop()
+    finally:
+        taken.close()
+    assert not first["mosquitto"] and not first["nats"]
+
+
 class Client:
     """A plain paho client (MQTT 3.1.1, understood by both brokers) that publishes and records."""
 
