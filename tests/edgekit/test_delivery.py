@@ -358,3 +358,50 @@ def test_a_sample_over_the_rate_limit_is_not_acknowledged_so_its_board_sends_it_
         named.setdefault(protocol.parse_topic(topic)["device"], []).extend(
             [("stored", i) for i in ack["stored"]] + [("quarantined", i) for i in ack.get("quarantined", [])])
     assert named == {"pi-1": [("stored", s1["sample_id"])], "pi-9": [("quarantined", stranger["sample_id"])]}
+
+
+def nats_collector_auth(may_read_samples: bool) -> str:
+    """The collector logs in as ``collector`` (allowed to read the fleet's samples or not); clients without
+    credentials (the boards here) are the unrestricted ``board``. The collector keeps publish permissions
+    either way: nats-server 2.9 crashes on a reload when a user who stored a retained message has none."""
+    subscribe = '{allow: [">"]}' if may_read_samples else '{deny: ["edgekit.v1.lab.*.samples"]}'
+    user = '{user: collector, password: c-pw, permissions: {publish: {allow: [">"]}, subscribe: %s}}' % subscribe
+    return f"no_auth_user: board\nauthorization {{ users = [ {user}, {{user: board}} ] }}\n"
+
+
+def test_a_subscription_the_broker_refuses_after_start_up_is_tried_again_until_it_takes_it(tmp_path, caplog):
+    """A broker may answer a SUBSCRIBE with a failure code and keep the connection (NATS does when it
+    cannot create the subscription's JetStream consumer in time, as a cluster that lost a node elects new
+    leaders; here a fresh node whose permissions refuse it at first). After start-up the collector must not
+    run on without its samples subscription: it subscribes again, with backoff, until the broker takes it."""
+    import logging
+    import shutil
+
+    node = NatsServer(tmp_path / "nats", extra_conf=nats_collector_auth(True)).start()
+    try:
+        with open_store(f"sqlite:///{tmp_path}/s.db") as store, \
+                Collector(f"mqtt://collector:c-pw@127.0.0.1:{node.mqtt_port}", store, fleet="lab",
+                          client_id="resubscriber", protocol="3.1.1") as collector:
+            board = Client(node.url)
+            board.publish(protocol.topic("lab", "pi-1", "samples"), sample(1, device="pi-1"))
+            assert wait_for(lambda: store.count_samples() == 1, 60)
+            board.close()
+            with caplog.at_level(logging.INFO, logger="edgekit.loop.collect"):
+                # The node is replaced by a fresh one (no JetStream state: the session is gone), which
+                # refuses the collector's samples subscription at first.
+                node.stop()
+                shutil.rmtree(node.workdir / "js")
+                node.reconfigure(nats_collector_auth(False), running=False)
+                node.start()
+                assert wait_for(lambda: any("refused the subscription to edgekit/v1/lab/+/samples" in r.getMessage()
+                                            for r in caplog.records), 60), [r.getMessage() for r in caplog.records]
+                assert collector.connected and not collector.session_present
+                node.reconfigure(nats_collector_auth(True))  # the operator fixes it; connections stay
+                assert wait_for(lambda: collector.resubscribed == 1, 90), "the collector did not subscribe again"
+            board = Client(node.url)
+            board.publish(protocol.topic("lab", "pi-1", "samples"), sample(2, device="pi-1"))
+            assert wait_for(lambda: store.count_samples() == 2, 60), "a sample after the fix was not stored"
+            board.close()
+    finally:
+        node.stop()
+    assert "Subscription Violation" in node.log
