@@ -59,6 +59,7 @@ bench: install device-env
 	$(VENV)/bin/python bench/bench_collector.py
 	$(VENV)/bin/python bench/bench_delivery.py
 	$(VENV)/bin/python bench/bench_loop.py
+	$(VENV)/bin/python bench/bench_update.py
 	$(VENV)/bin/python bench/bench_identity.py
 	$(DEVICE)/bin/python bench/bench_signature.py
 	$(VENV)/bin/python bench/bench_shrink.py

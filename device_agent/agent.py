@@ -25,11 +25,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from . import __version__
+from . import __version__, limits
 from .delivery import protocol
 from .bench import choose_runtime
 from .inference.classify import classify
@@ -44,6 +45,7 @@ from .inference.preprocess import preprocess
 from .results import ResultsWriter
 from .sources import MqttSource, Source, open_source
 from .telemetry import Stats, Watchdog, machine
+from .update.sandbox import trial_run
 from .update.signature import Verifier
 from .update.updater import Failed, Staged, Updater
 
@@ -51,6 +53,7 @@ __all__ = ["RunStats", "Agent"]
 
 log = logging.getLogger(__name__)
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+_MAX_QUEUED_CMDS = 256
 
 
 @dataclass(frozen=True)
@@ -89,19 +92,18 @@ class Agent:
         self.updater: Optional[Updater] = None
         self.last_update_error: Optional[str] = None
         self.verifier = Verifier.from_config(config)  # None: no trusted keys, any bundle runs (one warning)
+        installed = fallback = None
         if config.update.enabled:
             self.updater = Updater(
                 config.state_dir, device=self.device, open_model=self._open_like_running,
-                check=self._check_update, running_sha256=lambda: self.manifest.sha256,
-                max_bytes=config.update.max_bytes, keep=config.update.keep, verifier=self.verifier,
+                check=self._check_update, running=lambda: self.bundle, trial=self._trial_run,
+                max_bytes=config.update.max_bytes, keep=config.update.keep,
+                max_attempts=config.update.max_attempts, verifier=self.verifier,
             )
-        installed = self.updater.load_pointer() if self.updater is not None else None
+            # An uncommitted bundle's attempt is written down before any interpreter opens it (boot counting).
+            installed, fallback = self.updater.boot()
         if self.verifier is not None:  # signed by a trusted key, checked before any interpreter opens the model
             installed = self.verifier.screen(installed)
-        if installed is not None:
-            log.info("running the bundle an update installed, %s v%s (%s); `edgekit-agent run --reset-bundle` "
-                     "goes back to the configured %s", installed.manifest.name, installed.manifest.version,
-                     installed.path, config.bundle.path)
         if installed is None and self.verifier is not None:  # the configured bundle, its signature checked first
             self.bundle = self.verifier.load(config.bundle.path, max_total=8 * config.update.max_bytes)
         else:
@@ -123,16 +125,21 @@ class Agent:
                 seen=self.outbox.seen,
             )
             self.source = source or open_source(
-                config.source, m.preprocessing.color, m.preprocessing.raw_dtype, m.preprocessing.shape
+                config.source, m.preprocessing.color, m.preprocessing.raw_dtype, m.preprocessing.shape,
+                exact=m.preprocessing.kind == "array" or m.preprocessing.resize == "none",
             )
             self._closers.append(self.source.close)
-            self.results = ResultsWriter(config.results.path)
+            self.results = ResultsWriter(config.results.path, on_error=lambda: self.stats.error("results"))
             self._closers.append(self.results.close)
         except BaseException:
             self.close()
             raise
         self._prepare_fast_path()
         self._prepare_drift()
+        if fallback:
+            self.last_update_error = fallback
+            self.stats.error("update")
+        self._commit_at = self._commit_point()
         self.watchdog = Watchdog()
         self._cmds: "queue.SimpleQueue[bytes]" = queue.SimpleQueue()
         self._telemetry_due = 0.0
@@ -146,11 +153,14 @@ class Agent:
                 client_id=f"edgekit-{self.fleet}-{self.device}",
                 will=(self.topics["status"], self._status("offline")),
                 on_connect=self._on_connect,
+                max_packet_bytes=max(limits.MAX_SENSOR_BYTES, limits.MAX_CMD_BYTES,
+                                     protocol.max_bundle_message_bytes(config.update.max_bytes)
+                                     if config.update.enabled else 0) + 65536,
+                on_error=lambda: self.stats.error("mqtt"),
             )
-            self.link.subscribe(self.topics["cmd"], lambda t, p: self._cmds.put(p))
+            self.link.subscribe(self.topics["cmd"], self._offer_cmd)
             if self.updater is not None:
                 self.link.subscribe(self.topics["bundle"], self.updater.offer)
-                self._closers.append(self.updater.close)
             if isinstance(self.source, MqttSource):
                 self.link.subscribe(self.source.topic, self.source.offer)
             mq = config.mqtt
@@ -159,6 +169,9 @@ class Agent:
                                        on_error=self.stats.error)
             if mq.ack == "collector":  # samples leave the outbox when the collector says it has them
                 self.link.subscribe(self.topics["ack"], self.publisher.offer_ack)
+        if self.updater is not None:
+            self._closers.append(self.updater.close)
+            self.updater.start()  # first chore: staging directories a crash left behind
         log.info(
             "agent %s/%s: model %s v%s on %s (%d threads), outbox %s holds %d samples",
             self.fleet, self.device, m.name, m.version, self.model.runtime, self.model.num_threads,
@@ -293,6 +306,11 @@ class Agent:
             self.stats.error("inference")
             log.warning("input %s#%s failed in the interpreter (%s); skipped", info.get("uri"), info.get("index"), exc)
             return None
+        except MemoryError:  # one input too big for this board's memory: skip it, the loop goes on
+            self.stats.error("input")
+            log.warning("input %s#%s needs more memory than this board has; skipped", info.get("uri"),
+                        info.get("index"))
+            return None
         latency = time.perf_counter() - t0
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)
@@ -342,19 +360,63 @@ class Agent:
         return line
 
     def service(self) -> None:
-        """Between inferences: publish from the outbox, run commands, send telemetry, feed the watchdog."""
+        """Between inferences: publish from the outbox, run commands, send telemetry, feed the watchdog.
+
+        Nothing here ends the loop: an exception is logged in one line and counted (telemetry ``errors``).
+        """
         if self.publisher is not None:
-            self.publisher.pump()
+            try:
+                self.publisher.pump()
+            except Exception as exc:  # noqa: BLE001 - e.g. the outbox's disk; the samples stay and go later
+                self._failed("outbox", "publishing from the outbox", exc)
             if self.updater is not None and not self.updater.ready.empty():
-                self._apply_updates()
+                try:
+                    self._apply_updates()
+                except Exception as exc:  # noqa: BLE001
+                    self._failed("update", "applying an update", exc)
             while not self._cmds.empty():
                 self._command(self._cmds.get_nowait())
             now = time.monotonic()
             if now >= self._telemetry_due and self.link.connected.is_set():
                 self._telemetry_due = now + self.config.telemetry.period_s
-                self.send_telemetry()
+                try:
+                    self.send_telemetry()
+                except Exception as exc:  # noqa: BLE001
+                    self._failed("telemetry", "sending telemetry", exc)
+        if self._commit_at is not None and self.stats.inferences >= self._commit_at:
+            self._commit_at = None
+            self.updater.commit()
         self.results.tick()
         self.watchdog.feed()
+
+    def _failed(self, kind: str, doing: str, exc: BaseException) -> None:
+        self.stats.error(kind)
+        log.warning("%s failed (%s: %s); counted in errors.%s, the loop goes on", doing, exc.__class__.__name__,
+                    str(exc)[:300], kind)
+
+    def _commit_point(self) -> Optional[int]:
+        """The inference count at which the running bundle, if uncommitted, is committed (None: nothing to do)."""
+        if self.updater is None:
+            return None
+        cur = self.updater.state.current
+        if cur is None or cur.committed or cur.sha256 != self.manifest.sha256:
+            return None
+        return self.stats.inferences + self.config.update.commit_after
+
+    def _offer_cmd(self, topic: str, payload: bytes) -> None:
+        """MQTT thread: queue a command for the loop; an oversized one, or one past a full queue, is refused here."""
+        if len(payload) > limits.MAX_CMD_BYTES or self._cmds.qsize() >= _MAX_QUEUED_CMDS:
+            self.stats.error("command")
+            log.warning("command on %s refused unread: %d bytes (limit %d), %d commands waiting (limit %d)",
+                        topic, len(payload), limits.MAX_CMD_BYTES, self._cmds.qsize(), _MAX_QUEUED_CMDS)
+            return
+        self._cmds.put(bytes(payload))
+
+    def _trial_run(self, path, cancel):
+        """The updater's trial run of a pushed model: a child process on the running runtime (update/sandbox.py)."""
+        u = self.config.update
+        return trial_run(path, runtime=self.model.runtime, threads=self.model.num_threads,
+                         memory_bytes=u.trial_memory_mb << 20, timeout_s=u.trial_timeout_s, cancel=cancel)
 
     # -- model updates (staged by the Updater's thread, swapped here) --------
     def _open_like_running(self, path) -> TFLiteModel:
@@ -367,7 +429,7 @@ class Agent:
         fixed = ("kind", "color", "raw_dtype") + (("shape",) if isinstance(self.source, MqttSource) else ())
         for key in fixed:
             if getattr(new, key) != getattr(old, key):
-                raise BundleError(
+                raise ConfigError(  # about this board's source, not the bundle: not remembered as refused
                     f"bundle {bundle.manifest.name} v{bundle.manifest.version} has preprocessing.{key}="
                     f"{getattr(new, key)!r} but the source was opened for {getattr(old, key)!r}; "
                     "restart the agent with --bundle to change it"
@@ -385,13 +447,13 @@ class Agent:
     def _apply_updates(self) -> None:
         while not self.updater.ready.empty():
             item = self.updater.ready.get_nowait()
-            if isinstance(item, Staged) and item.bundle.manifest.sha256 == self.manifest.sha256:
-                item.model.close()  # the same model was staged twice; it already runs
+            if isinstance(item, Staged) and Path(item.bundle.path).resolve() == Path(self.bundle.path).resolve():
+                item.model.close()  # the same archive was staged twice; it already runs
             elif isinstance(item, Staged):
                 self._swap(item)
             elif isinstance(item, Failed):
+                self.last_update_error = item.reason  # before the count: whoever sees the count sees why
                 self.stats.error("update")
-                self.last_update_error = item.reason
                 log.warning("update refused: %s; still running %s v%s", item.reason, self.manifest.name,
                             self.manifest.version)
                 self._publish_status()
@@ -408,13 +470,8 @@ class Agent:
             cfg.margin_threshold if cfg.margin_threshold is not None else m.margin_threshold,
         )
         self.last_update_error = None
-        try:
-            self.updater.save_pointer(self.bundle)
-        except OSError as exc:
-            self.stats.error("update")
-            log.warning("update: %s cannot be written (%s); a restart runs the configured bundle again",
-                        self.updater.pointer_path, exc)
-        self.updater.prune(running=[self.bundle.path])
+        self.updater.installed(staged)  # a restart runs it; uncommitted until it has run commit_after inferences
+        self._commit_at = self._commit_point()
         log.info("model updated: %s v%s -> %s v%s (sha256 %s...) from %s", old.name, old.version, m.name, m.version,
                  m.sha256[:12], self.bundle.path)
         if self.link is not None:
@@ -452,6 +509,8 @@ class Agent:
         except ProtocolError as exc:
             self.stats.error("command")
             log.warning("command on %s ignored: %s", self.topics["cmd"], exc)
+        except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError, ...: no command ends the loop
+            self._failed("command", f"command on {self.topics['cmd']}", exc)
 
     def run(self, stop_event: Optional[threading.Event] = None) -> RunStats:
         """Classify until the source ends (then drain the outbox) or ``stop_event`` is set."""
@@ -469,6 +528,8 @@ class Agent:
         if self.link is not None and self.link.connected.is_set():
             self.send_telemetry()
         self.results.flush()
+        if self.updater is not None:
+            self.updater.stopped()  # a clean stop: this start does not count against an uncommitted bundle
         return self.run_stats()
 
     def drain(self, timeout: float) -> bool:

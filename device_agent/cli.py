@@ -46,8 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.reset_bundle:
         from .update.updater import Updater
 
-        forgot = Updater(config.state_dir, device=config.device.id, open_model=None, check=None,
-                         running_sha256=lambda: "").reset()
+        forgot = Updater(config.state_dir, device=config.device.id).reset()
         log.info("%s; starting on the configured bundle %s",
                  "forgot the bundle an update installed" if forgot else "no installed bundle to forget",
                  config.bundle.path)
@@ -100,18 +99,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config.update.enabled:
         from .update.updater import Updater
 
-        updater = Updater(config.state_dir, device=config.device.id, open_model=None, check=None,
-                          running_sha256=lambda: "")
-        if updater.pointer_path.exists():
+        updater = Updater(config.state_dir, device=config.device.id)
+        if updater.state.current is not None:
             installed = updater.load_pointer()
             if installed is not None:
                 bundle = installed
                 m = installed.manifest
+                cur = updater.state.current
+                trial = "committed" if cur.committed else f"not yet committed: attempt {cur.attempts} of " \
+                                                           f"{config.update.max_attempts}"
                 report(True, "update", f"{m.name} v{m.version} from {installed.path} runs instead of the configured "
-                                       "bundle (--reset-bundle on run goes back)")
+                                       f"bundle ({trial}; --reset-bundle on run goes back)")
             else:
                 report(False, "update", f"{updater.pointer_path} names a bundle that does not load; "
                                         "the configured bundle runs (see the warning above)")
+        if updater.state.refused:
+            r = updater.state.refused[-1]
+            report(True, "update", f"{len(updater.state.refused)} pushed archive(s) refused for good, the last: "
+                                   f"{r.name} v{r.version} ({r.reason[:160]})")
     _check_signature(config, bundle, report)
     if bundle is not None:
         try:

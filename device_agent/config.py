@@ -245,6 +245,10 @@ class UpdateConfig:
     keep: int = 2  # previous bundle directories kept under <state dir>/bundles/ for a quick rollback
     # PEM Ed25519 public keys; with any, only bundles signed by one of them run (docs/agent.md, "Signed bundles")
     trusted_keys: Tuple[str, ...] = ()
+    max_attempts: int = 3  # starts (or opens) of a new bundle that may end in a crash before it is refused
+    commit_after: int = 20  # inferences after which a new bundle ran well: committed, the next fallback
+    trial_timeout_s: float = 60.0  # a pushed model's trial run in a child process must end within this
+    trial_memory_mb: int = 256  # ... and allocate at most this much beyond what the runtime itself maps
 
     def __post_init__(self) -> None:
         _within("update", "max_bytes", self.max_bytes, 1024)
@@ -256,6 +260,10 @@ class UpdateConfig:
         if len(set(keys)) != len(keys) or len(keys) > 16:
             raise _err("update", "trusted_keys", keys, "must name each key file once, and at most 16")
         object.__setattr__(self, "trusted_keys", tuple(os.path.expanduser(k) for k in keys))
+        _within("update", "max_attempts", self.max_attempts, 1, 100)
+        _within("update", "commit_after", self.commit_after, 1)
+        _within("update", "trial_timeout_s", self.trial_timeout_s, 1)
+        _within("update", "trial_memory_mb", self.trial_memory_mb, 16)
 
 
 _TABLES: Dict[str, type] = {

@@ -10,7 +10,6 @@ send telemetry and notice a stop in the meantime.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -20,7 +19,9 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import limits
 from .errors import ConfigError, InputError
+from .inference.npy import MAGIC, read_npy
 from .inference.preprocess import IMAGE_SUFFIXES, load_raw
 
 __all__ = ["Item", "Source", "ArraySource", "FolderSource", "NpySource", "CameraSource", "MqttSource", "open_source"]
@@ -187,25 +188,32 @@ class CameraSource(Source):
         self.cap.release()
 
 
-def decode_reading(payload: bytes, dtype: str = "float32") -> np.ndarray:
-    """One sensor reading from an MQTT payload: JSON ``{"values": [...]}``, an ``.npy`` blob, or raw ``dtype`` bytes."""
-    if payload[:6] == b"\x93NUMPY":
-        import io
+def decode_reading(payload: bytes, dtype: str = "float32", shape: Sequence[int] = (),
+                   exact: bool = False) -> np.ndarray:
+    """One sensor reading from an MQTT payload: JSON ``{"values": [...]}``, an ``.npy`` blob, or raw ``dtype`` bytes.
 
-        try:
-            return np.load(io.BytesIO(payload), allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise InputError(f"reading is a corrupt .npy payload ({exc}); send a whole array") from exc
+    Limits first (docs/agent.md, "Limits"): the payload's size (a multiple of the input's for ``shape``), a
+    JSON payload's nesting depth, an ``.npy`` header's shape and dtype before its data is read; with
+    ``exact`` (the model takes ``shape`` as is: no resizing) exactly ``prod(shape)`` values.
+    """
+    size = int(np.prod(shape)) if shape and exact else None
+    max_bytes = limits.sensor_max_bytes(shape, dtype)
+    if len(payload) > max_bytes:
+        raise InputError(f"reading is {len(payload)} bytes, over the limit of {max_bytes} for this model's input")
+    if payload[:6] == MAGIC:
+        return read_npy(payload, what="reading (.npy)", expected_size=size)
     head = payload.lstrip()[:1]
     if head in (b"{", b"["):
+        obj = limits.loads(payload, what="reading (JSON)", max_bytes=max_bytes, error=InputError)
         try:
-            obj = json.loads(payload.decode("utf-8"))
             values = obj["values"] if isinstance(obj, dict) else obj
             arr = np.asarray(values, dtype=np.float64)
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError) as exc:
             raise InputError(
                 f"reading is not JSON {{\"values\": [...]}} of numbers ({exc.__class__.__name__}); fix the sensor's publisher"
             ) from exc
+        if size is not None and arr.size != size:
+            raise InputError(f"reading has {arr.size} values, expected={size} for this model's input {list(shape)}")
         return arr
     dt = np.dtype(dtype)
     if len(payload) == 0 or len(payload) % dt.itemsize:
@@ -218,34 +226,61 @@ class MqttSource(Source):
 
     finite = False
 
-    def __init__(self, topic: str, dtype: str = "float32", shape: Sequence[int] = (), max_queue: int = 1000):
+    def __init__(self, topic: str, dtype: str = "float32", shape: Sequence[int] = (), max_queue: int = 1000,
+                 max_queue_bytes: int = 32 << 20, exact: bool = False):
         if not topic:
             raise ConfigError("config [source].topic is empty; kind='mqtt' needs the topic the sensor publishes on")
         self.topic = topic
         self.dtype = dtype
         self.shape = tuple(int(d) for d in shape)
+        self.exact = exact
+        self.max_bytes = limits.sensor_max_bytes(self.shape, dtype)
+        self.max_queue_bytes = int(max_queue_bytes)
         self._queue: "queue.Queue[Tuple[str, bytes]]" = queue.Queue(max_queue)
+        self._queued_bytes = 0
+        self._lock = threading.Lock()
         self.overflow = 0
+        self.refused = 0  # oversized readings dropped unread in the MQTT thread; reported as input errors
+        self._refused_seen = 0
 
     def offer(self, topic: str, payload: bytes) -> None:
-        """Called from the MQTT thread for each message on :attr:`topic`."""
-        try:
-            self._queue.put_nowait((topic, payload))
-        except queue.Full:
-            self.overflow += 1
+        """Called from the MQTT thread for each message on :attr:`topic`: an oversized reading is refused
+        here, unread; the queue is bounded in messages and in bytes."""
+        if len(payload) > self.max_bytes:
+            self.refused += 1
+            return
+        with self._lock:
+            if self._queued_bytes + len(payload) > self.max_queue_bytes:
+                self.overflow += 1
+                return
+            try:
+                self._queue.put_nowait((topic, payload))
+            except queue.Full:
+                self.overflow += 1
+                return
+            self._queued_bytes += len(payload)
 
     def items(self, stop: threading.Event) -> Iterator[Item]:
         i = 0
         while not stop.is_set():
+            refused = self.refused
+            if refused != self._refused_seen:
+                n, self._refused_seen = refused - self._refused_seen, refused
+                for _ in range(n):
+                    yield {"uri": f"mqtt:{self.topic}", "index": i}, InputError(
+                        f"reading over the limit of {self.max_bytes} bytes for this model's input; refused unread")
+                    i += 1
             try:
                 topic, payload = self._queue.get(timeout=_IDLE_S)
             except queue.Empty:
                 yield None
                 continue
+            with self._lock:
+                self._queued_bytes -= len(payload)
             info = {"uri": f"mqtt:{topic}", "index": i}
             i += 1
             try:
-                x = decode_reading(payload, self.dtype)
+                x = decode_reading(payload, self.dtype, self.shape, self.exact)
             except InputError as exc:
                 yield info, exc
                 continue
@@ -254,13 +289,15 @@ class MqttSource(Source):
             yield info, x
 
 
-def open_source(cfg, color: str = "grayscale", raw_dtype: str = "float32", shape: Sequence[int] = ()) -> Source:
+def open_source(cfg, color: str = "grayscale", raw_dtype: str = "float32", shape: Sequence[int] = (),
+                exact: bool = False) -> Source:
     """Build the configured source (``cfg`` is a :class:`~device_agent.config.SourceConfig`);
-    ``color``, ``raw_dtype`` and ``shape`` come from the bundle's preprocessing."""
+    ``color``, ``raw_dtype`` and ``shape`` come from the bundle's preprocessing (``exact``: the model
+    takes inputs of ``shape`` only, no resizing)."""
     if cfg.kind == "camera":
         return CameraSource(cfg.camera_index, cfg.fps)
     if cfg.kind == "mqtt":
-        return MqttSource(cfg.topic, raw_dtype, shape)
+        return MqttSource(cfg.topic, raw_dtype, shape, exact=exact)
     if not cfg.path:
         raise ConfigError(f"config [source].path is empty; kind={cfg.kind!r} needs a path (or pass --source PATH)")
     if not Path(cfg.path).exists():

@@ -13,6 +13,7 @@ import collections
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Deque, Dict, Optional
@@ -40,6 +41,7 @@ class Stats:
         self.flagged = 0
         self.published = 0
         self.errors: Dict[str, int] = collections.Counter()
+        self._errors_lock = threading.Lock()  # the MQTT thread counts refusals too
         self.latencies_ms: Deque[float] = collections.deque(maxlen=_WINDOW)
         self.low_conf: Deque[bool] = collections.deque(maxlen=_WINDOW)
 
@@ -49,7 +51,8 @@ class Stats:
         self.low_conf.append(low_confidence)
 
     def error(self, kind: str) -> None:
-        self.errors[kind] += 1
+        with self._errors_lock:
+            self.errors[kind] += 1
 
     @property
     def uptime_s(self) -> float:
@@ -129,6 +132,7 @@ class Watchdog:
         if self.address:
             try:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sock.setblocking(False)  # a service manager that does not read never stalls the loop
             except OSError as exc:
                 log.warning("cannot open $NOTIFY_SOCKET (%s); systemd's watchdog will not be fed", exc)
 
@@ -141,6 +145,8 @@ class Watchdog:
             return
         try:
             self._sock.sendto(message.encode(), self.address)
+        except BlockingIOError:
+            log.debug("sd_notify %r dropped: the service manager's queue is full", message)
         except OSError as exc:
             log.warning("sd_notify %r failed: %s", message, exc)
 

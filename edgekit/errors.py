@@ -7,6 +7,7 @@ One root; the CLI catches it, prints ``Type: message`` and exits 1::
      +-- ModelError         a model file is missing, corrupt or not a classifier
      +-- ConversionError    quantization or TFLite conversion failed
      +-- StoreError         the sample store cannot be opened or queried
+     |    +-- LabelConflictError  someone else changed a label while it was open
  +-- BrokerError        the MQTT broker cannot be reached or refused the collector
      +-- IdentityError      a CA, certificate or enrolment is missing, unreadable or conflicts
      +-- SigningError       a signing key is missing or unusable, or a bundle is unsigned where it must be signed
@@ -18,8 +19,8 @@ caught by the CLI the same way.
 
 from __future__ import annotations
 
-__all__ = ["EdgekitError", "DataError", "ModelError", "ConversionError", "StoreError", "BrokerError", "IdentityError",
-           "SigningError", "OutputExistsError"]
+__all__ = ["EdgekitError", "DataError", "ModelError", "ConversionError", "StoreError", "LabelConflictError", "BrokerError",
+           "IdentityError", "SigningError", "OutputExistsError"]
 
 
 class EdgekitError(Exception):
@@ -40,6 +41,17 @@ class ConversionError(EdgekitError):
 
 class StoreError(EdgekitError):
     """The sample store cannot be opened or queried."""
+
+
+class LabelConflictError(StoreError):
+    """A label was changed by someone else since it was read; nothing was overwritten.
+
+    ``current`` holds the sample's label as it is now (label, label_version, labeled_by, labeled_at).
+    """
+
+    def __init__(self, message: str, current: "dict | None" = None) -> None:
+        super().__init__(message)
+        self.current = dict(current or {})
 
 
 class BrokerError(EdgekitError):

@@ -21,6 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from device_agent import limits  # noqa: E402
 from device_agent.delivery import protocol  # noqa: E402
 
 DOC = ROOT / "docs" / "protocol.md"
@@ -122,9 +123,25 @@ any board's name.
   base64, well inside both. The `bundle` topic has its own limit (a model, not a sample: see "Model
   updates" below); a broker that carries bundles needs a `message_size_limit` of 0 (none) or above
   4/3 of the largest archive.
+- JSON nesting: at most {max_depth} levels on every topic a board reads (`cmd`, `bundle`, a sensor
+  topic), checked with a scan of the brackets before the JSON is parsed.
 - A sample's input travels raw, exactly as the board read it (before preprocessing):
   `dtype`, `shape`, `encoding` (`base64`) and `data`; `len(base64decode(data))` must equal
   `prod(shape) * itemsize(dtype)`.
+
+## What a board accepts, per topic
+
+A board checks every message against these limits before it parses or allocates anything (docs/agent.md,
+"Limits"); a refused message is one log line and a count in telemetry `errors`, never the end of the loop.
+With MQTT 5 the agent also tells the broker, at CONNECT, the largest packet it accepts (Maximum Packet
+Size: the largest limit below plus 64 KiB), so the broker drops anything bigger for it.
+
+| topic | size | JSON depth | other checks | refusal counted in |
+|---|---|---|---|---|
+| `cmd` | {max_cmd} bytes | {max_depth} | at most 256 commands waiting | `errors.command` |
+| `bundle` | `[update].max_bytes` x 4/3 + 65,536 (default {max_bundle_msg} bytes) | {max_depth} | the archive rules and manifest limits of docs/bundle.md; a trial run of the model | `errors.update` |
+| the sensor topic (`[source] kind = "mqtt"`) | 32 bytes a value of the model's input (at least 65,536, at most {max_sensor} bytes) | {max_depth} | `.npy`: header checked against the input before its data is read | `errors.input` |
+| `ack` | {ack_bytes} bytes | {max_depth} | lists of lower-case UUIDs, at most {ack_ids} ids | `errors.ack` |
 
 ## Delivery: nothing is lost, nothing is stored twice
 
@@ -265,20 +282,28 @@ and the model's `name`, `version` and `sha256` (the manifest's). The archive is 
 
 On the board (`device_agent/update/updater.py`, docs/agent.md "Model updates"):
 
-1. a message whose `sha256` is the running model's is ignored (the retained message comes back on
-   every reconnect);
-2. the size, the base64 and `archive_sha256` are checked; on a board with `[update] trusted_keys`
-   the archive's signature is then checked in memory, before anything is unpacked (below, "Signed
-   bundles"); the archive is unpacked into `<state dir>/bundles/<name>-<version>-<sha12>/`, and the
-   manifest's model sha256 is checked before an interpreter opens the file;
-3. the new model is opened on the same runtime and thread count, and run once on its own
-   preprocessing's output; a bundle whose preprocessing the running source cannot feed is refused;
+1. the size, the JSON depth, the base64 and `archive_sha256` are checked; an archive refused before
+   (by its `archive_sha256`) is refused again at once, unread; the archive rules (docs/bundle.md: only
+   `manifest.json`, the model and `signature.json`, as plain names) are checked on the stream; on a board
+   with `[update] trusted_keys` the archive's signature is then checked in memory, before anything is
+   unpacked (below, "Signed bundles");
+2. the archive is streamed into `<state dir>/bundles/<name>-<version>-<archive sha256[:16]>/`, the
+   manifest is checked against its limits and its model sha256 before an interpreter opens the file;
+   a bundle whose `manifest.json` is the running one's is what already runs (the retained message comes
+   back on every reconnect): nothing to do;
+3. the model is run in a child process first (a trial run with a memory and a time limit): a crash, a
+   signal or a timeout refuses it; then it is opened on the same runtime and thread count, and run once
+   on its own preprocessing's output; a bundle whose preprocessing the running source cannot feed is
+   refused;
 4. only then, between two inferences, the agent loop swaps it in, writes `current_bundle-<device>.json`
-   (so a restart runs it), republishes its retained status with the new `model`, and its telemetry,
-   samples and result lines name the new version from the next inference on.
+   (so a restart runs it; uncommitted until it has run well), republishes its retained status with the
+   new `model`, and its telemetry, samples and result lines name the new version from the next
+   inference on.
 
 Any failure leaves the old model running: one log line, a count under `errors.update` in telemetry,
 and the reason in the retained status's `last_update_error` (cleared by the next successful update).
+A bundle that crashes the agent itself is refused after `[update].max_attempts` starts, and the board
+falls back to the last bundle that ran well (docs/agent.md, "A model cannot take the board down").
 
 - **Roll back**: push the old bundle again; the board still holds the last `[update].keep`
   (default 2) previous bundle directories, so the same model is reused without unpacking.
@@ -329,7 +354,8 @@ sequenceDiagram
     H->>M: PUBLISH QoS 1, retain .../bundle (edgekit.bundle/1)
     M-->>H: PUBACK
     M->>U: the retained message (now, or when the board connects)
-    U->>U: size, base64, archive_sha256; signature + release (in memory); unpack; model sha256; open + trial inference
+    U->>U: size, depth, base64, archive_sha256; refused before?; archive rules; signature + release (in memory)
+    U->>U: stream-unpack; limits; model sha256; trial run in a child process (memory, time); open + one inference
     U->>L: staged bundle (queue)
     L->>L: between two inferences: swap, write current_bundle-<device>.json
     L->>M: retained status with the new model
@@ -360,6 +386,10 @@ def render() -> str:
     text = text.replace("{max_bytes}", f"{protocol.MAX_PAYLOAD_BYTES:,}")
     text = text.replace("{collector_max}", f"{DEFAULT_MAX_PAYLOAD_BYTES:,}")
     text = text.replace("{max_bundle}", f"{protocol.DEFAULT_MAX_BUNDLE_BYTES:,}")
+    text = text.replace("{max_bundle_msg}", f"{protocol.max_bundle_message_bytes(protocol.DEFAULT_MAX_BUNDLE_BYTES):,}")
+    text = text.replace("{max_depth}", f"{limits.MAX_JSON_DEPTH}")
+    text = text.replace("{max_cmd}", f"{limits.MAX_CMD_BYTES:,}")
+    text = text.replace("{max_sensor}", f"{limits.MAX_SENSOR_BYTES:,}")
     text = text.replace("{ack_ids}", f"{protocol.MAX_ACK_IDS:,}")
     text = text.replace("{ack_bytes}", f"{protocol.MAX_ACK_BYTES:,}")
     ex = examples()

@@ -63,6 +63,8 @@ class Link:
         client_id: str,
         will: Optional[Tuple[str, bytes]] = None,
         on_connect: Optional[Callable[[], None]] = None,
+        max_packet_bytes: int = 0,
+        on_error: Optional[Callable[[], None]] = None,
     ):
         self.cfg = cfg
         self.acks: "queue.SimpleQueue[Tuple[int, bool]]" = queue.SimpleQueue()
@@ -74,6 +76,16 @@ class Link:
         self._started = False
         self._failures = 0
         self._on_connect_hook = on_connect
+        self._on_error = on_error
+        self._connect_properties = None
+        if max_packet_bytes and cfg.protocol == "5":
+            # MQTT 5: the broker must not send this client a bigger packet (it drops it), so nothing
+            # bigger is ever read into memory here. MQTT 3.1.1 has no such limit.
+            from paho.mqtt.packettypes import PacketTypes
+            from paho.mqtt.properties import Properties
+
+            self._connect_properties = Properties(PacketTypes.CONNECT)
+            self._connect_properties.MaximumPacketSize = int(max_packet_bytes)
         self._handlers: Dict[str, MessageHandler] = {}
         self._subscribing: Dict[int, Tuple[int, Tuple[str, ...]]] = {}  # SUBSCRIBE mid -> (generation, topics)
         self._refusals: Dict[str, int] = {}  # topic -> refusals in a row on this connection
@@ -118,7 +130,8 @@ class Link:
         """Connect in the background (idempotent); reconnects happen by themselves until :meth:`close`."""
         if not self._started:
             self._started = True
-            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
+                                      properties=self._connect_properties)
             self.client.loop_start()
         return self
 
@@ -154,7 +167,7 @@ class Link:
     def subscribe(self, topic: str, handler: MessageHandler) -> None:
         """Call ``handler(topic, payload)`` (in the MQTT thread) for each message; re-subscribed on reconnect."""
         self._handlers[topic] = handler
-        self.client.message_callback_add(topic, lambda c, u, m: handler(m.topic, m.payload))
+        self.client.message_callback_add(topic, lambda c, u, m: self._guarded(handler, m.topic, m.payload))
         if self.connected.is_set():
             self._subscribe(self.generation, [topic])
 
@@ -165,6 +178,16 @@ class Link:
             rc, mid = self.client.subscribe([(t, 1) for t in topics])
             if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 self._subscribing[mid] = (generation, topics)
+
+    def _guarded(self, handler: MessageHandler, topic: str, payload: bytes) -> None:
+        """An exception in a handler would end paho's network thread (and every later message): log, count."""
+        try:
+            handler(topic, payload)
+        except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError, ...: the connection goes on
+            log.warning("message on %s (%d bytes) failed in its handler (%s: %s); counted in errors.mqtt", topic,
+                        len(payload), exc.__class__.__name__, str(exc)[:200])
+            if self._on_error is not None:
+                self._on_error()
 
     # -- paho callbacks (network thread) -----------------------------------
     def _connected(self, client, userdata, flags, reason_code, properties) -> None:
@@ -189,7 +212,7 @@ class Link:
         self.connected.set()
         log.info("connected to %s (%s)", self.where, "MQTT 5" if self.cfg.protocol == "5" else "MQTT 3.1.1")
         if self._on_connect_hook:
-            self._on_connect_hook()
+            self._guarded(lambda t, p: self._on_connect_hook(), "(connect)", b"")
 
     @property
     def where(self) -> str:

@@ -11,10 +11,19 @@ the digests of inputs already sent (for the policy's dedupe).
 
 One connection, used from one thread (the agent loop); acknowledgements from
 the MQTT thread reach it through the publisher's queue.
+
+A full disk (``database or disk is full``, ENOSPC) never ends the loop: :meth:`Outbox.put`
+drops the oldest samples to make room (counted in ``dropped`` exactly, like the byte cap)
+and stores the new one; when even that is impossible the new sample is the one dropped,
+and counted. A reserve file of ``RESERVE_BYTES`` beside the database is what makes room
+possible on a disk with no byte left (SQLite needs space to delete and to checkpoint its
+WAL): it is given up to do that, and taken again when space returns. New databases use
+``auto_vacuum = INCREMENTAL``, so deleted samples give their pages back to the disk.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
@@ -46,6 +55,17 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, ts REAL NOT NULL);
 """
 _SEEN_MAX = 100_000
+RESERVE_BYTES = 512 * 1024
+_WAL_PAGES = 64  # checkpoint the WAL every 64 pages (256 KiB), so a checkpoint never needs more than the reserve
+_RESERVE_RETRY_S = 5.0
+_CALM_S = 60.0
+_ROOM_BATCH = 16  # rows deleted per transaction when making room (each one grows the WAL by about a page a row)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+    return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)  # SQLITE_FULL
 
 
 @dataclass(frozen=True)
@@ -62,23 +82,120 @@ class Outbox:
     def __init__(self, path: os.PathLike | str, *, max_bytes: int = 64 << 20, sync: str = "normal"):
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
+        self.reserve_path = self.path.with_name(self.path.name + ".reserve")
+        self._unsaved_drops = 0  # dropped while nothing could be written; saved with the next write
+        self._reserve_retry_at = 0.0
+        self._full_since = self._last_full = self._vacuum_at = 0.0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-            self._db.executescript(_SCHEMA)
+            self._open(sync)
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(
-                f"config [outbox].path={str(self.path)!r} cannot be opened ({exc}); use a writable path"
-            ) from exc
+            if not self._release_reserve():  # a full disk: SQLite needs room for its -wal and -shm files
+                raise ConfigError(
+                    f"config [outbox].path={str(self.path)!r} cannot be opened ({exc}); use a writable path"
+                ) from exc
+            try:
+                self._open(sync)
+            except (OSError, sqlite3.Error) as exc2:
+                raise ConfigError(
+                    f"config [outbox].path={str(self.path)!r} cannot be opened ({exc2}); use a writable path"
+                ) from exc2
         count, total = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples").fetchone()
         self._depth = int(count)
         self._bytes = int(total)
         self._seen_count = self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
         self._seq = self._meta("seq")
         self.last_id = int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0])
+        self._take_reserve()
 
+    def _open(self, sync: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        try:
+            if fresh:  # must come before the first table: deleted samples then give their pages back to the disk
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES}")
+            self._db.executescript(_SCHEMA)
+        except BaseException:
+            self._db.close()
+            raise
+
+    # -- a full disk ---------------------------------------------------------
+    def _take_reserve(self) -> bool:
+        """Keep RESERVE_BYTES on the disk for a rainy day (a full disk); False when there is no room now."""
+        try:
+            if self.reserve_path.exists() and self.reserve_path.stat().st_size >= RESERVE_BYTES:
+                return True
+            with open(self.reserve_path, "wb") as fh:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fh.fileno(), 0, RESERVE_BYTES)
+                else:  # pragma: no cover - not Linux
+                    fh.write(b"\0" * RESERVE_BYTES)
+            return True
+        except OSError:
+            self._release_reserve()
+            self._reserve_retry_at = time.monotonic() + _RESERVE_RETRY_S
+            return False
+
+    def _release_reserve(self) -> bool:
+        try:
+            self.reserve_path.unlink()
+            return True
+        except OSError:
+            return False
+
+    def _checkpoint(self) -> None:
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            try:
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        self._reload_counts()
+
+    def _make_room(self, size: int) -> List[int]:
+        """The disk is full: give up the reserve, then drop the oldest samples (counted, in the same
+        transactions) until about ``max(4 * size, RESERVE_BYTES / 2)`` bytes are free again."""
+        self._release_reserve()
+        self._checkpoint()
+        need = max(4 * size, RESERVE_BYTES // 2)
+        dropped: List[int] = []
+        freed = 0
+        while freed < need:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = self._db.execute("SELECT id, size FROM samples ORDER BY id LIMIT ?", (_ROOM_BATCH,)).fetchall()
+                if rows:
+                    self._db.executemany("DELETE FROM samples WHERE id=?", [(r[0],) for r in rows])
+                elif self._seen_count:  # no sample left: the digests of inputs already sent go first
+                    n = max(1, self._seen_count // 10)
+                    self._db.execute("DELETE FROM seen WHERE digest IN (SELECT digest FROM seen ORDER BY ts LIMIT ?)",
+                                     (n,))
+                    self._seen_count -= n
+                self._bump("dropped", len(rows) + self._unsaved_drops)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self._unsaved_drops = 0
+            dropped.extend(r[0] for r in rows)
+            self._depth -= len(rows)
+            self._bytes -= sum(r[1] for r in rows)
+            freed += sum(r[1] for r in rows) + (0 if rows else 1 << 30)
+            self._checkpoint()
+        try:
+            self._db.executescript("PRAGMA incremental_vacuum;")  # freed pages back to the disk (new databases)
+        except sqlite3.Error:
+            pass
+        self._checkpoint()
+        return dropped
     # -- counters kept in the database -------------------------------------
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -92,8 +209,8 @@ class Outbox:
 
     @property
     def dropped(self) -> int:
-        """Samples dropped to keep under ``max_bytes``, since the database was created."""
-        return self._meta("dropped")
+        """Samples dropped to keep under ``max_bytes`` or because the disk was full, since the database was created."""
+        return self._meta("dropped") + self._unsaved_drops
 
     @property
     def depth(self) -> int:
@@ -113,11 +230,62 @@ class Outbox:
     def put(
         self, topic: str, payload: bytes, sample_id: str, digest: Optional[str] = None, seq: Optional[int] = None
     ) -> List[int]:
-        """Commit one sample (with its input digest and sequence number); return the ids dropped to make room."""
+        """Commit one sample (with its input digest and sequence number); return the ids dropped to make room.
+
+        Never raises on a database or disk error: on a full disk the oldest samples make room (counted); when
+        nothing can be written the sample is dropped (counted, saved with the next write that succeeds).
+        """
+        try:
+            dropped = self._put(topic, payload, sample_id, digest, seq)
+        except (sqlite3.Error, OSError) as exc:
+            if not _disk_full(exc):
+                self._unsaved_drops += 1
+                log.warning("outbox %s cannot store sample %s (%s: %s); dropped and counted", self.path, sample_id,
+                            exc.__class__.__name__, exc)
+                return []
+            now = time.monotonic()
+            if not self._full_since:
+                self._full_since = now
+                log.warning("outbox %s: the disk is full; the oldest samples make room (counted in dropped) until "
+                            "there is space again", self.path)
+            self._last_full = now
+            try:
+                freed = self._make_room(len(payload))
+                dropped = freed + self._put(topic, payload, sample_id, digest, seq)
+            except (sqlite3.Error, OSError) as exc2:
+                self._unsaved_drops += 1
+                log.debug("outbox: sample %s dropped, nothing can be written (%s)", sample_id, exc2)
+                return []
+        if self._full_since or self._reserve_retry_at:
+            self._after_full()
+        return dropped
+
+    def _after_full(self) -> None:
+        """After a full disk: take the reserve back as soon as there is room; say so once it stayed calm a minute."""
+        now = time.monotonic()
+        if now >= self._vacuum_at:  # pages of samples acknowledged since go back to the disk (new databases)
+            self._vacuum_at = now + 1.0
+            try:
+                if self._db.execute("PRAGMA freelist_count").fetchone()[0] > 16:
+                    self._db.executescript("PRAGMA incremental_vacuum;")
+                    self._checkpoint()
+            except sqlite3.Error:
+                pass
+        if not self.reserve_path.exists() and now >= self._reserve_retry_at:
+            self._reserve_retry_at = 0.0
+            self._take_reserve()
+        if self._full_since and now - self._last_full >= _CALM_S and self.reserve_path.exists():
+            log.info("outbox %s: the disk has room again (it was full on and off for %.0f s)", self.path,
+                     self._last_full - self._full_since)
+            self._full_since = 0.0
+
+    def _put(self, topic: str, payload: bytes, sample_id: str, digest: Optional[str], seq: Optional[int]) -> List[int]:
         size = len(payload)
         dropped: List[int] = []
         self._db.execute("BEGIN IMMEDIATE")
         try:
+            if self._unsaved_drops:
+                self._bump("dropped", self._unsaved_drops)
             if size > self.max_bytes:
                 self._bump("dropped", 1)
                 log.warning("sample %s has %d bytes, more than [outbox].max_bytes=%d; dropped", sample_id, size, self.max_bytes)
@@ -149,9 +317,9 @@ class Outbox:
                 )
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
-            self._reload_counts()
+            self._rollback()
             raise
+        self._unsaved_drops = 0
         if size <= self.max_bytes:
             self.last_id = new_id
         if dropped:
@@ -183,10 +351,21 @@ class Outbox:
 
     def remove_samples(self, sample_ids: Iterable[str]) -> List[str]:
         """Delete the samples a collector acknowledged, by ``sample_id``, in one transaction;
-        the ids that were here (unknown ones, e.g. dropped or acknowledged before, are ignored)."""
+        the ids that were here (unknown ones, e.g. dropped or acknowledged before, are ignored).
+
+        On a full disk the reserve is given up to make the delete possible (as in :meth:`ack`)."""
         sample_ids = list(dict.fromkeys(sample_ids))
         if not sample_ids:
             return []
+        try:
+            return self._remove_samples(sample_ids)
+        except (sqlite3.Error, OSError) as exc:
+            if not (_disk_full(exc) and self._release_reserve()):
+                raise
+            self._checkpoint()
+            return self._remove_samples(sample_ids)
+
+    def _remove_samples(self, sample_ids: List[str]) -> List[str]:
         found: List[str] = []
         freed = 0
         self._db.execute("BEGIN IMMEDIATE")
@@ -204,18 +383,35 @@ class Outbox:
                 freed += sum(int(r[2]) for r in rows)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
-            self._reload_counts()
+            self._rollback()
             raise
         self._depth -= len(found)
         self._bytes -= freed
         return found
 
     def ack(self, ids: Iterable[int]) -> int:
-        """Delete acknowledged samples (unknown ids, e.g. dropped meanwhile, are ignored)."""
+        """Delete acknowledged samples (unknown ids, e.g. dropped meanwhile, are ignored).
+
+        On a full disk the reserve is given up to make the delete possible; if it still fails the
+        rows stay and are published again later (a duplicate, which the collector ignores).
+        """
         ids = list(ids)
         if not ids:
             return 0
+        try:
+            return self._ack(ids)
+        except (sqlite3.Error, OSError) as exc:
+            if _disk_full(exc) and self._release_reserve():
+                self._checkpoint()
+                try:
+                    return self._ack(ids)
+                except (sqlite3.Error, OSError) as exc2:
+                    exc = exc2
+            log.warning("outbox %s: %d acknowledged samples cannot be deleted (%s); they are sent again later",
+                        self.path, len(ids), exc)
+            return 0
+
+    def _ack(self, ids: List[int]) -> int:
         removed = freed = 0
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -230,8 +426,7 @@ class Outbox:
                 freed += int(size)
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
-            self._reload_counts()
+            self._rollback()
             raise
         self._depth -= removed
         self._bytes -= freed

@@ -37,7 +37,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import ProtocolError
+from .. import limits
+from ..errors import AgentError, ProtocolError
 from .schemas import COMMANDS, DTYPES as _DTYPES, MAX_ACK_IDS, NAME as _NAME, SCHEMAS, UUID as _UUID
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "ack_payload",
     "parse_ack",
     "DEFAULT_MAX_BUNDLE_BYTES",
+    "max_bundle_message_bytes",
     "pack_bundle",
     "bundle_payload",
     "parse_bundle",
@@ -221,12 +223,12 @@ def prediction_payload(*, device: str, seq: int, label: str, confidence: float, 
 
 
 
-def _json_object(payload: bytes, schema: str, what: str) -> Dict[str, Any]:
-    """``payload`` as a JSON object whose ``schema`` is ``schema``; :class:`ProtocolError` with one line if not."""
-    try:
-        obj = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"{what} is not UTF-8 JSON ({exc.__class__.__name__}); see docs/protocol.md") from exc
+def _json_object(payload: bytes, schema: str, what: str, max_bytes: int) -> Dict[str, Any]:
+    """``payload`` as a JSON object whose ``schema`` is ``schema``; :class:`ProtocolError` with one line if not.
+
+    Its size and nesting depth are checked before ``json.loads`` sees it (limits.MAX_JSON_DEPTH).
+    """
+    obj = limits.loads(bytes(payload), what=what, max_bytes=max_bytes, error=ProtocolError)
     if not isinstance(obj, dict) or obj.get("schema") != schema:
         raise ProtocolError(f"{what} must be a JSON object with schema '{schema}'")
     return obj
@@ -234,13 +236,13 @@ def _json_object(payload: bytes, schema: str, what: str) -> Dict[str, Any]:
 
 def parse_cmd(payload: bytes) -> Dict[str, Any]:
     """Validate an ``edgekit.cmd/1`` message; raises :class:`ProtocolError` with one line."""
-    obj = _json_object(payload, "edgekit.cmd/1", "command")
+    obj = _json_object(payload, "edgekit.cmd/1", "command", limits.MAX_CMD_BYTES)
     if obj.get("cmd") not in COMMANDS:
         raise ProtocolError(f"command cmd={obj.get('cmd')!r} is unknown; expected one of {COMMANDS}")
     args = obj.get("args", {})
     if not isinstance(args, dict):
         raise ProtocolError("command args must be a JSON object")
-    return {"cmd": obj["cmd"], "args": args, "id": str(obj.get("id", ""))}
+    return {"cmd": obj["cmd"], "args": args, "id": str(obj.get("id", ""))[:128]}
 
 
 # ---------------------------------------------------------------------------
@@ -263,7 +265,7 @@ def parse_ack(payload: bytes) -> Tuple[list, list]:
     """
     if len(payload) > MAX_ACK_BYTES:
         raise ProtocolError(f"ack message is {len(payload)} bytes, over MAX_ACK_BYTES={MAX_ACK_BYTES}")
-    obj = _json_object(payload, "edgekit.ack/1", "ack message")
+    obj = _json_object(payload, "edgekit.ack/1", "ack message", MAX_ACK_BYTES)
     lists = []
     for key in ("stored", "quarantined"):
         ids = obj.get(key, [] if key == "quarantined" else None)
@@ -306,29 +308,26 @@ def pack_bundle(bundle_dir: Union[str, os.PathLike]) -> bytes:
     return gzip.compress(buf.getvalue(), mtime=0)
 
 
-def archive_manifest(archive: bytes) -> Dict[str, Any]:
-    """The manifest inside a bundle archive, after checking its model's sha256 (no file is written)."""
+def archive_manifest(archive: bytes, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> Dict[str, Any]:
+    """The manifest inside a bundle archive, after checking it as a board would: the archive rules
+    (docs/bundle.md), the manifest's limits and its model's sha256 (unpacked into a temporary directory)."""
+    import tempfile
+
+    from ..update.archive import remove_tree, unpack
+    from ..update.manifest import load_bundle
+
+    tmp = tempfile.mkdtemp(prefix="edgekit-check-")
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            manifests = [m for m in members if Path(m.name).name == "manifest.json"]
-            if len(manifests) != 1:
-                raise ProtocolError(f"bundle archive holds {len(manifests)} manifest.json files, expected exactly one")
-            manifest = json.loads(tar.extractfile(manifests[0]).read().decode("utf-8"))
-            model = manifest["model"]
-            model_name = str(Path(manifests[0].name).parent / str(model.get("file", "model.tflite")))
-            found = [m for m in members if m.name == model_name]
-            if not found:
-                raise ProtocolError(f"bundle archive has no {model_name}; pack the whole bundle directory")
-            actual = hashlib.sha256(tar.extractfile(found[0]).read()).hexdigest()
+        root = unpack(archive, tmp, what="bundle archive", max_total=8 * max_bytes)
+        load_bundle(root)
+        return limits.loads((root / "manifest.json").read_bytes(), what="manifest.json",
+                            max_bytes=limits.MAX_MANIFEST_BYTES, error=ProtocolError)
     except ProtocolError:
         raise
-    except (tarfile.TarError, OSError, EOFError, KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ProtocolError(f"bundle archive cannot be read ({exc.__class__.__name__}: {exc}); pack it again") from exc
-    if actual != model.get("sha256"):
-        raise ProtocolError(f"bundle archive's {model_name} sha256={actual[:12]}... does not match its manifest's "
-                            f"{str(model.get('sha256'))[:12]}...; the bundle is corrupt: convert or copy it again")
-    return manifest
+    except (AgentError, OSError) as exc:
+        raise ProtocolError(f"{exc}") from exc
+    finally:
+        remove_tree(tmp)
 
 
 def bundle_payload(source: Union[bytes, str, os.PathLike], *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
@@ -350,7 +349,7 @@ def bundle_payload(source: Union[bytes, str, os.PathLike], *, max_bytes: int = D
     if len(archive) > max_bytes:
         raise ProtocolError(f"bundle archive is {len(archive)} bytes, over max_bytes={max_bytes}; "
                             "use a smaller model or raise the limit on both sides ([update].max_bytes)")
-    manifest = archive_manifest(archive)
+    manifest = archive_manifest(archive, max_bytes)
     return {
         "schema": "edgekit.bundle/1",
         "name": str(manifest.get("name", "")),
@@ -364,16 +363,21 @@ def bundle_payload(source: Union[bytes, str, os.PathLike], *, max_bytes: int = D
     }
 
 
+def max_bundle_message_bytes(max_bytes: int) -> int:
+    """The largest ``bundle`` message for an archive of at most ``max_bytes``: base64 plus the JSON around it."""
+    return int(max_bytes) * 4 // 3 + 65536
+
+
 def parse_bundle(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -> Tuple[Dict[str, Any], bytes]:
     """Check an ``edgekit.bundle/1`` message: its fields (without ``archive``) and the archive's bytes.
 
     Checks the size limit before decoding and the archive's sha256 after; raises
     :class:`ProtocolError` with one line.
     """
-    if len(payload) > max_bytes * 4 // 3 + 65536:
+    if len(payload) > max_bundle_message_bytes(max_bytes):
         raise ProtocolError(f"bundle message is {len(payload)} bytes, too big for max_bytes={max_bytes}; "
                             "raise [update].max_bytes if the model really is that big")
-    obj = _json_object(payload, "edgekit.bundle/1", "bundle message")
+    obj = _json_object(payload, "edgekit.bundle/1", "bundle message", max_bundle_message_bytes(max_bytes))
     for key in ("name", "version", "sha256", "archive_sha256", "archive"):
         if not isinstance(obj.get(key), str):
             raise ProtocolError(f"bundle message field {key!r}={obj.get(key)!r} must be a string")

@@ -18,7 +18,9 @@ from typing import Union
 import numpy as np
 
 from ..errors import InputError
+from ..limits import MAX_IMAGE_PIXELS, MAX_INPUT_FILE_BYTES
 from ..update.manifest import Preprocessing
+from .npy import read_npy
 
 __all__ = ["IMAGE_SUFFIXES", "load_raw", "decode_image", "preprocess"]
 
@@ -33,10 +35,18 @@ def decode_image(data: Union[bytes, os.PathLike, str], color: str = "grayscale")
         raise InputError("decoding images needs Pillow; pip install pillow, or feed .npy arrays") from exc
     name = "<bytes>" if isinstance(data, bytes) else str(data)
     try:
+        if not isinstance(data, bytes) and os.path.getsize(data) > MAX_INPUT_FILE_BYTES:
+            raise InputError(f"{name} is {os.path.getsize(data)} bytes, over the limit of {MAX_INPUT_FILE_BYTES}")
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            w, h = img.size  # from the header: nothing is decoded yet
+            if w * h > MAX_IMAGE_PIXELS:
+                raise InputError(f"{name} is {w} x {h} pixels, over the limit of {MAX_IMAGE_PIXELS}; send a smaller "
+                                 "picture")
             img = img.convert("L" if color == "grayscale" else "RGB")
             arr = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
         raise InputError(f"{name} is not a readable image ({exc.__class__.__name__}); replace or remove the file") from exc
     return arr[..., None] if arr.ndim == 2 else arr
 
@@ -46,10 +56,7 @@ def load_raw(path: os.PathLike | str, color: str = "grayscale") -> np.ndarray:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as exc:
-            raise InputError(f"{path} is not a readable .npy file ({exc}); replace or remove the file") from exc
+        return read_npy(path, what=str(path))  # header checked before the data is read
     if suffix in IMAGE_SUFFIXES:
         return decode_image(path, color)
     raise InputError(f"{path} has suffix {suffix!r}; inputs must be .npy or one of {IMAGE_SUFFIXES}")

@@ -40,6 +40,8 @@ __all__ = ["Drift", "DriftMonitor", "monitor_for", "channel_means", "psi", "psi_
 
 DEFAULT_WINDOW = 500
 _FLOOR = 1e-4
+_MAX_CHANNELS = 4096  # the monitor keeps window x channels floats: a reference cannot make it allocate more
+_MAX_BINS = 1000
 
 
 def psi(live_counts: Sequence[float], ref_counts: Sequence[float]) -> float:
@@ -77,12 +79,14 @@ class Drift:
         return out
 
 
-def _floats(value: Any) -> Optional[np.ndarray]:
+def _floats(value: Any, limit: int) -> Optional[np.ndarray]:
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= limit:
+        return None
     try:
         arr = np.asarray(value, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return arr if arr.size and np.all(np.isfinite(arr)) else None
+    return arr if 0 < arr.size <= limit and np.all(np.isfinite(arr)) else None
 
 
 class DriftMonitor:
@@ -98,11 +102,11 @@ class DriftMonitor:
         ref = reference if isinstance(reference, Mapping) else {}
         inp = ref.get("input") if isinstance(ref.get("input"), Mapping) else {}
         conf = ref.get("confidence") if isinstance(ref.get("confidence"), Mapping) else {}
-        mean, std = _floats(inp.get("mean")), _floats(inp.get("std"))
+        mean, std = _floats(inp.get("mean"), _MAX_CHANNELS), _floats(inp.get("std"), _MAX_CHANNELS)
         if mean is None or std is None or mean.shape != std.shape or np.any(std <= 0):
             mean = std = None
         hist = conf.get("histogram") if isinstance(conf.get("histogram"), Mapping) else {}
-        edges, counts = _floats(hist.get("edges")), _floats(hist.get("counts"))
+        edges, counts = _floats(hist.get("edges"), _MAX_BINS + 1), _floats(hist.get("counts"), _MAX_BINS)
         if (edges is None or counts is None or edges.size != counts.size + 1 or counts.sum() <= 0
                 or np.any(np.diff(edges) <= 0)):
             edges = counts = None

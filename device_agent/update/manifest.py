@@ -14,15 +14,18 @@ import atexit
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
-import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
+from .. import limits
 from ..errors import BundleError
+from .archive import PLAIN_NAME, SIGNATURE_NAME, remove_tree, unpack
 
 __all__ = [
     "FORMAT",
@@ -33,7 +36,6 @@ __all__ = [
     "Manifest",
     "Bundle",
     "load_bundle",
-    "extract_archive",
     "sha256_file",
 ]
 
@@ -41,6 +43,14 @@ FORMAT = "edgekit-bundle/1"
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.tflite"
 _DTYPES = ("int8", "uint8", "int16", "int32", "float32", "float16")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_TEXT = 256  # name, version, one label
+_MAX_LABELS = 65536
+_MAX_UNPACKED = 1 << 30  # a configured .tar.gz (local, but still bounded)
+
+
+def _number(value: Any, what: str, **bounds: Any) -> float:
+    return limits.check_number(value, what=f"manifest field '{what}'", error=BundleError, **bounds)
 
 
 def sha256_file(path: os.PathLike | str, chunk: int = 1 << 20) -> str:
@@ -73,6 +83,10 @@ class TensorSpec:
             raise BundleError(f"tensor dtype={self.dtype!r} is not supported; expected one of {_DTYPES}")
         if any(int(d) <= 0 and i > 0 for i, d in enumerate(self.shape)):
             raise BundleError(f"tensor shape={list(self.shape)} has a non-positive dimension")
+        if not math.isfinite(self.scale) or self.scale < 0:
+            raise BundleError(f"tensor scale={self.scale} must be a finite number >= 0")
+        if not -(1 << 31) <= self.zero_point < (1 << 31):
+            raise BundleError(f"tensor zero_point={self.zero_point} is out of the int32 range")
 
     @property
     def quantized(self) -> bool:
@@ -80,12 +94,18 @@ class TensorSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "TensorSpec":
+        if not isinstance(data, Mapping):
+            raise BundleError(f"manifest field '{where.rstrip('.')}' must be an object")
+        zero_point = data.get("zero_point", 0)
+        if isinstance(zero_point, bool) or not isinstance(zero_point, int):
+            raise BundleError(f"manifest field '{where}zero_point'={zero_point!r} must be an integer")
         return cls(
-            name=str(data.get("name", "")),
-            shape=tuple(int(d) for d in _require(data, "shape", where)),
+            name=str(data.get("name", ""))[:_MAX_TEXT],
+            shape=limits.check_shape(_require(data, "shape", where), what=f"manifest field '{where}shape'",
+                                     error=BundleError, allow_batch=True),
             dtype=str(_require(data, "dtype", where)),
-            scale=float(data.get("scale", 0.0)),
-            zero_point=int(data.get("zero_point", 0)),
+            scale=_number(data.get("scale", 0.0), f"{where}scale", lo=0.0),
+            zero_point=zero_point,
         )
 
     def to_dict(self) -> dict:
@@ -126,13 +146,22 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessing":
+        if not isinstance(data, Mapping):
+            raise BundleError("manifest field 'preprocessing' must be an object")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise BundleError(f"manifest field 'preprocessing.{sorted(unknown)[0]}' is unknown; expected {sorted(known)}")
         kwargs = dict(data)
         if "shape" in kwargs:
-            kwargs["shape"] = tuple(int(d) for d in kwargs["shape"])
+            kwargs["shape"] = limits.check_shape(kwargs["shape"], what="manifest field 'preprocessing.shape'",
+                                                 error=BundleError)
+        for key in ("scale", "offset"):
+            if key in kwargs:
+                kwargs[key] = _number(kwargs[key], f"preprocessing.{key}", nonzero=key == "scale")
+        for key in ("kind", "color", "resize", "raw_dtype"):
+            if key in kwargs and not isinstance(kwargs[key], str):
+                raise BundleError(f"manifest field 'preprocessing.{key}'={kwargs[key]!r} must be a string")
         return cls(**kwargs)
 
     def to_dict(self) -> dict:
@@ -174,6 +203,19 @@ class Manifest:
             )
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise BundleError(f"manifest field 'confidence_threshold'={self.confidence_threshold} must be within [0, 1]")
+        if not 0.0 <= self.margin_threshold <= 1.0:
+            raise BundleError(f"manifest field 'margin_threshold'={self.margin_threshold} must be within [0, 1]")
+        if not PLAIN_NAME.match(self.model_file) or self.model_file in (MANIFEST_NAME, SIGNATURE_NAME):
+            raise BundleError(f"manifest field 'model.file'={self.model_file[:200]!r} must be a plain file name in the "
+                              "bundle directory (no '/', no '..'), like 'model.tflite'")
+        if not _SHA256.match(self.sha256):
+            raise BundleError(f"manifest field 'model.sha256'={self.sha256[:80]!r} is not a hex sha256")
+        for key in ("name", "version"):
+            if not 0 < len(getattr(self, key)) <= _MAX_TEXT:
+                raise BundleError(f"manifest field '{key}' must be 1-{_MAX_TEXT} characters")
+        if len(self.labels) > _MAX_LABELS or any(len(x) > _MAX_TEXT for x in self.labels):
+            raise BundleError(f"manifest field 'labels' must hold at most {_MAX_LABELS} labels of at most "
+                              f"{_MAX_TEXT} characters")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Manifest":
@@ -184,6 +226,15 @@ class Manifest:
             raise BundleError(f"manifest format={fmt!r} is not supported; this agent reads {FORMAT!r}")
         model = _require(data, "model", "")
         conf = data.get("confidence", {}) or {}
+        for what, value in (("model", model), ("confidence", conf)):
+            if not isinstance(value, Mapping):
+                raise BundleError(f"manifest field '{what}' must be an object")
+        labels = _require(data, "labels", "")
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, list):
+            raise BundleError("manifest field 'labels' must be a list of strings")
+        size_bytes = model.get("size_bytes", 0)
+        if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes < 0:
+            raise BundleError(f"manifest field 'model.size_bytes'={size_bytes!r} must be an integer >= 0")
         try:
             return cls(
                 format=fmt,
@@ -191,20 +242,21 @@ class Manifest:
                 version=str(_require(data, "version", "")),
                 sha256=str(_require(model, "sha256", "model.")),
                 model_file=str(model.get("file", MODEL_NAME)),
-                size_bytes=int(model.get("size_bytes", 0)),
-                labels=tuple(str(x) for x in _require(data, "labels", "")),
+                size_bytes=size_bytes,
+                labels=tuple(str(x) for x in labels),
                 input=TensorSpec.from_dict(_require(data, "input", ""), "input."),
                 output=TensorSpec.from_dict(_require(data, "output", ""), "output."),
                 output_activation=str(data.get("output_activation", "softmax")),
                 preprocessing=Preprocessing.from_dict(_require(data, "preprocessing", "")),
                 quantization=dict(data.get("quantization", {}) or {}),
-                confidence_threshold=float(conf.get("threshold", 0.5)),
-                margin_threshold=float(conf.get("margin_threshold", 0.0)),
+                confidence_threshold=_number(conf.get("threshold", 0.5), "confidence.threshold", lo=0.0, hi=1.0),
+                margin_threshold=_number(conf.get("margin_threshold", 0.0), "confidence.margin_threshold",
+                                         lo=0.0, hi=1.0),
                 metrics=dict(data.get("metrics", {}) or {}),
                 reference=dict(data.get("reference", {}) or {}),
                 created=str(data.get("created", "")),
             )
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise BundleError(f"manifest.json has a malformed value ({exc}); re-create the bundle with `edgekit convert`") from exc
 
     def to_dict(self) -> dict:
@@ -246,39 +298,14 @@ class Bundle:
         return self.path / self.manifest.model_file
 
 
-def extract_archive(tar: tarfile.TarFile, into: Path, *, name: str, max_total: Optional[int] = None) -> Path:
-    """Extract a bundle archive into ``into``; the folder that holds its one ``manifest.json``.
-
-    Refuses absolute or ``..`` paths, links and devices, and (with ``max_total``) archives that
-    unpack to more bytes than that. ``name`` says which archive in the messages.
-    """
-    total = 0
-    for member in tar.getmembers():
-        if member.name.startswith("/") or ".." in Path(member.name).parts:
-            raise BundleError(f"{name} holds an unsafe path {member.name!r}")
-        if not (member.isfile() or member.isdir()):
-            raise BundleError(f"{name} holds a link or device {member.name!r}")
-        total += member.size
-    if max_total is not None and total > max_total:
-        raise BundleError(f"{name} unpacks to {total} bytes, over the limit of {max_total}")
-    if hasattr(tarfile, "data_filter"):
-        tar.extractall(into, filter="data")
-    else:  # pragma: no cover - Python < 3.11.4
-        tar.extractall(into)
-    manifests = list(into.rglob(MANIFEST_NAME))
-    if len(manifests) != 1:
-        raise BundleError(f"{name} must hold exactly one {MANIFEST_NAME}, found {len(manifests)}")
-    return manifests[0].parent
-
-
 def _extract_archive(archive: Path) -> Path:
     target = Path(tempfile.mkdtemp(prefix="edgekit-bundle-"))
     # The interpreter reads the model from here for as long as the process runs; removed at exit.
-    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    atexit.register(remove_tree, target)
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            return extract_archive(tar, target, name=f"bundle archive {archive}")
-    except tarfile.TarError as exc:
+        with open(archive, "rb") as fh:
+            return unpack(fh, target, what=f"bundle archive {archive}", max_total=_MAX_UNPACKED)
+    except OSError as exc:
         raise BundleError(f"bundle archive {archive} cannot be read ({exc}); copy it again") from exc
 
 
@@ -299,12 +326,17 @@ def load_bundle(path: os.PathLike | str, verify: bool = True) -> Bundle:
     if not manifest_path.is_file():
         raise BundleError(f"bundle {path} has no {MANIFEST_NAME}; pass the directory `edgekit convert -o` wrote")
     try:
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); re-create the bundle with `edgekit convert`") from exc
+        with open(manifest_path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size > limits.MAX_MANIFEST_BYTES:
+                raise BundleError(f"{manifest_path} is {size} bytes, over the limit of {limits.MAX_MANIFEST_BYTES}")
+            raw = fh.read(limits.MAX_MANIFEST_BYTES + 1)  # never more than the limit, whatever the file says
+    except OSError as exc:
+        raise BundleError(f"{manifest_path} cannot be read ({exc}); copy the bundle again") from exc
+    data = limits.loads(raw, what=str(manifest_path), max_bytes=limits.MAX_MANIFEST_BYTES, error=BundleError)
     manifest = Manifest.from_dict(data)
     model_path = path / manifest.model_file
-    if not model_path.is_file():
+    if model_path.is_symlink() or not model_path.is_file():
         raise BundleError(f"bundle {path} has no {manifest.model_file}; copy the whole bundle directory")
     if verify:
         actual = sha256_file(model_path)

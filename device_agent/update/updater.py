@@ -2,42 +2,49 @@
 
 The host publishes the bundle the board should run as a retained
 ``edgekit.bundle/1`` message on ``.../<device>/bundle`` (``edgekit fleet
-push``). :meth:`Updater.offer` (called on the MQTT thread) only queues the
-message; a worker thread checks it (size, ``archive_sha256``; with a :class:`~.signature.Verifier`, the
-signature and release on the archive in memory, before anything is written), unpacks it into
-``<state dir>/bundles/<name>-<version>-<sha12>/``, runs :func:`load_bundle`
-(the model's sha256 is checked before an interpreter opens it), opens the
-model with the agent's ``open_model`` and runs the agent's ``check``. What
-comes out — a :class:`Staged` bundle ready to swap in, or a :class:`Failed`
-reason — waits on :attr:`Updater.ready` until the agent loop takes it between
-two inferences. The running model is never touched here.
+push``). :meth:`Updater.offer` (called on the MQTT thread) checks the message's
+size and keeps only the newest one; a worker thread then, in this order:
 
-``current_bundle-<device>.json`` in the state dir remembers the installed
-bundle (written atomically), so a restart runs it; :meth:`Updater.prune` keeps
-at most ``keep`` previous bundle directories.
+1. checks the message (size, JSON depth, base64, ``archive_sha256``);
+2. refuses at once an archive refused before (it crashed the agent, failed its trial run, broke a
+   limit): a retained message that comes back after a restart is not staged again; checks the archive's
+   rules on the stream (:func:`.archive.check`, nothing written), then, with a :class:`~.signature.Verifier`,
+   the signature and release on the archive in memory, before anything is written;
+3. streams the archive into ``<state dir>/bundles/.staging-*/`` (docs/bundle.md, "The .tar.gz":
+   manifest.json, the model and signature.json only, sizes checked before a byte is written) and
+   runs :func:`load_bundle` (manifest limits; the model's sha256 before an interpreter opens it);
+   a bundle whose manifest is the running one's is what already runs: nothing to do;
+4. moves it to ``bundles/<name>-<version>-<archive sha256[:16]>/`` (the cache is keyed by the archive);
+5. runs the model in a child process (:mod:`.sandbox`): a crash, a signal, a timeout or too much
+   memory refuses it;
+6. counts the attempt in the installed-bundle state (:mod:`.state`), then opens the model with the
+   agent's ``open_model`` and runs the agent's ``check``.
+
+What comes out — a :class:`Staged` bundle ready to swap in, or a :class:`Failed` reason — waits on
+:attr:`Updater.ready` until the agent loop takes it between two inferences. The running model is
+never touched here. Chores that may take long (removing stale staging directories at start-up,
+pruning old bundles after a swap) run on the same thread and can never fail an update.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import hashlib
 import logging
 import os
 import queue
 import re
-import shutil
-import tarfile
 import tempfile
 import threading
-import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..delivery import protocol
-from ..errors import AgentError, BundleError, ProtocolError
-from .manifest import MANIFEST_NAME, Bundle, extract_archive, load_bundle
+from ..errors import AgentError, BundleError, ConfigError, ProtocolError, SignatureError
+from .archive import check, remove_tree, unpack
+from .manifest import MANIFEST_NAME, Bundle, load_bundle
+from .sandbox import TrialTimeout
+from .state import Slot, StateFile, UpdateState
 
 if TYPE_CHECKING:  # pragma: no cover
     from .signature import Verifier
@@ -55,6 +62,7 @@ class Staged:
     bundle: Bundle
     model: Any  # TFLiteModel, opened on the same runtime and threads as the running one
     meta: Dict[str, Any] = field(default_factory=dict)
+    slot: Optional[Slot] = None
 
 
 @dataclass(frozen=True)
@@ -69,17 +77,18 @@ Result = Union[Staged, Failed]
 
 
 def _unpack(archive: bytes, into: Path, max_bytes: int) -> Path:
-    """Extract a bundle archive (no links, no absolute or ``..`` paths); the folder holding manifest.json."""
+    """Stream a bundle archive into ``into`` (see :mod:`.archive`); the folder holding manifest.json."""
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
-            return extract_archive(tar, into, name="bundle archive (pack it with `edgekit fleet push`)",
-                                   max_total=8 * max_bytes)
-    except OSError as exc:
-        if exc.errno:  # the disk, not the archive
-            raise BundleError(f"bundle cannot be unpacked into {into} ({exc}); check the disk space") from exc
-        raise BundleError(f"bundle archive is corrupt ({exc.__class__.__name__}: {exc}); push it again") from exc
-    except (tarfile.TarError, EOFError, zlib.error, ValueError) as exc:
-        raise BundleError(f"bundle archive is corrupt ({exc.__class__.__name__}: {exc}); push it again") from exc
+        return unpack(archive, into, what="bundle archive (pack it with `edgekit fleet push`)", max_total=8 * max_bytes)
+    except OSError as exc:  # the disk, not the archive
+        raise OSError(exc.errno, f"bundle cannot be unpacked into {into} ({exc.strerror}); check the disk space") from exc
+
+
+def manifest_digest(bundle_dir: Union[str, os.PathLike]) -> str:
+    """sha256 of a bundle's manifest.json bytes: two bundles with the same digest are the same model
+    with the same settings."""
+    with open(Path(bundle_dir) / MANIFEST_NAME, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
 
 
 class Updater:
@@ -90,114 +99,199 @@ class Updater:
         state_dir: Union[str, os.PathLike],
         *,
         device: str,
-        open_model: Callable[[Path], Any],
-        check: Callable[[Bundle, Any], None],
-        running_sha256: Callable[[], str],
+        open_model: Optional[Callable[[Path], Any]] = None,
+        check: Optional[Callable[[Bundle, Any], None]] = None,
+        running: Optional[Callable[[], Bundle]] = None,
+        trial: Optional[Callable[[Path, threading.Event], Any]] = None,
         max_bytes: int = protocol.DEFAULT_MAX_BUNDLE_BYTES,
         keep: int = 2,
+        max_attempts: int = 3,
         verifier: Optional["Verifier"] = None,
+        running_sha256: Optional[Callable[[], str]] = None,  # earlier API: unused (``running`` replaces it)
     ):
         self.state_dir = Path(state_dir)
         self.dir = self.state_dir / "bundles"
         self.pointer_path = self.state_dir / f"current_bundle-{device}.json"
+        self.states = StateFile(self.pointer_path)
         self.max_bytes = int(max_bytes)
         self.keep = int(keep)
+        self.max_attempts = int(max_attempts)
         self.ready: "queue.SimpleQueue[Result]" = queue.SimpleQueue()
         self._open_model = open_model
         self._check = check
-        self._running_sha256 = running_sha256
+        self._running = running
+        self._trial = trial
         self.verifier = verifier  # with trusted keys: signature and release checked before anything is unpacked
-        self._inbox: "queue.SimpleQueue[Optional[bytes]]" = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._payload: Optional[bytes] = None  # the newest bundle message not yet taken by the worker
+        self._chores: List[Callable[[], None]] = []
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self._cancel = threading.Event()
+        self._digests: Dict[str, str] = {}
+
+    @property
+    def state(self) -> UpdateState:
+        return self.states.state
 
     # -- MQTT thread --------------------------------------------------------
     def offer(self, topic: str, payload: bytes) -> None:
-        """A message on the bundle topic: queue it for the worker (an empty one clears, and changes nothing)."""
+        """A message on the bundle topic: keep it for the worker (only the newest waits; an empty one
+        clears the topic and changes nothing; an oversized one is refused here, unread)."""
         if not payload:
             log.info("the retained bundle on %s was cleared; the running model stays", topic)
             return
-        with self._lock:
+        limit = protocol.max_bundle_message_bytes(self.max_bytes)
+        if len(payload) > limit:
+            self.ready.put(Failed(f"bundle message is {len(payload)} bytes, too big for max_bytes={self.max_bytes}; "
+                                  "raise [update].max_bytes if the model really is that big"))
+            return
+        self._submit(payload=bytes(payload))
+
+    def start(self) -> None:
+        """Start the worker; its first chore removes staging directories a crash left behind."""
+        self._submit(chore=self._clean_stale)
+
+    def _submit(self, payload: Optional[bytes] = None, chore: Optional[Callable[[], None]] = None) -> None:
+        with self._cond:
             if self._closed:
                 return
-            self._inbox.put(bytes(payload))
+            if payload is not None:
+                self._payload = payload  # a newer desired state replaces one not yet started
+            if chore is not None:
+                self._chores.append(chore)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="edgekit-updater", daemon=True)
                 self._thread.start()
+            self._cond.notify()
 
     # -- worker thread ------------------------------------------------------
     def _work(self) -> None:
         while True:
-            payload = self._inbox.get()
-            while payload is not None and not self._inbox.empty():  # only the newest desired state matters
-                payload = self._inbox.get()  # None: closing
+            with self._cond:
+                while not self._closed and self._payload is None and not self._chores:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                chores, self._chores = self._chores, []
+                payload, self._payload = self._payload, None
+            for chore in chores:
+                try:
+                    chore()
+                except Exception:  # noqa: BLE001 - a chore (cleaning up) must never stop updates
+                    log.warning("update: a clean-up step failed; it is retried after the next update", exc_info=True)
             if payload is None:
-                return
+                continue
             try:
-                result = self.stage(payload)
-            except (AgentError, OSError) as exc:
-                result = Failed(f"{exc}")
-            except Exception as exc:  # noqa: BLE001 - one bad message must not end updates for good
-                log.exception("update: unexpected failure")
+                result = self._stage_guarded(payload)
+            except BaseException as exc:  # noqa: BLE001 - RecursionError, MemoryError, ...: never end the worker
+                log.warning("update: unexpected %s while staging: %s", exc.__class__.__name__, exc)
                 result = Failed(f"{exc.__class__.__name__}: {exc}")
             if result is not None:
                 self.ready.put(result)
 
-    def stage(self, payload: bytes) -> Optional[Result]:
-        """Check, unpack, verify and open one ``edgekit.bundle/1`` message; None when it is what already runs."""
-        meta, archive = protocol.parse_bundle(payload, max_bytes=self.max_bytes)
-        if meta["sha256"] == self._running_sha256():
-            log.info("bundle %s v%s (sha256 %s...) is what already runs; nothing to do",
-                     meta["name"], meta["version"], meta["sha256"][:12])
-            return None
+    def _stage_guarded(self, payload: bytes) -> Optional[Result]:
+        meta: Dict[str, Any] = {}
+        try:
+            return self.stage(payload, meta)
+        except (ConfigError, TrialTimeout, SignatureError, OSError) as exc:
+            # the board (its source, its load, its disk, the keys it trusts), not only the bundle: may pass next time
+            self._forget_try()
+            return Failed(f"{exc}", meta)
+        except AgentError as exc:
+            self._forget_try()
+            if meta.get("archive_sha256"):  # the archive's bytes were verified: they are what is refused
+                self._remember(meta, str(exc))
+            return Failed(f"{exc}", meta)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not end updates for good
+            self._forget_try()
+            log.warning("update: unexpected %s: %s", exc.__class__.__name__, exc, exc_info=True)
+            return Failed(f"{exc.__class__.__name__}: {exc}", meta)
+
+    def stage(self, payload: bytes, meta: Optional[Dict[str, Any]] = None) -> Optional[Result]:
+        """Check, unpack, verify, trial-run and open one ``edgekit.bundle/1`` message; None when it is what
+        already runs. ``meta`` (if given) receives the message's fields once they are verified."""
+        fields, archive = protocol.parse_bundle(payload, max_bytes=self.max_bytes)
+        meta = meta if meta is not None else {}
+        meta.update(fields)
+        archive_sha = fields["archive_sha256"]
+        what = f"bundle {fields['name'][:64]} v{fields['version'][:64]}"
+        refused = self.state.refusal(archive_sha)
+        if refused is not None:
+            meta.pop("archive_sha256", None)  # already remembered
+            raise BundleError(f"{what} (archive {archive_sha[:12]}...) was refused before ({refused.reason}); it is "
+                              "not staged again: push a fixed bundle")
+        check(archive, what="bundle archive (pack it with `edgekit fleet push`)", max_total=8 * self.max_bytes)
         signed = self.verifier.check_archive(archive, max_total=8 * self.max_bytes) if self.verifier else None
-        name = _UNSAFE.sub("_", f"{meta['name']}-{meta['version']}")[:80]
-        target = self.dir / f"{name}-{meta['sha256'][:12]}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        bundle = self._reuse(target, meta["sha256"])
+        target = self.dir / f"{_UNSAFE.sub('_', fields['name'] + '-' + fields['version'])[:80]}-{archive_sha[:16]}"
+        bundle = self._reuse(target, fields["sha256"])
         if bundle is not None and signed is not None and not self.verifier.matches(target, signed):
-            bundle = None  # the same model under another signed manifest (a re-signed rollback): unpack that
+            bundle = None  # the same archive name under another signed manifest: unpack that
         created = bundle is None
         if bundle is None:
             staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.dir))
             try:
                 root = _unpack(archive, staging, self.max_bytes)
+                bundle = load_bundle(root)  # limits, then the model's sha256 before any interpreter opens it
+                if bundle.manifest.sha256 != fields["sha256"]:
+                    raise ProtocolError(f"bundle message says sha256={fields['sha256'][:12]}... but its manifest says "
+                                        f"{bundle.manifest.sha256[:12]}...; push it again with `edgekit fleet push`")
+                if signed is not None:
+                    self.verifier.check_unpacked(root, signed)  # nothing slipped in between
+                if self._is_running(root):
+                    log.info("%s (sha256 %s...) is what already runs; nothing to do", what, fields["sha256"][:12])
+                    return None
                 if target.exists():
-                    shutil.rmtree(target)
+                    remove_tree(target)
                 os.replace(root, target)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            try:
-                bundle = load_bundle(target)  # sha256 checked before any interpreter opens it
-            except BundleError:
-                shutil.rmtree(target, ignore_errors=True)
-                raise
-        if signed is not None:
-            self.verifier.check_unpacked(target, signed)
-        if bundle.manifest.sha256 != meta["sha256"]:
-            shutil.rmtree(target, ignore_errors=True)
-            raise ProtocolError(f"bundle message says sha256={meta['sha256'][:12]}... but its manifest says "
-                                f"{bundle.manifest.sha256[:12]}...; push it again with `edgekit fleet push`")
+                remove_tree(staging)
+            bundle = load_bundle(target)
+        elif self._is_running(target):
+            log.info("%s (sha256 %s...) is what already runs; nothing to do", what, fields["sha256"][:12])
+            return None
         try:
+            if self._trial is not None:
+                result = self._trial(bundle.model_path, self._cancel)
+                log.info("%s: trial run in a child process passed (%.0f ms)", what, getattr(result, "ms", 0.0))
+            slot = Slot(path=str(target.resolve()), name=bundle.manifest.name, version=bundle.manifest.version,
+                        sha256=bundle.manifest.sha256, archive_sha256=archive_sha, installed=protocol.now())
+            tried = self.states_update(lambda s: s.trying(slot)).pending
+            if tried is not None and tried.attempts > self.max_attempts:
+                raise BundleError(f"{what} crashed or hung the agent {tried.attempts - 1} times while it was opened; "
+                                  "refused")
             model = self._open_model(bundle.model_path)
+            try:
+                self._check(bundle, model)
+            except BaseException:
+                model.close()
+                raise
         except BaseException:
             if created:
-                shutil.rmtree(target, ignore_errors=True)
+                remove_tree(target)
             raise
         try:
-            self._check(bundle, model)
-        except BaseException:
-            model.close()
-            if created:
-                shutil.rmtree(target, ignore_errors=True)
-            raise
-        os.utime(target)  # newest install first when pruning
-        return Staged(bundle=bundle, model=model, meta=meta)
+            os.utime(target)  # newest install first when pruning
+        except OSError:
+            pass
+        return Staged(bundle=bundle, model=model, meta=meta, slot=slot)
+
+    def _is_running(self, bundle_dir: Path) -> bool:
+        running = self._running() if self._running is not None else None
+        if running is None:
+            return False
+        key = str(Path(running.path).resolve())
+        if key not in self._digests:
+            try:
+                self._digests[key] = manifest_digest(running.path)
+            except OSError:
+                return False
+        return manifest_digest(bundle_dir) == self._digests[key]
 
     @staticmethod
     def _reuse(target: Path, sha256: str) -> Optional[Bundle]:
-        """A previously installed copy of the same model (a rollback), if it still verifies."""
+        """A previously installed copy of the same archive (a rollback), if it still verifies."""
         if not (target / MANIFEST_NAME).is_file():
             return None
         try:
@@ -206,74 +300,159 @@ class Updater:
             return None
         return bundle if bundle.manifest.sha256 == sha256 else None
 
-    # -- the installed bundle ----------------------------------------------
-    def save_pointer(self, bundle: Bundle) -> Path:
-        """Remember ``bundle`` as the one to run after a restart (atomic: a crash leaves the old or the new)."""
-        m = bundle.manifest
-        data = {"path": str(Path(bundle.path).resolve()), "name": m.name, "version": m.version, "sha256": m.sha256,
-                "installed": protocol.now()}
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.pointer_path.with_name(self.pointer_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.pointer_path)
-        return self.pointer_path
+    # -- the installed-bundle state (see .state) ----------------------------
+    def states_update(self, change: Callable[[UpdateState], UpdateState]) -> UpdateState:
+        """Change the state and write it; a write that fails (a full disk) is logged, the change kept in memory."""
+        try:
+            return self.states.update(change)
+        except OSError as exc:
+            log.warning("update state %s cannot be written (%s); it is kept in memory until the next write",
+                        self.pointer_path, exc)
+            return self.states.state
+
+    def _remember(self, meta: Dict[str, Any], reason: str) -> None:
+        self.states_update(lambda s: s.refuse(meta["archive_sha256"], meta.get("name", ""), meta.get("version", ""),
+                                              reason))
+
+    def _forget_try(self) -> None:
+        if self.state.pending is not None:
+            self.states_update(lambda s: s.done_trying())
+
+    def boot(self) -> Tuple[Optional[Bundle], Optional[str]]:
+        """At start-up: the bundle to run (None: the configured one), and a notice when it fell back.
+
+        An uncommitted bundle gets one more attempt, written to disk before anything opens it; past
+        ``max_attempts`` it is refused and the last good bundle runs (see :mod:`.state`).
+        """
+        before = self.state
+        state, notice = before.boot(self.max_attempts)
+        bundle = None
+        while state.current is not None:
+            cur = state.current
+            try:
+                bundle = load_bundle(cur.path)
+                if bundle.manifest.sha256 != cur.sha256:
+                    raise BundleError(f"its model sha256={bundle.manifest.sha256[:12]}... is not the installed "
+                                      f"{cur.sha256[:12]}...")
+                break
+            except (AgentError, OSError) as exc:
+                bundle = None
+                state, notice = state.fall_back(str(exc))
+        if state != before:
+            self.states_update(lambda s: state)  # the attempt is on disk before any interpreter opens the model
+        if notice:
+            log.warning("%s", notice)
+        if state.current is not None:
+            cur = state.current
+            log.info("running the bundle an update installed, %s (%s, %s); `edgekit-agent run --reset-bundle` goes "
+                     "back to the configured bundle", cur.label, cur.path,
+                     "committed" if cur.committed else f"attempt {cur.attempts} of {self.max_attempts}")
+        return bundle, notice
 
     def load_pointer(self) -> Optional[Bundle]:
-        """The bundle an earlier update installed, if there is one and it still loads and verifies."""
-        if not self.pointer_path.exists():
+        """The bundle an earlier update installed, if there is one and it still loads and verifies
+        (for ``edgekit-agent check``: counts no attempt)."""
+        cur = self.state.current
+        if cur is None:
             return None
         try:
-            data = json.loads(self.pointer_path.read_text(encoding="utf-8"))
-            bundle = load_bundle(data["path"])
-            if bundle.manifest.sha256 != data["sha256"]:
+            bundle = load_bundle(cur.path)
+            if bundle.manifest.sha256 != cur.sha256:
                 raise BundleError(f"its model sha256={bundle.manifest.sha256[:12]}... is not the installed "
-                                  f"{str(data['sha256'])[:12]}...")
+                                  f"{cur.sha256[:12]}...")
             return bundle
-        except (OSError, ValueError, KeyError, TypeError, BundleError) as exc:
+        except (AgentError, OSError) as exc:
             log.warning("installed bundle in %s cannot be used (%s); starting on the configured bundle",
                         self.pointer_path, exc)
             return None
 
-    def reset(self) -> bool:
-        """Forget the installed bundle: the next start runs the configured one. True if there was one."""
-        try:
-            self.pointer_path.unlink()
-            return True
-        except FileNotFoundError:
-            return False
+    def save_pointer(self, bundle: Bundle) -> Path:
+        """Make ``bundle`` (a directory) the one a restart runs, committed, as the single pointer of earlier agents did."""
+        m = bundle.manifest
+        slot = Slot(path=str(Path(bundle.path).resolve()), name=m.name, version=m.version, sha256=m.sha256,
+                    installed=protocol.now())
+        self.states.update(lambda s: s.install(slot).commit())
+        return self.pointer_path
 
-    def prune(self, running: Iterable[Union[str, os.PathLike]]) -> None:
-        """Delete bundle directories beyond the newest ``keep`` that are not ``running``, and stale staging."""
+    def installed(self, staged: Staged) -> None:
+        """``staged`` was swapped in: it runs after a restart too (uncommitted until :meth:`commit`)."""
+        slot = staged.slot or Slot(path=str(Path(staged.bundle.path).resolve()), name=staged.bundle.manifest.name,
+                                   version=staged.bundle.manifest.version, sha256=staged.bundle.manifest.sha256,
+                                   installed=protocol.now())
+        self.states_update(lambda s: s.install(slot))
+        state = self.state
+        keep = [p for p in (state.current, state.last_good) if p is not None]
+        self._submit(chore=lambda: self.prune(running=[p.path for p in keep]))
+
+    def commit(self) -> None:
+        """The running bundle ran well: it is what a restart runs without counting, and the next fallback."""
+        if self.state.current is not None and not self.state.current.committed:
+            self.states_update(lambda s: s.commit())
+            log.info("bundle %s ran well: committed", self.state.current.label)
+
+    def stopped(self) -> None:
+        """A clean stop: this run is not counted against an uncommitted bundle."""
+        if self.state.current is not None or self.state.pending is not None:
+            self.states_update(lambda s: s.stopped())
+
+    def reset(self) -> bool:
+        """Forget the installed bundle: the next start runs the configured one. True if there was one.
+        Archives refused before stay refused."""
+        had = self.state.current is not None
+        if had or self.pointer_path.exists():
+            try:
+                self.states.update(lambda s: s.reset())
+            except OSError as exc:
+                log.warning("update state %s cannot be written (%s)", self.pointer_path, exc)
+        return had
+
+    # -- chores (worker thread) ---------------------------------------------
+    def _clean_stale(self) -> None:
+        """At start-up: staging directories a crash or a kill left behind, and old bundles beyond ``keep``."""
         if not self.dir.is_dir():
             return
-        running_paths = {Path(p).resolve() for p in running}
-        old = []
-        for d in self.dir.iterdir():
-            if not d.is_dir():
-                continue
+        for d in list(self.dir.iterdir()):
             if d.name.startswith(".staging-"):
-                if time.time() - d.stat().st_mtime > 3600:
-                    shutil.rmtree(d, ignore_errors=True)
-                continue
-            if d.resolve() not in running_paths:
-                old.append(d)
-        old.sort(key=lambda d: d.stat().st_mtime, reverse=True)
-        for d in old[self.keep:]:
-            log.info("removing old bundle %s (keeping %d previous)", d, self.keep)
-            shutil.rmtree(d, ignore_errors=True)
+                log.info("removing %s, left by an update that did not finish", d)
+                remove_tree(d)
+        state = self.state
+        self.prune(running=[p.path for p in (state.current, state.last_good, state.pending) if p is not None])
+
+    def prune(self, running: Iterable[Union[str, os.PathLike]]) -> None:
+        """Delete bundle directories beyond the newest ``keep`` that are not ``running``; never raises."""
+        try:
+            if not self.dir.is_dir():
+                return
+            running_paths = {Path(p).resolve() for p in running}
+            old = []
+            for d in self.dir.iterdir():
+                try:
+                    if d.name.startswith(".staging-") or d.is_symlink() or not d.is_dir():
+                        continue
+                    if d.resolve() not in running_paths:
+                        old.append((d.stat().st_mtime, d))
+                except OSError:
+                    continue
+            old.sort(key=lambda item: item[0], reverse=True)
+            for _, d in old[self.keep:]:
+                log.info("removing old bundle %s (keeping %d previous)", d, self.keep)
+                if not remove_tree(d):
+                    log.warning("old bundle %s could not be removed entirely; the next update tries again", d)
+        except Exception as exc:  # noqa: BLE001 - pruning can never fail an update
+            log.warning("pruning %s failed (%s: %s); the next update tries again", self.dir,
+                        exc.__class__.__name__, exc)
 
     def close(self) -> None:
-        """Stop the worker; a staged model nobody took is closed."""
-        with self._lock:
+        """Stop the worker (a trial run in progress is cancelled); a staged model nobody took is closed."""
+        self._cancel.set()
+        with self._cond:
             self._closed = True
             thread = self._thread
-            self._inbox.put(None)
+            self._cond.notify_all()
         if thread is not None:
             thread.join(10)
         while not self.ready.empty():
             item = self.ready.get_nowait()
             if isinstance(item, Staged):
                 item.model.close()
+

@@ -15,7 +15,8 @@ from typing import List, Optional
 
 from .. import __version__
 
-_COMMANDS = ("convert", "distill", "evaluate", "collect", "samples", "retrain", "fleet", "broker_config", "keys", "sign", "demo")
+_COMMANDS = ("convert", "distill", "evaluate", "collect", "samples", "label", "retrain", "fleet", "broker_config", "keys",
+             "sign", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

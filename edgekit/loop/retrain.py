@@ -99,10 +99,10 @@ def load_feedback(store_url: str, labels: Sequence[str], preprocessing: Any) -> 
     """
     from device_agent.inference.preprocess import preprocess
 
-    from .store import open_store
+    from .store import INVALID_LABEL, open_store
 
     with open_store(store_url) as store:
-        records = store.list_samples(labeled=True)
+        records = [r for r in store.list_samples(labeled=True) if r.label != INVALID_LABEL]  # "none of these": no class
     if not records:
         raise DataError(f"store {store_url} has no labeled samples; label some with `edgekit samples label` first")
     index = {name: i for i, name in enumerate(labels)}

@@ -6,6 +6,8 @@
   subfolder per class (``keras.utils.image_dataset_from_directory``) and a
   ``provenance.csv``. Both are written to a temporary sibling then renamed.
 * :func:`import_labels_csv` labels many samples from an ``id,label`` CSV.
+* Samples labelled :data:`~edgekit.loop.store.INVALID_LABEL` ("none of these / not a valid
+  input") are a decision, not a class: exports leave them out.
 * :func:`render_ascii` / :func:`save_image` show a sample that is an image.
 """
 
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import DataError, OutputExistsError, StoreError
-from .store import SampleRecord, Store
+from .store import INVALID_LABEL, SampleRecord, Store
 
 __all__ = ["export", "import_labels_csv", "class_order", "render_ascii", "save_image", "PROVENANCE_FIELDS"]
 
@@ -30,8 +32,9 @@ PROVENANCE_FIELDS = ("sample_id", "device", "model_version", "confidence", "reas
 
 def class_order(records: Sequence[SampleRecord], labels: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
     """The class names, in index order: ``labels`` if given, else the model's own order
-    (read from the stored top-k), else sorted. Every human label must be among them."""
-    used = sorted({r.label for r in records if r.label is not None})
+    (read from the stored top-k), else sorted. Every human label must be among them
+    (:data:`INVALID_LABEL` is not a class and is ignored)."""
+    used = sorted({r.label for r in records if r.label is not None and r.label != INVALID_LABEL})
     if labels is not None:
         order = tuple(str(v) for v in labels)
         if len(set(order)) != len(order):
@@ -70,9 +73,11 @@ def export(
     labeled_only: bool = True,
     seed: int = 0,
     force: bool = False,
+    records: Optional[Sequence[SampleRecord]] = None,
     **filters: object,
 ) -> Path:
-    """Write the samples (filtered like :meth:`Store.list_samples`) as a data set; returns the path.
+    """Write the samples (filtered like :meth:`Store.list_samples`, or ``records`` when given, e.g. in an
+    order with a limit) as a data set; returns the path. Samples labelled "none of these" are left out.
 
     Unlabeled samples (``labeled_only=False``, npz only) get ``y = -1``. ``test_fraction`` defaults to
     0.2 for npz (so ``edgekit convert --data`` takes the file as it is: it needs both splits) and to 0 for
@@ -89,7 +94,9 @@ def export(
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
     if not out.parent.is_dir():
         raise DataError(f"directory {out.parent} does not exist; create it first")
-    records = store.list_samples(labeled=True if labeled_only else None, **filters)  # type: ignore[arg-type]
+    if records is None:
+        records = store.list_samples(labeled=True if labeled_only else None, **filters)  # type: ignore[arg-type]
+    records = [r for r in records if r.label != INVALID_LABEL and (r.label is not None or not labeled_only)]
     if not records:
         raise DataError(f"no {'labeled ' if labeled_only else ''}samples match in {store.url}; "
                         "label some with `edgekit samples label`")

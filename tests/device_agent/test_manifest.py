@@ -66,7 +66,7 @@ def test_an_archive_with_an_unsafe_path_is_refused(tmp_path):
         (lambda d: d.update(format="edgekit-bundle/99"), "format='edgekit-bundle/99' is not supported"),
         (lambda d: d["preprocessing"].update(color="cmyk"), "preprocessing.color='cmyk'"),
         (lambda d: d["input"].update(dtype="complex64"), "dtype='complex64' is not supported"),
-        (lambda d: d["confidence"].update(threshold=1.5), "'confidence_threshold'=1.5 must be within [0, 1]"),
+        (lambda d: d["confidence"].update(threshold=1.5), "'confidence.threshold'=1.5 must be within [0, 1]"),
     ],
 )
 def test_a_bad_manifest_names_the_field(tmp_path, change, words):

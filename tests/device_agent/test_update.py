@@ -123,9 +123,11 @@ def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory
     telemetry = sub.messages("telemetry")
     assert telemetry[-1]["model"] == v2.model_ref
 
-    pointer = json.loads((tmp_path / "current_bundle-dev1.json").read_text())
+    pointer = json.loads((tmp_path / "current_bundle-dev1.json").read_text())["current"]
     assert pointer["sha256"] == v2.sha256 and Path(pointer["path"]).parent == tmp_path / "bundles"
-    assert [p.name for p in (tmp_path / "bundles").iterdir()] == [f"digits-2-{v2.sha256[:12]}"]
+    archive_sha = protocol.bundle_payload(V2)["archive_sha256"]
+    assert pointer["archive_sha256"] == archive_sha and pointer["committed"]  # it ran well: 20+ inferences
+    assert [p.name for p in (tmp_path / "bundles").iterdir()] == [f"digits-2-{archive_sha[:16]}"]
 
     # A restart runs v2 at once; the retained v2 message it receives again is what runs: nothing to do.
     restarted = make_config(broker.url, results={"path": str(tmp_path / "restart.jsonl")})
@@ -140,7 +142,8 @@ def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory
              "--device-id", "dev1", "--fleet", "test", "--broker", ""]
     capsys.readouterr()
     assert cli.main(["check", *where]) == 0
-    assert "ok   update: digits v2 from " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ok   update: digits v2 from " in out and "(committed;" in out
 
     # --reset-bundle goes back to the configured bundle (offline here, so the retained v2 does not return).
     rc = cli.main(["run", "--reset-bundle", "--bundle", str(BUNDLE), "--source", str(tmp_path / "five.npy"),
@@ -148,7 +151,7 @@ def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory
                    "--broker", "", "--results", str(tmp_path / "reset.jsonl")])
     assert rc == 0
     assert [r["model_version"] for r in results(tmp_path / "reset.jsonl")] == ["1"] * 5
-    assert not (tmp_path / "current_bundle-dev1.json").exists()
+    assert json.loads((tmp_path / "current_bundle-dev1.json").read_text())["current"] is None
 
 
 def _bad_model_bundle(tmp_path: Path) -> Path:
@@ -175,7 +178,7 @@ def test_a_bad_update_leaves_the_old_model_running_and_says_why(broker, sub_fact
         ("archive sha256", dict(good, archive_sha256="0" * 64)),
         ("corrupt", dict(good, archive=base64.b64encode(garbage).decode(), size=len(garbage),
                          archive_sha256=hashlib.sha256(garbage).hexdigest())),
-        ("not a valid TFLite model", protocol.bundle_payload(_bad_model_bundle(tmp_path))),
+        ("failed its trial run", protocol.bundle_payload(_bad_model_bundle(tmp_path))),
         ("not UTF-8 JSON", None),
     ]
     run = Running(config, endless(x))
@@ -195,7 +198,11 @@ def test_a_bad_update_leaves_the_old_model_running_and_says_why(broker, sub_fact
     for m in sub.messages():
         validate(m)
         assert m["model"] == v1.model_ref
-    assert not (tmp_path / "current_bundle-dev1.json").exists()
+    state = json.loads((tmp_path / "current_bundle-dev1.json").read_text())
+    assert state["current"] is None
+    # the two whose archive arrived intact are remembered (by archive sha256) and never staged again
+    assert [r["archive_sha256"] for r in state["refused"]] == [cases[1][1]["archive_sha256"],
+                                                              cases[2][1]["archive_sha256"]]
     assert not any((tmp_path / "bundles").iterdir()) if (tmp_path / "bundles").exists() else True
 
 
@@ -243,15 +250,16 @@ def test_rolling_back_is_pushing_the_old_bundle_again(broker, make_config, digit
     versions = [r["model_version"] for r in results(out)]
     changes = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
     assert changes == ["1", "2", "1", "2"]
+    archives = {b: protocol.bundle_payload(b)["archive_sha256"] for b in (BUNDLE, V2)}
     assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == [
-        f"digits-1-{v1.sha256[:12]}", f"digits-2-{v2.sha256[:12]}"]
-    assert json.loads((tmp_path / "current_bundle-dev1.json").read_text())["sha256"] == v2.sha256
+        f"digits-1-{archives[BUNDLE][:16]}", f"digits-2-{archives[V2][:16]}"]
+    assert json.loads((tmp_path / "current_bundle-dev1.json").read_text())["current"]["sha256"] == v2.sha256
 
 
 def test_prune_keeps_the_running_bundle_and_the_newest_previous_ones(tmp_path):
     from device_agent.update.updater import Updater
 
-    updater = Updater(tmp_path, device="d", open_model=None, check=None, running_sha256=lambda: "", keep=2)
+    updater = Updater(tmp_path, device="d", keep=2)
     for i, name in enumerate(["a", "b", "c", "d", "running"]):
         (tmp_path / "bundles" / name).mkdir(parents=True)
         os.utime(tmp_path / "bundles" / name, (1000 + i, 1000 + i))

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from ...errors import StoreError
 from .base import QUARANTINE_KEEP_BYTES, Store
+from .labeling import INVALID_LABEL, LabelEvent
 from .records import DeviceRecord, SampleRecord
 
-__all__ = ["open_store", "Store", "SampleRecord", "DeviceRecord", "QUARANTINE_KEEP_BYTES", "DEFAULT_STORE"]
+__all__ = ["open_store", "Store", "SampleRecord", "DeviceRecord", "LabelEvent", "INVALID_LABEL",
+           "QUARANTINE_KEEP_BYTES", "DEFAULT_STORE"]
 
 DEFAULT_STORE = "sqlite:///edgekit-samples.db"
 

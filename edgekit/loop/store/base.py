@@ -16,6 +16,7 @@ import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 from ...errors import StoreError
+from .labeling import LabelingMixin
 from .records import DeviceRecord, SampleRecord, loads
 
 __all__ = ["Store", "QUARANTINE_KEEP_BYTES"]
@@ -28,12 +29,12 @@ QUARANTINE_KEEP_BYTES = 64 * 1024
 _SAMPLE_COLS = (
     "sample_id, device, fleet, seq, ts, received_at, model_name, model_version, model_sha256, label_pred, "
     "pred_index, confidence, margin, entropy, reasons, top_k, source, input_dtype, input_shape, input_data, "
-    "label, labeled_by, labeled_at"
+    "label, labeled_by, labeled_at, label_version"
 )
 _INSERT_COLS = _SAMPLE_COLS.split(", label, labeled_by")[0]
 
 
-class Store:
+class Store(LabelingMixin):
     """Samples, device telemetry and status, and quarantined payloads.
 
     Thread-safe: one lock serialises every call, so the collector's writer
@@ -202,8 +203,9 @@ class Store:
     def set_label(self, sample_id: str, label: str, by: str = "cli") -> None:
         self.set_labels({sample_id: label}, by=by)
 
-    def set_labels(self, mapping: Mapping[str, str], by: str = "cli") -> int:
-        """Label many samples in one transaction; unknown ids fail the whole call."""
+    def set_labels(self, mapping: Mapping[str, str], by: str = "cli", action: str = "label") -> int:
+        """Label many samples in one transaction; unknown ids fail the whole call.
+        Each change is kept in the label history (with the label it replaced)."""
         items = [(str(k), str(v)) for k, v in mapping.items()]
         for sid, label in items:
             if not label.strip():
@@ -212,11 +214,8 @@ class Store:
             missing = [sid for sid, _ in items if self._exec("SELECT 1 FROM samples WHERE sample_id = ?", (sid,)).fetchone() is None]
             if missing:
                 raise StoreError(f"{len(missing)} sample id(s) not in the store, e.g. {missing[:3]}; check `edgekit samples list`")
-            now = time.time()
             with self.batch():
-                for sid, label in items:
-                    self._exec("UPDATE samples SET label = ?, labeled_by = ?, labeled_at = ? WHERE sample_id = ?",
-                               (label, by, now, sid))
+                self._write_labels(items, by, action)
         return len(items)
 
     # -- reads -----------------------------------------------------------
@@ -230,6 +229,7 @@ class Store:
         labeled: Optional[bool] = None,
         limit: Optional[int] = None,
         fleet: Optional[str] = None,
+        since: Optional[float] = None,
     ) -> List[SampleRecord]:
         where, params = [], []
         for col, val in (("device", device), ("model_version", model_version), ("fleet", fleet)):
@@ -247,6 +247,9 @@ class Store:
             params.append(float(min_confidence))
         if labeled is not None:
             where.append("label IS NOT NULL" if labeled else "label IS NULL")
+        if since is not None:
+            where.append("received_at >= ?")
+            params.append(float(since))
         query = f"SELECT {_SAMPLE_COLS} FROM samples"
         if where:
             query += " WHERE " + " AND ".join(where)
@@ -345,5 +348,5 @@ def _sample(r: Sequence[Any]) -> SampleRecord:
         confidence=float(r[11]), margin=float(r[12]), entropy=float(r[13]), reasons=tuple(loads(r[14], [])),
         top_k=tuple(loads(r[15], [])), source=loads(r[16], {}), input_dtype=r[17],
         input_shape=tuple(loads(r[18], [])), input_data=bytes(r[19]), label=r[20], labeled_by=r[21],
-        labeled_at=r[22],
+        labeled_at=r[22], label_version=int(r[23] or 0),
     )

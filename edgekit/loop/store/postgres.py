@@ -10,6 +10,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ...errors import StoreError
 from .base import Store
+from .labeling import migrate
 
 __all__ = ["PostgresStore"]
 
@@ -81,6 +82,7 @@ class PostgresStore(Store):
             if create:
                 for stmt in filter(str.strip, DDL.split(";")):
                     conn.execute(stmt)
+                migrate(conn, "postgres")
             conn.commit()
             return conn
         except psycopg.Error as exc:

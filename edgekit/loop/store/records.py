@@ -38,6 +38,7 @@ class SampleRecord:
     label: Optional[str] = None
     labeled_by: Optional[str] = None
     labeled_at: Optional[float] = None
+    label_version: int = 0  # bumped by every change of the label (see store.labeling)
 
     def array(self) -> np.ndarray:
         """The input exactly as the board sent it (dtype and shape kept)."""
@@ -64,6 +65,7 @@ class SampleRecord:
             "label": self.label,
             "labeled_by": self.labeled_by,
             "labeled_at": self.labeled_at,
+            "label_version": self.label_version,
         }
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ...errors import StoreError
 from .base import Store
+from .labeling import migrate
 
 __all__ = ["SQLiteStore"]
 
@@ -51,6 +52,7 @@ class SQLiteStore(Store):
             # (only a power cut can lose the last transactions).
             self._conn.execute("PRAGMA synchronous=NORMAL")
             self._conn.executescript(DDL)
+            migrate(self._conn, "sqlite")
             self._conn.commit()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc

@@ -1,0 +1,117 @@
+"""A full disk: the agent runs its outbox and result lines on a 2 MiB filesystem made for the test.
+
+A tmpfs of 2 MiB is mounted for the test (the tests run as root; CI too). The broker is down while the
+disk fills, so every flagged sample stays in the outbox: the oldest are dropped to make room, counted
+exactly, the agent keeps classifying, a restart on the full disk starts and runs, and when the broker
+comes back the outbox drains and the disk has room again: nothing more is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from device_agent.sources import Source
+
+from broker import Mosquitto
+from conftest import Acker, wait_for
+from test_update import Running
+
+FLAG_ALL = {"random_fraction": 1.0, "dedupe": False}
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs), unmounted after the test."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot mount a 2 MiB tmpfs for the full-disk test ({proc.stderr.strip()}); run the tests as "
+                    "root (CI does)")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+class Forever(Source):
+    """Real digits, over and over, as fast as the agent takes them."""
+
+    finite = False
+
+    def __init__(self, x):
+        self.x = x
+
+    def items(self, stop):
+        for i in itertools.count():
+            if stop.is_set():
+                return
+            yield {"uri": "forever", "index": i}, self.x[i % len(self.x)]
+
+
+def free(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+@pytest.mark.slow
+def test_a_full_disk_drops_the_oldest_samples_counted_and_recovers_by_itself(small_disk, make_config, digits,
+                                                                           tmp_path):
+    x, _ = digits
+    broker = Mosquitto(tmp_path / "broker")  # not started yet: the broker is down while the disk fills
+    config = make_config(broker.url, policy=FLAG_ALL,
+                         outbox={"path": str(small_disk / "outbox.sqlite"), "drain_timeout_s": 0.5},
+                         results={"path": str(small_disk / "results.jsonl")})
+
+    run = Running(config, Forever(x))
+    agent = run.agent
+    try:
+        assert wait_for(lambda: agent.outbox.dropped > 0, 120), "the disk never filled"
+        assert agent.outbox.max_bytes > 8 * shutil.disk_usage(small_disk).total  # the disk, not the byte cap
+        n = agent.stats.inferences
+        assert wait_for(lambda: agent.stats.inferences >= n + 2000, 120), "classifying stopped on a full disk"
+        assert run.thread.is_alive()
+    finally:
+        first = run.finish()
+    assert first.published == 0 and first.flagged == first.inferences
+    assert first.flagged == first.pending + first.dropped  # every flagged sample stored or counted as dropped
+    assert first.dropped > 0
+    assert set(first.errors) <= {"results"}  # result lines that found no room are counted, nothing else failed
+
+    # A restart while the disk is still full: it starts, classifies and counts (the issue: died 17 s in).
+    run = Running(config, Forever(x))
+    agent = run.agent
+    try:
+        start_dropped = agent.outbox.dropped
+        assert wait_for(lambda: agent.outbox.dropped > start_dropped + 100, 120)
+        assert run.thread.is_alive()
+
+        # The broker comes back, and a collector acknowledging what it stores: the outbox drains and the
+        # disk has room again; nothing more is dropped.
+        broker.start()
+        acker = Acker(broker.port).start()
+        assert wait_for(lambda: agent.publisher.published > 200, 60), "nothing was published"
+        assert wait_for(lambda: agent.outbox.depth < 50, 60), f"the outbox did not drain ({agent.outbox.depth})"
+        settled = agent.outbox.dropped
+        n = agent.stats.flagged
+        assert wait_for(lambda: agent.stats.flagged >= n + 1000, 120)
+        assert agent.outbox.dropped == settled, "samples were still dropped with room on the disk"
+        assert wait_for(lambda: agent.outbox.reserve_path.exists(), 30), "the reserve was not taken back"
+        lines = small_disk / "results.jsonl"
+        size = lines.stat().st_size
+        assert wait_for(lambda: lines.stat().st_size > size + 10_000, 30), "result lines were not written again"
+    finally:
+        second = run.finish()
+        if "acker" in locals():
+            acker.stop()
+        broker.stop()
+    # every sample is accounted for: the ones run 1 left, plus the new ones, were published, stayed or were dropped
+    assert first.pending + second.flagged == second.published + second.pending + second.dropped
+    assert set(second.errors) <= {"results"}

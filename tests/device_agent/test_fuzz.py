@@ -1,0 +1,127 @@
+"""Fuzzing what comes off the network: the bundle, cmd and sensor parsers (hypothesis, bounded).
+
+Each parser must either return a well-formed value or raise the package's own error with one line
+(``ProtocolError``, ``BundleError``, ``InputError``): never another exception (a RecursionError, a
+MemoryError, a KeyError), never an allocation past the limits, never a file outside its directory.
+
+``EDGEKIT_FUZZ_EXAMPLES`` sets the examples per test (default 300, what CI runs); run with
+``--hypothesis-show-statistics`` to see how many each one tried, e.g.::
+
+    EDGEKIT_FUZZ_EXAMPLES=5000 .venv-device/bin/python -m pytest tests/device_agent/test_fuzz.py \\
+        --hypothesis-show-statistics
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from device_agent import limits
+from device_agent.config import PolicyConfig
+from device_agent.delivery import protocol
+from device_agent.errors import BundleError, InputError, ProtocolError
+from device_agent.inference.preprocess import preprocess
+from device_agent.sampling.policy import Policy
+from device_agent.sources import decode_reading
+from device_agent.update.archive import unpack
+from device_agent.update.manifest import Manifest, load_bundle
+
+from fuzzing import BUNDLE_VALUES, CMD_VALUES, DIGITS, MANIFEST, MANIFEST_EDITS, SENSOR_VALUES, edited, nested
+
+FUZZ = settings(max_examples=int(os.environ.get("EDGEKIT_FUZZ_EXAMPLES", "300")), deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(CMD_VALUES)
+def test_fuzz_cmd(payload):
+    policy = Policy(PolicyConfig(), confidence_threshold=0.5, margin_threshold=0.1, seen=lambda d: False)
+    try:
+        cmd = protocol.parse_cmd(payload)
+    except ProtocolError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert cmd["cmd"] in protocol.COMMANDS and isinstance(cmd["args"], dict)
+    assert limits.json_depth(payload) <= limits.MAX_JSON_DEPTH and len(payload) <= limits.MAX_CMD_BYTES
+    if cmd["cmd"] == "set_thresholds":  # what the agent does with it (it turns these into ProtocolError)
+        try:
+            policy.set_thresholds(cmd["args"].get("confidence"), cmd["args"].get("margin"))
+        except (TypeError, ValueError):
+            return
+        assert 0 <= policy.confidence_threshold <= 1 and 0 <= policy.margin_threshold <= 1
+
+
+@FUZZ
+@given(SENSOR_VALUES, st.booleans())
+def test_fuzz_sensor(payload, exact):
+    try:
+        x = decode_reading(payload, DIGITS.raw_dtype, DIGITS.shape, exact)
+    except InputError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert isinstance(x, np.ndarray) and x.size <= limits.MAX_ELEMENTS
+    try:
+        out = preprocess(x, DIGITS)
+    except InputError:
+        return
+    assert out.shape[:2] == tuple(DIGITS.shape[:2]) and np.all(np.isfinite(out))
+
+
+def stage_without_interpreter(payload: bytes, into: Path):
+    """What Updater.stage does before any interpreter: message checks, archive, manifest, model sha256."""
+    meta, archive = protocol.parse_bundle(payload, max_bytes=1 << 20)
+    root = unpack(archive, into, what="bundle archive", max_total=8 << 20)
+    return load_bundle(root)
+
+
+@FUZZ
+@given(BUNDLE_VALUES)
+def test_fuzz_bundle(payload):
+    with tempfile.TemporaryDirectory() as tmp:
+        into = Path(tmp) / "staging"
+        into.mkdir()
+        try:
+            bundle = stage_without_interpreter(payload, into)
+        except (ProtocolError, BundleError) as exc:
+            assert "\n" not in str(exc)
+        else:
+            assert bundle.manifest.sha256 == hashlib.sha256(bundle.model_path.read_bytes()).hexdigest()
+        written = [p for p in Path(tmp).rglob("*")]
+        assert all(p.is_relative_to(into) for p in written)  # nothing outside the staging directory
+        assert all(not p.is_symlink() and len(p.relative_to(into).parts) <= 2 for p in written)
+        assert len([p for p in written if p.is_file()]) <= 3
+
+
+@FUZZ
+@given(MANIFEST_EDITS)
+def test_fuzz_manifest(edits):
+    manifest = edited(edits)
+    try:
+        m = Manifest.from_dict(manifest)
+    except BundleError as exc:
+        assert "\n" not in str(exc)
+        return
+    # what was accepted is within every limit the agent relies on
+    assert 0 <= m.confidence_threshold <= 1 and 0 <= m.margin_threshold <= 1
+    assert np.prod([d for d in m.preprocessing.shape if d > 0] or [1]) <= limits.MAX_ELEMENTS
+    assert np.isfinite(m.preprocessing.scale) and m.preprocessing.scale != 0
+    assert "/" not in m.model_file and m.model_file not in ("..", ".")
+
+
+def test_json_depth_agrees_with_the_json_module():
+    """The cheap bracket scan measures what json.loads would recurse into (strings do not count)."""
+    samples = [b"{}", b"[]", b"[[[]]]", b'{"a": "[[[[[[", "b": [1, [2, {"c": "]]]"}]]}', b'"\\\\"', b'["\\"[[["]',
+               json.dumps(MANIFEST).encode(), json.dumps(nested(40)).encode()]
+    for s in samples:
+        def depth(v):
+            return 1 + max([depth(x) for x in (v.values() if isinstance(v, dict) else v)] or [0]) \
+                if isinstance(v, (dict, list)) else 0
+        assert limits.json_depth(s) == depth(json.loads(s)), s
