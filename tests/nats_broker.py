@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from broker import port_open
+from broker import listening
 
 
 def free_ports(n: int) -> List[int]:
@@ -39,13 +39,14 @@ class NatsServer:
     """``nats-server -c <conf>``: a client port, an MQTT port, JetStream in ``workdir``; optionally clustered."""
 
     def __init__(self, workdir: Path, name: str = "n1", cluster_port: Optional[int] = None,
-                 routes: Optional[List[int]] = None, extra_mqtt: str = ""):
+                 routes: Optional[List[int]] = None, extra_mqtt: str = "", extra_conf: str = ""):
         if shutil.which("nats-server") is None:
             raise RuntimeError("nats-server is not installed; apt-get install nats-server (.ci/run does it)")
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self._cluster_port, self._routes, self._extra_mqtt = cluster_port, routes, extra_mqtt
+        self._extra_conf = extra_conf  # more top-level configuration (e.g. an authorization block)
         self.configure()
         self.proc: Optional[subprocess.Popen] = None
 
@@ -53,6 +54,7 @@ class NatsServer:
         """Write the config, on new free ports (client, MQTT) unless given."""
         self.port, self.mqtt_port = ports or free_ports(2)
         cluster_port, routes, extra_mqtt, name = self._cluster_port, self._routes, self._extra_mqtt, self.name
+        extra_conf = self._extra_conf
         self.conf = self.workdir / "nats.conf"
         lines = [
             f"server_name: {name}",
@@ -60,6 +62,7 @@ class NatsServer:
             f'jetstream {{ store_dir: "{self.workdir / "js"}" }}',
             f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port}\n{extra_mqtt} }}",
             f'log_file: "{self.workdir / "nats.log"}"',
+            extra_conf,
         ]
         if cluster_port is not None:
             route_list = ", ".join(f"nats-route://127.0.0.1:{p}" for p in routes or [])
@@ -81,7 +84,7 @@ class NatsServer:
                                          stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if port_open(self.mqtt_port):
+                if listening(self.proc.pid, self.mqtt_port):  # this server's, not another's on a taken port
                     if not mqtt_ready(self.mqtt_port, max(1.0, deadline - time.monotonic())):
                         raise RuntimeError(f"nats-server {self.name} refuses MQTT sessions:\n{self.log[-2000:]}")
                     return self
@@ -95,6 +98,16 @@ class NatsServer:
         self.kill()
         raise RuntimeError(f"nats-server {self.name} did not listen on {self.mqtt_port} within {timeout}s:\n"
                            f"{self.log[-2000:]}")
+
+    def reconfigure(self, extra_conf: str, running: bool = True) -> None:
+        """Rewrite the top-level extra configuration (same ports) and make the running server reload it
+        (SIGHUP: its clients stay connected); ``running=False`` only rewrites it for the next start."""
+        import signal
+
+        self._extra_conf = extra_conf
+        self.configure([self.port, self.mqtt_port])
+        if running:
+            self.proc.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         """SIGKILL: the node is gone, nothing saved, no goodbye to its peers."""
@@ -140,7 +153,7 @@ class NatsCluster:
             failed = None
             for node in self.nodes:
                 deadline = time.monotonic() + 30
-                while failed is None and not port_open(node.mqtt_port):
+                while failed is None and not listening(node.proc.pid, node.mqtt_port):
                     if node.proc.poll() is not None or time.monotonic() > deadline:
                         failed = node
                     time.sleep(0.05)

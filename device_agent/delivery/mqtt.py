@@ -11,6 +11,13 @@ fleet that lost its broker does not come back in lock step.
 the link connects to the first and moves on to the next whenever a connection
 fails or drops, round and round.
 
+A broker may refuse a subscription and keep the connection (a SUBACK with a
+failure code): an ACL that does not let the board read a topic, or a NATS node
+that cannot create the subscription's JetStream consumer while its cluster
+elects new leaders after losing a node. :class:`Link` then subscribes again on
+the same connection, with the reconnect backoff, until the broker takes it, and
+counts each subscription taken after a refusal in :attr:`Link.resubscribed`.
+
 paho keeps unacknowledged messages in memory only. Persistence is the
 outbox's job: :class:`Link` reports every PUBACK (its ``mid`` and whether the
 broker accepted it) on :attr:`Link.acks`, and bumps :attr:`Link.generation`
@@ -62,6 +69,7 @@ class Link:
         self.cfg = cfg
         self.acks: "queue.SimpleQueue[Tuple[int, bool]]" = queue.SimpleQueue()
         self.generation = 0
+        self.resubscribed = 0  # subscriptions the broker refused first and took on a later SUBSCRIBE
         self.connected = threading.Event()
         self.last_error = ""
         self._stop = threading.Event()
@@ -79,6 +87,10 @@ class Link:
             self._connect_properties = Properties(PacketTypes.CONNECT)
             self._connect_properties.MaximumPacketSize = int(max_packet_bytes)
         self._handlers: Dict[str, MessageHandler] = {}
+        self._subscribing: Dict[int, Tuple[int, Tuple[str, ...]]] = {}  # SUBSCRIBE mid -> (generation, topics)
+        self._refusals: Dict[str, int] = {}  # topic -> refusals in a row on this connection
+        self._sub_lock = threading.Lock()
+        self._retry: Optional[threading.Timer] = None
         self._endpoints = cfg.endpoints
         self._endpoint = 0
         protocol = paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311
@@ -110,6 +122,7 @@ class Link:
         self.client.on_disconnect = self._disconnected
         self.client.on_connect_fail = self._connect_failed
         self.client.on_publish = self._published
+        self.client.on_subscribe = self._subscribed
         self.client.on_message = self._message
 
     # -- lifecycle ----------------------------------------------------------
@@ -128,6 +141,9 @@ class Link:
     def close(self, last: Optional[Tuple[str, bytes]] = None, timeout: float = 2.0) -> None:
         """Publish ``last`` (retained, e.g. status offline) if connected, disconnect, stop the thread."""
         self._stop.set()
+        with self._sub_lock:
+            if self._retry is not None:
+                self._retry.cancel()
         if self.connected.is_set() and last is not None:
             info = self.client.publish(last[0], last[1], qos=1, retain=True)
             try:
@@ -153,7 +169,15 @@ class Link:
         self._handlers[topic] = handler
         self.client.message_callback_add(topic, lambda c, u, m: self._guarded(handler, m.topic, m.payload))
         if self.connected.is_set():
-            self.client.subscribe(topic, qos=1)
+            self._subscribe(self.generation, [topic])
+
+    def _subscribe(self, generation: int, topics) -> None:
+        """One SUBSCRIBE (QoS 1) for ``topics``; its SUBACK is checked in :meth:`_subscribed`."""
+        topics = tuple(topics)
+        with self._sub_lock:  # the mid is recorded before paho's thread can see the SUBACK
+            rc, mid = self.client.subscribe([(t, 1) for t in topics])
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
+                self._subscribing[mid] = (generation, topics)
 
     def _guarded(self, handler: MessageHandler, topic: str, payload: bytes) -> None:
         """An exception in a handler would end paho's network thread (and every later message): log, count."""
@@ -179,9 +203,12 @@ class Link:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
-        for topic in self._handlers:
-            client.subscribe(topic, qos=1)
         self.generation += 1
+        with self._sub_lock:
+            self._subscribing.clear()
+            self._refusals.clear()
+        if self._handlers:
+            self._subscribe(self.generation, list(self._handlers))
         self.connected.set()
         log.info("connected to %s (%s)", self.where, "MQTT 5" if self.cfg.protocol == "5" else "MQTT 3.1.1")
         if self._on_connect_hook:
@@ -228,6 +255,39 @@ class Link:
         if not ok:
             log.warning("broker rejected message %d: %s", mid, reason_code)
         self.acks.put((mid, ok))
+
+    def _subscribed(self, client, userdata, mid, reason_codes, properties) -> None:
+        """A SUBACK: subscribe again later to what the broker refused (same connection, with backoff)."""
+        with self._sub_lock:
+            generation, topics = self._subscribing.pop(mid, (-1, ()))
+            if generation != self.generation or self._stop.is_set():
+                return  # an earlier connection's: the reconnect subscribed everything again
+            refused = []
+            for topic, code in zip(topics, reason_codes):
+                if getattr(code, "is_failure", False):
+                    refused.append((topic, code))
+                elif self._refusals.pop(topic, 0):
+                    self.resubscribed += 1
+                    log.info("the broker %s took the subscription to %s on a later try", self.where, topic)
+            if not refused:
+                return
+            tries = 0
+            for topic, code in refused:
+                tries = max(tries, self._refusals.get(topic, 0))
+                self._refusals[topic] = self._refusals.get(topic, 0) + 1
+            delay = min(self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * (2 ** min(tries, 20)))
+            (log.warning if tries == 0 else log.debug)(
+                "the broker %s refused the subscription to %s (%s); subscribing again in %.1f s, and on until it "
+                "takes it. If it says 'Not authorized', its ACL must let this board read the topic "
+                "(docs/identity.md)", self.where, ", ".join(t for t, _ in refused),
+                ", ".join(str(c) for _, c in refused), delay)
+            self._retry = threading.Timer(delay, self._subscribe_again, (generation, [t for t, _ in refused]))
+            self._retry.daemon = True
+            self._retry.start()
+
+    def _subscribe_again(self, generation: int, topics) -> None:
+        if not self._stop.is_set() and self.connected.is_set() and generation == self.generation:
+            self._subscribe(generation, topics)
 
     def _message(self, client, userdata, message) -> None:
         log.debug("message on %s with no handler", message.topic)

@@ -468,7 +468,10 @@ class Publisher:
     once, which is also how a slow collector slows the board down instead of
     overflowing the broker's queue. While nothing at all is acknowledged the
     timeout doubles on each round of resends (up to ``MAX_ACK_TIMEOUT_S``), so
-    a collector that is down, or too old to acknowledge, is not flooded.
+    a collector that is down, or too old to acknowledge, is not flooded. When
+    the link gets a subscription the broker had refused (the ack topic's, as
+    while a NATS cluster elects new leaders), what waits for an ack goes again
+    at once: the acks published meanwhile reached nobody.
     """
 
     ACK_BATCH = 32
@@ -498,6 +501,7 @@ class Publisher:
         self.unknown_acks = 0  # ids in acks that are not (any more) in the outbox
         self.ack_overflow = 0  # ack messages dropped because ACK_BACKLOG were waiting
         self._generation = -1
+        self._resubscribed = 0
         self._inflight: dict = {}  # mid -> (row id, sample id)
         self._cursor = 0
         self._high = 0  # the newest row id published by this process: a row at or below it is a resend
@@ -531,6 +535,12 @@ class Publisher:
             self._inflight.clear()
             self._sent.clear()
             self._cursor = 0
+        resubscribed = getattr(link, "resubscribed", 0)
+        if resubscribed != self._resubscribed:  # a subscription the broker had refused is in place at last:
+            self._resubscribed = resubscribed  # acks sent meanwhile went nowhere, so what waits for one goes now
+            now = time.monotonic()
+            for sid in list(self._sent):
+                self._sent[sid] = (self._sent[sid][0], now)
         acked = []
         block = wait_s > 0 and bool(self._inflight)
         while block or not link.acks.empty():  # empty(): no exception raised on the common path

@@ -14,6 +14,11 @@ stored ones (new, or duplicates of a stored sample) and quarantined ones. A
 board deletes a sample from its outbox only then, and sends again what no ack
 names in time, so a broker that drops queued messages loses nothing either.
 
+A broker may refuse a subscription and keep the connection (NATS does when
+it cannot create the subscription's JetStream consumer in time, as while a
+cluster that lost a node elects new leaders): after start-up, the collector
+subscribes again to what was refused, with backoff, until the broker takes it.
+
 Every payload is checked (size, UTF-8 JSON, the JSON Schema of its kind,
 the input's base64 against its dtype and shape, topic against payload), and
 with a :class:`~edgekit.loop.gate.DeviceGate` its device against an allow-list
@@ -162,9 +167,20 @@ class Collector:
         self._writer: Optional[threading.Thread] = None
         self._last_message = time.monotonic()
         self._last_ack_info: Any = None
+        self._subscribing: Dict[int, "tuple[int, List[str]]"] = {}  # SUBSCRIBE mid -> (generation, filters)
+        self._refusals: Dict[str, int] = {}  # filter -> refusals in a row on this connection
+        self._sub_lock = threading.Lock()
+        self._retry: Optional[threading.Timer] = None
         self.session_present = False  # the broker still had this client id's session at the last connect
+        self.resubscribed = 0  # subscriptions the broker refused after start-up and took on a later try
 
     # -- public ----------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        """Connected to a broker node now (:attr:`broker`)."""
+        client = self._client
+        return client is not None and client.is_connected()
+
     @property
     def stats(self) -> CollectorStats:
         with self._stats_lock:
@@ -271,6 +287,9 @@ class Collector:
         if self._client is None:
             return
         self._accepting = False
+        with self._sub_lock:
+            if self._retry is not None:
+                self._retry.cancel()
         self._queue.put(_STOP)
         if self._writer is not None:
             self._writer.join(drain_timeout)
@@ -301,21 +320,59 @@ class Collector:
             self._ready.set()
             return
         self._generation += 1
-        from paho.mqtt.subscribeoptions import SubscribeOptions
-
-        if self.protocol == "5":
-            client.subscribe([(s, SubscribeOptions(qos=1)) for s in self.subscriptions()])
-        else:
-            client.subscribe([(s, 1) for s in self.subscriptions()])
+        with self._sub_lock:
+            self._subscribing.clear()
+            self._refusals.clear()
+        self._subscribe(client, self._generation, self.subscriptions())
         self.session_present = bool(getattr(flags, "session_present", False))
         log.log(logging.INFO if self._generation > 1 else logging.DEBUG, "connected to %s (session present=%s)",
                 self.broker.redacted(), self.session_present)
 
+    def _subscribe(self, client: Any, generation: int, filters: List[str]) -> None:
+        """One SUBSCRIBE (QoS 1) for ``filters``; its SUBACK is checked in :meth:`_on_subscribe`."""
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
+        with self._sub_lock:  # the mid is recorded before the network thread can read the SUBACK
+            if self.protocol == "5":
+                rc, mid = client.subscribe([(s, SubscribeOptions(qos=1)) for s in filters])
+            else:
+                rc, mid = client.subscribe([(s, 1) for s in filters])
+            if mid is not None and not rc:
+                self._subscribing[mid] = (generation, list(filters))
+
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        bad = [f"{s}: {rc}" for s, rc in zip(self.subscriptions(), reason_codes) if rc.is_failure]
-        if bad:
-            self._error = "subscription refused: " + "; ".join(bad)
-        self._ready.set()
+        with self._sub_lock:
+            generation, filters = self._subscribing.pop(mid, (-1, []))
+        if generation != self._generation:
+            return  # an earlier connection's: the reconnect subscribed everything again
+        refused = [(s, rc) for s, rc in zip(filters, reason_codes) if rc.is_failure]
+        if not self._ready.is_set():  # start-up: a refusal is an error the operator must see (e.g. an ACL)
+            if refused:
+                self._error = "subscription refused: " + "; ".join(f"{s}: {rc}" for s, rc in refused)
+            self._ready.set()
+            return
+        with self._sub_lock:
+            for s, rc in zip(filters, reason_codes):
+                if not rc.is_failure and self._refusals.pop(s, 0):
+                    self.resubscribed += 1
+                    log.info("the broker %s took the subscription to %s on a later try", self.broker.redacted(), s)
+            if not refused or not self._accepting:
+                return
+            tries = max(self._refusals.get(s, 0) for s, _ in refused)
+            for s, _ in refused:
+                self._refusals[s] = self._refusals.get(s, 0) + 1
+            delay = min(30.0, 2.0 ** min(tries, 5))
+            (log.warning if tries == 0 else log.debug)(
+                "the broker %s refused the subscription to %s (%s); subscribing again in %.0f s, and on until it "
+                "takes it (nothing on it reaches the store meanwhile)", self.broker.redacted(),
+                ", ".join(s for s, _ in refused), ", ".join(str(rc) for _, rc in refused), delay)
+            self._retry = threading.Timer(delay, self._subscribe_again, (client, generation, [s for s, _ in refused]))
+            self._retry.daemon = True
+            self._retry.start()
+
+    def _subscribe_again(self, client: Any, generation: int, filters: List[str]) -> None:
+        if self._accepting and generation == self._generation and client.is_connected():
+            self._subscribe(client, generation, filters)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if self._accepting:

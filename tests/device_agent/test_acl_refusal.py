@@ -1,5 +1,6 @@
 """A broker whose ACL refuses the board's samples: the agent counts each refusal, keeps the samples and does
-not spin re-sending them; once the ACL is fixed they all go out."""
+not spin re-sending them; once the ACL is fixed they all go out. A broker that refuses the board's ack
+subscription: the board subscribes again until the broker takes it."""
 
 from __future__ import annotations
 
@@ -53,3 +54,62 @@ def test_refused_samples_are_counted_kept_and_sent_once_the_acl_allows_them(tmp_
         assert (stats.published, stats.rejected, stats.pending) == (10, 0, 0)
     finally:
         broker.stop()
+
+
+
+def nats_auth(board_reads_acks: bool) -> str:
+    """NATS users: the board (by name and password) may not subscribe to its ack topic unless allowed; any
+    client without credentials (the collector's stand-in) is the unrestricted user ``collector``. The board
+    keeps publish permissions either way: nats-server 2.9 crashes on a reload when a user who stored a
+    retained message (the board's status) has none (fixed upstream, nats-io/nats-server#7596)."""
+    subscribe = '{allow: [">"]}' if board_reads_acks else '{deny: ["edgekit.v1.test.dev1.ack"]}'
+    board = '{user: board, password: board-pw, permissions: {publish: {allow: [">"]}, subscribe: %s}}' % subscribe
+    return f"no_auth_user: collector\nauthorization {{ users = [ {board}, {{user: collector}} ] }}\n"
+
+
+def test_a_refused_ack_subscription_is_tried_again_on_the_same_connection_until_the_broker_takes_it(
+        tmp_path, make_config, digits, caplog):
+    """A broker may answer a SUBSCRIBE with a failure code and keep the connection: NATS does when a user
+    may not read the topic, and when it cannot create the subscription's JetStream consumer in time (as a
+    cluster that lost a node elects new leaders: tests/edgekit/test_delivery.py). A board without its ack
+    subscription resends its samples for ever and never empties its outbox; so it subscribes again, with
+    backoff, on the same connection, until the broker takes it, and then resends at once what waits for
+    an ack (the acks sent meanwhile reached nobody)."""
+    from nats_broker import NatsServer  # tests/nats_broker.py
+    from test_acks import ThenIdle, flagged_ids
+    from test_agent_mqtt import FLAG_ALL
+    from test_update import Running
+
+    from conftest import wait_for
+
+    broker = NatsServer(tmp_path / "nats", extra_conf=nats_auth(board_reads_acks=False)).start()
+    acker = Acker(broker.mqtt_port, topic="edgekit/v1/test/dev1/samples").start()
+    try:
+        assert acker.subscribed.wait(30)
+        x, _ = digits
+        n = 20
+        config = make_config(broker.url, policy=FLAG_ALL, mqtt={"protocol": "3.1.1", "username": "board",
+                                                                "password": "board-pw", "ack_timeout_s": 0.5})
+        with caplog.at_level(logging.INFO, logger="device_agent.delivery.mqtt"):
+            run = Running(config, ThenIdle(x[:n]))
+            agent = run.agent
+            try:
+                assert wait_for(lambda: agent.stats.flagged == n and set(flagged_ids(tmp_path / "results.jsonl"))
+                                <= set(acker.acked), 60), "the collector did not get every sample"
+                refused = [r.getMessage() for r in caplog.records if "refused the subscription" in r.getMessage()]
+                assert len(refused) == 1 and "edgekit/v1/test/dev1/ack" in refused[0], refused
+                assert agent.outbox.depth == n  # all stored by the collector, but no ack reached the board
+                generation = agent.link.generation
+                broker.reconfigure(nats_auth(board_reads_acks=True))  # the operator fixes it; connections stay
+                assert wait_for(lambda: agent.outbox.depth == 0, 60), agent.outbox.depth
+                assert agent.link.generation == generation, "the board reconnected instead of subscribing again"
+                assert agent.link.resubscribed == 1
+                assert any("took the subscription to edgekit/v1/test/dev1/ack" in r.getMessage()
+                           for r in caplog.records)
+            finally:
+                stats = run.finish()
+    finally:
+        acker.stop()
+        broker.stop()
+    assert (stats.flagged, stats.published, stats.pending, stats.dropped) == (n, n, 0, 0)
+    assert "Subscription Violation" in broker.log

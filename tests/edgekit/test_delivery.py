@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import jsonschema
 import numpy as np
@@ -49,6 +49,51 @@ def delivery_broker(request, tmp_path):
     b.stop()
 
 
+def test_test_brokers_start_on_another_port_when_their_free_port_was_taken_first(tmp_path, monkeypatch):
+    """On a busy machine the port tests/broker.py ``free_port()`` hands out may be taken before the broker
+    binds it: Mosquitto and NATS then start on other ports, and neither takes the other listener for itself."""
+    import socket
+
+    import broker as mosquitto_module
+    import nats_broker as nats_module
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()  # answers TCP connections, speaks no MQTT
+    port = taken.getsockname()[1]
+    first = {"mosquitto": True, "nats": True}
+
+    def free_port():
+        if first["mosquitto"]:
+            first["mosquitto"] = False
+            return port
+        return real_free_port()
+
+    def free_ports(n):
+        if first["nats"]:
+            first["nats"] = False
+            return [port] + real_free_ports(n - 1)
+        return real_free_ports(n)
+
+    real_free_port, real_free_ports = mosquitto_module.free_port, nats_module.free_ports
+    monkeypatch.setattr(mosquitto_module, "free_port", free_port)
+    monkeypatch.setattr(nats_module, "free_ports", free_ports)
+    try:
+        for b in (Mosquitto(tmp_path / "mosquitto"), NatsServer(tmp_path / "nats")):
+            b.start()
+            try:
+                assert port not in (b.port, getattr(b, "mqtt_port", None))
+                assert "already in use" in b.log.lower()
+                client = Client(b.url)  # a broker that works, on its new port
+                client.publish("edgekit/v1/lab/pi-1/telemetry", b"{}")
+                client.close()
+            finally:
+                b.stop()
+    finally:
+        taken.close()
+    assert not first["mosquitto"] and not first["nats"]
+
+
 class Client:
     """A plain paho client (MQTT 3.1.1, understood by both brokers) that publishes and records."""
 
@@ -59,12 +104,14 @@ class Client:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"t-{time.monotonic_ns()}",
                              protocol=mqtt.MQTTv311)
         self.c.on_message = lambda c, u, m: self.on_message(m.topic, bytes(m.payload))
-        self.c.on_subscribe = lambda *a: self.subscribed.set()
+        self.refused: list = []
+        self.c.on_subscribe = lambda c, u, mid, codes, p: (self.refused.extend(r for r in codes if r.is_failure),
+                                                           self.subscribed.set())
         self.c.connect(host, int(port))
         self.c.loop_start()
         if subscribe:
             self.c.subscribe(subscribe, qos=1)
-            assert self.subscribed.wait(10)
+            assert self.subscribed.wait(60) and not self.refused, self.refused
 
     def on_message(self, topic: str, payload: bytes) -> None:
         self.messages.append((topic, payload))
@@ -118,10 +165,10 @@ def test_the_collector_acknowledges_after_its_commit_stored_duplicate_and_quaran
         board.publish(protocol.topic("lab", "pi-2", "samples"), oversized)
         board.publish(protocol.topic("lab", "pi-2", "samples"), b"\x00not json, no id to acknowledge")
         board.publish(protocol.topic("lab", "pi-2", "telemetry"), {"schema": "edgekit.telemetry/1"})
-        assert collector.wait_handled(6, timeout=30), collector.stats
+        assert collector.wait_handled(6, timeout=120), collector.stats
         named = lambda: sum(len(a["stored"]) + len(a.get("quarantined", []))  # noqa: E731
                             for a in (json.loads(p) for _, p in list(watcher.messages)))
-        assert wait_for(lambda: collector.stats.acked == 4 and named() == 4, 20), collector.stats
+        assert wait_for(lambda: collector.stats.acked == 4 and named() == 4, 60), collector.stats
         board.close()
         watcher.close()
     stats = collector.stats
@@ -169,14 +216,15 @@ class StoreLock:
         self.db.close()
 
 
-def board_config(tmp_path: Path, name: str, broker_url: str, protocol_version: str, n: int, **mqtt_keys):
+def board_config(tmp_path: Path, name: str, broker_url: str, protocol_version: str, n: int,
+                 outbox_keys: Optional[dict] = None, **mqtt_keys):
     digits = np.load(DATA / "digits-300.npz")["x"]
     inputs = tmp_path / f"{name}.npz"
     np.savez(inputs, x=np.concatenate([digits] * (n // 300 + 1))[:n])
     return load_config(
         None, bundle=str(DATA / "digits-bundle"), source=str(inputs), broker=broker_url, device_id=name,
         fleet="flood", results=str(tmp_path / f"{name}.jsonl"), runtime="ai_edge_litert",
-        outbox={"path": str(tmp_path / f"{name}-outbox.sqlite"), "drain_timeout_s": 240.0},
+        outbox={"path": str(tmp_path / f"{name}-outbox.sqlite"), "drain_timeout_s": 240.0, **(outbox_keys or {})},
         policy={"random_fraction": 1.0, "dedupe": False}, telemetry={"period_s": 5.0},
         mqtt={"protocol": protocol_version, "ack_timeout_s": 2.0, **mqtt_keys},
     )
@@ -247,27 +295,40 @@ def test_a_three_node_nats_cluster_loses_a_node_mid_run_and_no_sample(tmp_path, 
     """Board on node 1, collector on node 2 (each knows all three, in its own order); node 2 is killed
     mid-run. The collector moves to another node and finds its persistent session there (NATS keeps MQTT
     sessions and QoS 1 messages in JetStream streams, replicated on three nodes with ``stream_replicas: 3``);
-    what the cluster lost in the turmoil, the board resends for want of an ack."""
+    what the cluster lost in the turmoil, the board resends for want of an ack. While the cluster elects
+    new leaders, a node may close a client's connection (a JetStream request timed out) or refuse a
+    subscription (its consumer could not be created in time): board and collector reconnect and subscribe
+    again by themselves. On a loaded machine that can take minutes, so the test waits for the outcome
+    (every flagged sample stored, the board's outbox empty) with a generous deadline, not for a timer."""
     cluster = NatsCluster(tmp_path / "nats", extra_mqtt="stream_replicas: 3").start()
     n1, n2, n3 = cluster.nodes
     n = 600
     db = tmp_path / "samples.db"
+    run = {}
     try:
         with open_store(f"sqlite:///{db}") as store:
             collector = Collector(",".join(node.url for node in (n2, n3, n1)), store, fleet="flood",
                                   client_id="ha-collector", protocol="3.1.1").start()
             try:
                 board = Agent(board_config(tmp_path, "pi-ha", ",".join(node.url for node in (n1, n2, n3)),
-                                           "3.1.1", n))
-                run = {}
+                                           "3.1.1", n, outbox_keys={"drain_timeout_s": 900.0}))
                 thread = threading.Thread(target=lambda: run.setdefault("stats", board.run()))
                 thread.start()
-                assert wait_for(lambda: store.count_samples() >= n // 4, 120), store.count_samples()
-                n2.kill()
-                stored_at_kill = store.count_samples()
-                thread.join(300)
-                board.close()
-                assert collector.broker.port != n2.mqtt_port, "the collector did not move to another node"
+                try:
+                    assert wait_for(lambda: store.count_samples() >= n // 4, 300), store.count_samples()
+                    n2.kill()
+                    stored_at_kill = store.count_samples()
+                    assert wait_for(lambda: not thread.is_alive(), 900), (
+                        f"the board still holds {board.outbox.depth} samples after 15 minutes; "
+                        f"{store.count_samples()} stored; sent={board.publisher.sent} "
+                        f"resent={board.publisher.resent} acked={board.publisher.acked} "
+                        f"link={board.link.where} connected={board.link.connected.is_set()}")
+                finally:
+                    thread.join(60)
+                    board.close()
+                # the collector lives on: on another node than the dead one, with the session it had
+                assert wait_for(lambda: collector.connected and collector.broker.port != n2.mqtt_port, 120), \
+                    f"the collector is not connected to a live node: {collector.broker.redacted()}"
                 assert collector.session_present, "its session did not survive the node"
             finally:
                 collector.stop()
@@ -280,7 +341,7 @@ def test_a_three_node_nats_cluster_loses_a_node_mid_run_and_no_sample(tmp_path, 
     with capsys.disabled():
         print(f"\n{line} (stored before the kill: {stored_at_kill})")
     assert stored_at_kill < n, "the node died after everything was stored: the test tested nothing"
-    assert (stats.flagged, stats.pending, stats.dropped) == (n, 0, 0)
+    assert (stats.flagged, stats.pending, stats.dropped) == (n, 0, 0), line
     assert stored_ids == flagged, line
 
 
@@ -302,8 +363,8 @@ def test_a_sample_over_the_rate_limit_is_not_acknowledged_so_its_board_sends_it_
                                (protocol.topic("lab", "pi-1", "samples"), s2),
                                (protocol.topic("lab", "pi-9", "samples"), stranger)):
             board.publish(topic, payload)
-        assert collector.wait_handled(3, timeout=30)
-        assert wait_for(lambda: collector.stats.acked == 2 and len(watcher.messages) == 2, 20), collector.stats
+        assert collector.wait_handled(3, timeout=120)
+        assert wait_for(lambda: collector.stats.acked == 2 and len(watcher.messages) == 2, 60), collector.stats
         board.close()
         watcher.close()
     assert collector.stats.malformed == {"rate_limited": 1, "not_allowed": 1}
@@ -313,3 +374,50 @@ def test_a_sample_over_the_rate_limit_is_not_acknowledged_so_its_board_sends_it_
         named.setdefault(protocol.parse_topic(topic)["device"], []).extend(
             [("stored", i) for i in ack["stored"]] + [("quarantined", i) for i in ack.get("quarantined", [])])
     assert named == {"pi-1": [("stored", s1["sample_id"])], "pi-9": [("quarantined", stranger["sample_id"])]}
+
+
+def nats_collector_auth(may_read_samples: bool) -> str:
+    """The collector logs in as ``collector`` (allowed to read the fleet's samples or not); clients without
+    credentials (the boards here) are the unrestricted ``board``. The collector keeps publish permissions
+    either way: nats-server 2.9 crashes on a reload when a user who stored a retained message has none."""
+    subscribe = '{allow: [">"]}' if may_read_samples else '{deny: ["edgekit.v1.lab.*.samples"]}'
+    user = '{user: collector, password: c-pw, permissions: {publish: {allow: [">"]}, subscribe: %s}}' % subscribe
+    return f"no_auth_user: board\nauthorization {{ users = [ {user}, {{user: board}} ] }}\n"
+
+
+def test_a_subscription_the_broker_refuses_after_start_up_is_tried_again_until_it_takes_it(tmp_path, caplog):
+    """A broker may answer a SUBSCRIBE with a failure code and keep the connection (NATS does when it
+    cannot create the subscription's JetStream consumer in time, as a cluster that lost a node elects new
+    leaders; here a fresh node whose permissions refuse it at first). After start-up the collector must not
+    run on without its samples subscription: it subscribes again, with backoff, until the broker takes it."""
+    import logging
+    import shutil
+
+    node = NatsServer(tmp_path / "nats", extra_conf=nats_collector_auth(True)).start()
+    try:
+        with open_store(f"sqlite:///{tmp_path}/s.db") as store, \
+                Collector(f"mqtt://collector:c-pw@127.0.0.1:{node.mqtt_port}", store, fleet="lab",
+                          client_id="resubscriber", protocol="3.1.1") as collector:
+            board = Client(node.url)
+            board.publish(protocol.topic("lab", "pi-1", "samples"), sample(1, device="pi-1"))
+            assert wait_for(lambda: store.count_samples() == 1, 60)
+            board.close()
+            with caplog.at_level(logging.INFO, logger="edgekit.loop.collect"):
+                # The node is replaced by a fresh one (no JetStream state: the session is gone), which
+                # refuses the collector's samples subscription at first.
+                node.stop()
+                shutil.rmtree(node.workdir / "js")
+                node.reconfigure(nats_collector_auth(False), running=False)
+                node.start()
+                assert wait_for(lambda: any("refused the subscription to edgekit/v1/lab/+/samples" in r.getMessage()
+                                            for r in caplog.records), 60), [r.getMessage() for r in caplog.records]
+                assert collector.connected and not collector.session_present
+                node.reconfigure(nats_collector_auth(True))  # the operator fixes it; connections stay
+                assert wait_for(lambda: collector.resubscribed == 1, 90), "the collector did not subscribe again"
+            board = Client(node.url)
+            board.publish(protocol.topic("lab", "pi-1", "samples"), sample(2, device="pi-1"))
+            assert wait_for(lambda: store.count_samples() == 2, 60), "a sample after the fix was not stored"
+            board.close()
+    finally:
+        node.stop()
+    assert "Subscription Violation" in node.log
