@@ -524,6 +524,10 @@ class Agent:
             self.service()
             if stop.is_set():
                 break
+        if self.link is not None and self.link.generation == 0:
+            # A run shorter than the first connection: wait for it (within the drain time) so that the
+            # fleet sees what this run ran and refused (its retained status), not nothing.
+            self.link.connected.wait(self.config.outbox.drain_timeout_s)
         self.drain(self.config.outbox.drain_timeout_s)
         if self.link is not None and self.link.connected.is_set():
             self.send_telemetry()

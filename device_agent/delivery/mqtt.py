@@ -90,6 +90,7 @@ class Link:
         self._subscribing: Dict[int, Tuple[int, Tuple[str, ...]]] = {}  # SUBSCRIBE mid -> (generation, topics)
         self._refusals: Dict[str, int] = {}  # topic -> refusals in a row on this connection
         self._sub_lock = threading.Lock()
+        self._connect_lock = threading.RLock()
         self._retry: Optional[threading.Timer] = None
         self._endpoints = cfg.endpoints
         self._endpoint = 0
@@ -144,8 +145,10 @@ class Link:
         with self._sub_lock:
             if self._retry is not None:
                 self._retry.cancel()
-        if self.connected.is_set() and last is not None:
-            info = self.client.publish(last[0], last[1], qos=1, retain=True)
+        with self._connect_lock:
+            info = self.client.publish(last[0], last[1], qos=1, retain=True) \
+                if self.connected.is_set() and last is not None else None
+        if info is not None:
             try:
                 info.wait_for_publish(timeout)
             except (RuntimeError, ValueError):
@@ -209,10 +212,11 @@ class Link:
             self._refusals.clear()
         if self._handlers:
             self._subscribe(self.generation, list(self._handlers))
-        self.connected.set()
-        log.info("connected to %s (%s)", self.where, "MQTT 5" if self.cfg.protocol == "5" else "MQTT 3.1.1")
-        if self._on_connect_hook:
-            self._guarded(lambda t, p: self._on_connect_hook(), "(connect)", b"")
+        with self._connect_lock:  # close() publishes its last message after the hook's, never before
+            self.connected.set()
+            log.info("connected to %s (%s)", self.where, "MQTT 5" if self.cfg.protocol == "5" else "MQTT 3.1.1")
+            if self._on_connect_hook:
+                self._guarded(lambda t, p: self._on_connect_hook(), "(connect)", b"")
 
     @property
     def where(self) -> str:

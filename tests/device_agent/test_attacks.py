@@ -188,8 +188,13 @@ def test_a_bundle_that_crashes_the_agent_at_start_falls_back_to_the_last_good_on
     st = state(tmp_path)
     assert st["current"]["sha256"] == V2_SHA and st["current"]["committed"]
     assert slots["crash"].archive_sha256 in [r["archive_sha256"] for r in st["refused"]]
+    # The agent has exited; its last status may still be on its way to our subscriber: wait for it.
+    def online_on_v2(sub) -> bool:
+        online = [m for m in sub.messages() if m.get("state") == "online"]
+        return bool(online) and online[-1].get("model", {}).get("sha256") == V2_SHA
+
+    assert status.wait(online_on_v2, 30), [m.get("state") for m in status.messages()]
     online = [m for m in status.messages() if m.get("state") == "online"]
-    assert online and online[-1]["model"]["sha256"] == V2_SHA
     assert "falling back" in online[-1]["last_update_error"] or "refused before" in online[-1]["last_update_error"]
 
     # Restarting again, as a service that runs until stopped: the retained crash bundle comes back and is
