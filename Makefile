@@ -23,7 +23,7 @@ help:
 $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) --upgrade pip
-	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[host,dev]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e '.[host,dev,browser]'
 	touch $@
 install: $(VENV)/.installed
 
