@@ -118,7 +118,7 @@ class Sub:
         return self.messages("samples")
 
     def wait(self, predicate: Callable[["Sub"], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * TIMEOUT_SCALE
         while time.monotonic() < deadline:
             if predicate(self):
                 return True
@@ -217,9 +217,14 @@ def broker(broker):
     broker.acker.stop()
 
 
+# Every wait in these tests is an upper bound on how long an outcome may take, never a pace. Under emulation
+# (tools/arm/inside.sh: qemu-user, several times slower) the bounds are stretched by this factor.
+TIMEOUT_SCALE = float(os.environ.get("EDGEKIT_TEST_TIMEOUT_SCALE", "1"))
+
+
 def wait_for(predicate, timeout: float) -> bool:
-    """Poll ``predicate`` every 50 ms until it holds or ``timeout`` seconds pass; its last answer."""
-    deadline = time.monotonic() + timeout
+    """Poll ``predicate`` every 50 ms until it holds or ``timeout`` (x TIMEOUT_SCALE) seconds pass; its last answer."""
+    deadline = time.monotonic() + timeout * TIMEOUT_SCALE
     while time.monotonic() < deadline:
         if predicate():
             return True

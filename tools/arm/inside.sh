@@ -27,8 +27,11 @@ fi
 "$VENV/bin/pip" list --format=freeze 2>/dev/null | grep -iE '^(numpy|paho-mqtt|psutil|ai-edge-litert|tflite-runtime|cryptography|hypothesis)==' \
     | tr '\n' ' ' | sed 's/^/[inside] /; s/$/\n/'
 
-# The device tests, none skipped: a skip here would hide a part the board lacks.
+# The device tests, none skipped: a skip here would hide a part the board lacks. Under emulation every wait of
+# the tests is stretched 4x (an upper bound, not a pace), and the fuzz tests try 50 cases per parser instead of
+# 300: the parsers are pure Python, fuzzed at 300 on x86 in the same CI run.
 T=$(date +%s)
+export EDGEKIT_TEST_TIMEOUT_SCALE=${EDGEKIT_TEST_TIMEOUT_SCALE:-4} EDGEKIT_FUZZ_EXAMPLES=${EDGEKIT_FUZZ_EXAMPLES:-50}
 EDGEKIT_EXPECT_RUNTIME=$RUNTIME "$VENV/bin/python" -m pytest tests/device_agent -p no:cacheprovider -q \
     -o addopts="--strict-markers" -rs --durations=15 --junitxml=/tmp/device-tests.xml
 "$VENV/bin/python" - <<'EOF'
