@@ -45,6 +45,7 @@ from .inference.preprocess import preprocess
 from .results import ResultsWriter
 from .sources import MqttSource, Source, open_source
 from .telemetry import Stats, Watchdog, machine
+from .update.probation import Probation, ProbationLimits
 from .update.sandbox import trial_run
 from .update.signature import Verifier
 from .update.updater import Failed, Staged, Updater
@@ -139,7 +140,8 @@ class Agent:
         if fallback:
             self.last_update_error = fallback
             self.stats.error("update")
-        self._commit_at = self._commit_point()
+        self.rollbacks = 0  # bundles that failed their probation in this run
+        self.probation: Optional[Probation] = self._probation_for_current(baseline_p95_ms=None)
         self.watchdog = Watchdog()
         self._cmds: "queue.SimpleQueue[bytes]" = queue.SimpleQueue()
         self._telemetry_due = 0.0
@@ -265,6 +267,8 @@ class Agent:
             agent_version=__version__,
             drift=self.drift.snapshot().to_dict() if self.drift is not None else None,
             signature=self.verifier.snapshot(self.manifest.sha256) if self.verifier is not None else None,
+            probation=self.probation.snapshot() if self.probation is not None else None,
+            rollbacks=self.rollbacks,
             **machine(self.outbox.path.parent),
         )
 
@@ -298,20 +302,25 @@ class Agent:
             else:
                 x = preprocess(raw, self.manifest.preprocessing)
                 scores = self.model(x)
-        except InputError as exc:
+        except InputError as exc:  # the bundle's preprocessing refused what the source produced
             self.stats.error("input")
             log.warning("input %s#%s skipped: %s", info.get("uri"), info.get("index"), exc)
+            self._probation_error()
             return None
         except (RuntimeError, ValueError) as exc:  # the interpreter refused this input
             self.stats.error("inference")
             log.warning("input %s#%s failed in the interpreter (%s); skipped", info.get("uri"), info.get("index"), exc)
+            self._probation_error()
             return None
         except MemoryError:  # one input too big for this board's memory: skip it, the loop goes on
             self.stats.error("input")
             log.warning("input %s#%s needs more memory than this board has; skipped", info.get("uri"),
                         info.get("index"))
+            self._probation_error()
             return None
         latency = time.perf_counter() - t0
+        if self.probation is not None:
+            self.probation.record(latency)
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)
         if self.drift is not None:
@@ -383,9 +392,11 @@ class Agent:
                     self.send_telemetry()
                 except Exception as exc:  # noqa: BLE001
                     self._failed("telemetry", "sending telemetry", exc)
-        if self._commit_at is not None and self.stats.inferences >= self._commit_at:
-            self._commit_at = None
-            self.updater.commit()
+        if self.probation is not None:
+            try:
+                self._check_probation()
+            except Exception as exc:  # noqa: BLE001
+                self._failed("update", "checking the probation of the new bundle", exc)
         self.results.tick()
         self.watchdog.feed()
 
@@ -394,14 +405,60 @@ class Agent:
         log.warning("%s failed (%s: %s); counted in errors.%s, the loop goes on", doing, exc.__class__.__name__,
                     str(exc)[:300], kind)
 
-    def _commit_point(self) -> Optional[int]:
-        """The inference count at which the running bundle, if uncommitted, is committed (None: nothing to do)."""
+    # -- probation (update/probation.py) ------------------------------------
+    def _probation_for_current(self, baseline_p95_ms: Optional[float]) -> Optional[Probation]:
+        """A probation for the running bundle if it is an uncommitted update (None: nothing to prove)."""
         if self.updater is None:
             return None
         cur = self.updater.state.current
         if cur is None or cur.committed or cur.sha256 != self.manifest.sha256:
             return None
-        return self.stats.inferences + self.config.update.commit_after
+        return Probation(cur.label, ProbationLimits.from_config(self.config.update), baseline_p95_ms=baseline_p95_ms)
+
+    def _probation_error(self) -> None:
+        if self.probation is not None:
+            self.probation.error()
+            self._check_probation()  # errors end a probation at once, not at the next service()
+
+    def _check_probation(self) -> None:
+        state, why = self.probation.verdict()
+        if state == "passed":
+            self.probation = None
+            self.updater.commit()
+            log.info("bundle %s v%s passed its probation: %s", self.manifest.name, self.manifest.version, why)
+        elif state == "failed":
+            self._revert(why)
+
+    def _revert(self, why: str) -> None:
+        """The running bundle failed its probation: refuse it, and run the previous bundle again (kept on disk)."""
+        failed, self.probation = self.manifest, None
+        target = self.updater.revert(f"failed its probation: {why}")  # written before anything else happens
+        try:
+            if target is not None:
+                bundle = load_bundle(target.path)
+                if bundle.manifest.sha256 != target.sha256:
+                    raise BundleError(f"its model sha256={bundle.manifest.sha256[:12]}... is not the installed "
+                                      f"{target.sha256[:12]}...")
+            elif self.verifier is not None:
+                bundle = self.verifier.load(self.config.bundle.path, max_total=8 * self.config.update.max_bytes)
+            else:
+                bundle = load_bundle(self.config.bundle.path)
+            model = self._open_like_running(bundle.model_path)
+        except Exception as exc:  # noqa: BLE001 - the state already says what a restart runs
+            self.rollbacks += 1
+            self.last_update_error = (f"bundle {failed.name} v{failed.version} failed its probation ({why}), but the "
+                                      f"previous bundle cannot be opened ({exc}); a restart runs it")
+            self.stats.error("update")
+            log.error("%s", self.last_update_error)
+            self._publish_status()
+            return
+        self._install(bundle, model)
+        self.rollbacks += 1
+        self.last_update_error = (f"bundle {failed.name} v{failed.version} (sha256 {failed.sha256[:12]}...) failed its "
+                                  f"probation: {why}; back to {bundle.manifest.name} v{bundle.manifest.version}")
+        self.stats.error("update")
+        log.warning("%s", self.last_update_error)
+        self._announce()
 
     def _offer_cmd(self, topic: str, payload: bytes) -> None:
         """MQTT thread: queue a command for the loop; an oversized one, or one past a full queue, is refused here."""
@@ -459,9 +516,23 @@ class Agent:
                 self._publish_status()
 
     def _swap(self, staged: Staged) -> None:
-        old_model, old = self.model, self.manifest
-        self.model, self.bundle, self.manifest = staged.model, staged.bundle, staged.bundle.manifest
+        old = self.manifest
+        baseline = self.stats.latency()["p95"]  # the model being replaced, on this board, just now
+        self._install(staged.bundle, staged.model)
+        self.last_update_error = None
+        self.updater.installed(staged)  # a restart runs it; uncommitted until its probation passes
+        self.probation = self._probation_for_current(baseline_p95_ms=baseline)
+        m = self.manifest
+        log.info("model updated: %s v%s -> %s v%s (sha256 %s...) from %s; on probation", old.name, old.version, m.name,
+                 m.version, m.sha256[:12], self.bundle.path)
+        self._announce()
+
+    def _install(self, bundle: Bundle, model: TFLiteModel) -> None:
+        """Run ``model`` of ``bundle`` from the next inference on (the one running is closed)."""
+        old_model = self.model
+        self.model, self.bundle, self.manifest = model, bundle, bundle.manifest
         old_model.close()
+        self.stats.latencies_ms.clear()  # telemetry latency_ms describes the model that runs
         self._prepare_fast_path()
         self._prepare_drift()  # the window describes one model: start afresh against the new reference
         m, cfg = self.manifest, self.config.policy
@@ -469,11 +540,9 @@ class Agent:
             cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold,
             cfg.margin_threshold if cfg.margin_threshold is not None else m.margin_threshold,
         )
-        self.last_update_error = None
-        self.updater.installed(staged)  # a restart runs it; uncommitted until it has run commit_after inferences
-        self._commit_at = self._commit_point()
-        log.info("model updated: %s v%s -> %s v%s (sha256 %s...) from %s", old.name, old.version, m.name, m.version,
-                 m.sha256[:12], self.bundle.path)
+
+    def _announce(self) -> None:
+        """The fleet learns what runs now: the last will, the retained status, telemetry soon."""
         if self.link is not None:
             self.link.client.will_set(self.topics["status"], self._status("offline"), qos=1, retain=True)
         self._publish_status()

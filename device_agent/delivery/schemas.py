@@ -146,6 +146,23 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
                     "level": {"enum": ["stable", "moderate", "significant", None]},
                 },
             },
+            "probation": {
+                "description": "null, or the figures of the running bundle while it is on probation (a swapped-in "
+                               "bundle, uncommitted until it ran [update].commit_after inferences and probation_s "
+                               "seconds within its limits; docs/agent.md, 'Probation')",
+                "type": ["object", "null"],
+                "required": ["inferences", "errors", "elapsed_s"],
+                "properties": {
+                    "inferences": {"type": "integer", "minimum": 0},
+                    "errors": {"type": "integer", "minimum": 0},
+                    "elapsed_s": {"type": "number", "minimum": 0},
+                    "latency_p95_ms": _NUM_OR_NULL,
+                    "baseline_p95_ms": _NUM_OR_NULL,
+                },
+            },
+            "rollbacks": {"description": "bundles that failed their probation since the agent started (it went back "
+                                         "to the previous bundle; the status's last_update_error says why)",
+                          "type": "integer", "minimum": 0},
             "signature": {
                 "description": "signed bundles: null when the board trusts no key ([update].trusted_keys) and runs "
                                "any bundle; else the trusted key ids, the running bundle's release, the highest "

@@ -390,6 +390,21 @@ class Updater:
             self.states_update(lambda s: s.commit())
             log.info("bundle %s ran well: committed", self.state.current.label)
 
+    def revert(self, reason: str) -> Optional[Slot]:
+        """The running, uncommitted bundle failed its probation: refuse its archive (a retained message that
+        brings it back is refused at once) and make the last good bundle current. Returns that slot (None: the
+        configured bundle is what should run)."""
+        target: List[Optional[Slot]] = [None]
+
+        def change(state: UpdateState) -> UpdateState:
+            new, target[0] = state.revert(reason)
+            return new
+
+        cur = self.state.current
+        self.states_update(change)
+        log.warning("bundle %s refused: %s", cur.label if cur else "?", reason)
+        return target[0]
+
     def stopped(self) -> None:
         """A clean stop: this run is not counted against an uncommitted bundle."""
         if self.state.current is not None or self.state.pending is not None:
