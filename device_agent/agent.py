@@ -47,8 +47,9 @@ from .sources import MqttSource, Source, open_source
 from .telemetry import Stats, Watchdog, machine
 from .update.probation import Probation, ProbationLimits
 from .update.sandbox import trial_run
+from .update.shadow import ShadowStats
 from .update.signature import Verifier
-from .update.updater import Failed, Staged, Updater
+from .update.updater import Failed, Staged, Unchanged, Updater
 
 __all__ = ["RunStats", "Agent"]
 
@@ -74,6 +75,28 @@ class RunStats:
     rejected: int = 0  # samples the broker refused (MQTT 5 reason, e.g. an ACL's "Not authorized"); kept
 
 
+@dataclass
+class _Shadow:
+    """A candidate running beside the current model (update/shadow.py)."""
+
+    staged: Staged
+    table: Optional[np.ndarray]
+    shape: Optional[tuple]
+    threshold: float
+    stats: ShadowStats
+
+
+def lookup_table(pre: Any, spec: Any):
+    """For uint8 images already at the model's size: raw byte -> quantized model input, computed
+    once with the very arithmetic of preprocess() + quantize(), so results are identical."""
+    shape = tuple(pre.shape)
+    if pre.kind != "image" or not spec.quantized or len(shape) != 3 or int(np.prod(shape)) != int(np.prod(spec.shape)):
+        return None, None
+    values = np.arange(256, dtype=np.uint8).reshape(256, 1, 1)
+    table = quantize(preprocess(values, replace(pre, shape=(256, 1, 1), resize="none")), spec)
+    return table.reshape(256), shape
+
+
 def digest(raw: np.ndarray) -> str:
     raw = np.ascontiguousarray(raw)
     h = hashlib.blake2b(digest_size=16)
@@ -92,6 +115,8 @@ class Agent:
         self.device, self.fleet = config.device.id, config.device.fleet
         self.updater: Optional[Updater] = None
         self.last_update_error: Optional[str] = None
+        self.last_update_archive: Optional[str] = None  # the archive last_update_error is about, when known
+        self.shadow: Optional[_Shadow] = None
         self.verifier = Verifier.from_config(config)  # None: no trusted keys, any bundle runs (one warning)
         installed = fallback = None
         if config.update.enabled:
@@ -226,15 +251,7 @@ class Agent:
         drift.update(mean, confidence)
 
     def _lookup_table(self):
-        """For uint8 images already at the model's size: raw byte -> quantized model input, computed
-        once with the very arithmetic of preprocess() + quantize(), so results are identical."""
-        pre, spec = self.manifest.preprocessing, self.model.input_spec
-        shape = tuple(pre.shape)
-        if pre.kind != "image" or not spec.quantized or len(shape) != 3 or int(np.prod(shape)) != int(np.prod(spec.shape)):
-            return None, None
-        values = np.arange(256, dtype=np.uint8).reshape(256, 1, 1)
-        table = quantize(preprocess(values, replace(pre, shape=(256, 1, 1), resize="none")), spec)
-        return table.reshape(256), shape
+        return lookup_table(self.manifest.preprocessing, self.model.input_spec)
 
     # -- payloads -----------------------------------------------------------
     def _status(self, state: str) -> bytes:
@@ -242,6 +259,7 @@ class Agent:
             protocol.status_payload(
                 device=self.device, fleet=self.fleet, state=state, model=self.manifest.model_ref,
                 agent_version=__version__, last_update_error=self.last_update_error,
+                last_update_archive=self.last_update_archive,
             )
         ).encode()
 
@@ -269,6 +287,7 @@ class Agent:
             signature=self.verifier.snapshot(self.manifest.sha256) if self.verifier is not None else None,
             probation=self.probation.snapshot() if self.probation is not None else None,
             rollbacks=self.rollbacks,
+            shadow=self.shadow.stats.snapshot() if self.shadow is not None else None,
             **machine(self.outbox.path.parent),
         )
 
@@ -334,6 +353,8 @@ class Agent:
 
         decision = self.policy.decide(pred, dig, time.time())
         self.stats.record(latency, decision.low_confidence)
+        if self.shadow is not None:
+            self._shadow_step(raw, pred, decision.low_confidence, latency)
         ts = protocol.now()
         sample_id = None
         if decision.flagged:
@@ -454,6 +475,8 @@ class Agent:
             return
         self._install(bundle, model)
         self.rollbacks += 1
+        self.last_update_archive = (self.updater.state.refused[-1].archive_sha256 if self.updater.state.refused
+                                    else None)
         self.last_update_error = (f"bundle {failed.name} v{failed.version} (sha256 {failed.sha256[:12]}...) failed its "
                                   f"probation: {why}; back to {bundle.manifest.name} v{bundle.manifest.version}")
         self.stats.error("update")
@@ -504,12 +527,17 @@ class Agent:
     def _apply_updates(self) -> None:
         while not self.updater.ready.empty():
             item = self.updater.ready.get_nowait()
+            if self.shadow is not None:  # a newer desired state: the shadow run ends (promoted, replaced, aborted)
+                self._end_shadow(item)
             if isinstance(item, Staged) and Path(item.bundle.path).resolve() == Path(self.bundle.path).resolve():
                 item.model.close()  # the same archive was staged twice; it already runs
+            elif isinstance(item, Staged) and item.meta.get("shadow"):
+                self._start_shadow(item)
             elif isinstance(item, Staged):
                 self._swap(item)
             elif isinstance(item, Failed):
                 self.last_update_error = item.reason  # before the count: whoever sees the count sees why
+                self.last_update_archive = item.meta.get("archive_sha256") or item.meta.get("refused_archive")
                 self.stats.error("update")
                 log.warning("update refused: %s; still running %s v%s", item.reason, self.manifest.name,
                             self.manifest.version)
@@ -519,7 +547,7 @@ class Agent:
         old = self.manifest
         baseline = self.stats.latency()["p95"]  # the model being replaced, on this board, just now
         self._install(staged.bundle, staged.model)
-        self.last_update_error = None
+        self.last_update_error = self.last_update_archive = None
         self.updater.installed(staged)  # a restart runs it; uncommitted until its probation passes
         self.probation = self._probation_for_current(baseline_p95_ms=baseline)
         m = self.manifest
@@ -540,6 +568,67 @@ class Agent:
             cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold,
             cfg.margin_threshold if cfg.margin_threshold is not None else m.margin_threshold,
         )
+
+    # -- shadow runs (update/shadow.py) -------------------------------------
+    def _start_shadow(self, staged: Staged) -> None:
+        m = staged.bundle.manifest
+        table, shape = lookup_table(m.preprocessing, staged.model.input_spec)
+        cfg = self.config.policy
+        threshold = cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold
+        self.shadow = _Shadow(staged, table, shape, threshold,
+                              ShadowStats(m.model_ref, staged.slot.archive_sha256 if staged.slot else ""))
+        log.info("shadow run: %s v%s (sha256 %s...) classifies every input beside %s v%s, which still decides",
+                 m.name, m.version, m.sha256[:12], self.manifest.name, self.manifest.version)
+        self._telemetry_due = 0.0
+
+    def _shadow_step(self, raw: np.ndarray, pred: Any, low: bool, latency: float) -> None:
+        sh = self.shadow
+        model, m = sh.staged.model, sh.staged.bundle.manifest
+        t0 = time.perf_counter()
+        try:
+            if sh.table is not None and raw.dtype == np.uint8 and raw.shape == sh.shape:
+                model.set_raw_input(np.take(sh.table, raw))
+                model.invoke()
+                scores = model.output()
+            else:
+                scores = model(preprocess(raw, m.preprocessing))
+            cand = classify(scores, m.labels, m.output_activation)
+        except (InputError, RuntimeError, ValueError, MemoryError) as exc:
+            sh.stats.error()
+            log.warning("shadow %s v%s failed an input (%s: %s)", m.name, m.version, exc.__class__.__name__,
+                        str(exc)[:200])
+            if sh.stats.errors > self.config.update.probation_max_errors:
+                self._drop_shadow(f"{sh.stats.errors} inputs failed under it (probation_max_errors="
+                                  f"{self.config.update.probation_max_errors})")
+            return
+        sh.stats.record(label=cand.label, confidence=cand.confidence, low=cand.confidence < sh.threshold,
+                        latency_s=time.perf_counter() - t0, current_label=pred.label,
+                        current_confidence=pred.confidence, current_low=low, current_latency_s=latency)
+
+    def _end_shadow(self, why: Any) -> None:
+        sh, self.shadow = self.shadow, None
+        sh.staged.model.close()
+        promoted = isinstance(why, Staged) and sh.staged.slot is not None and why.slot is not None \
+            and why.slot.archive_sha256 == sh.staged.slot.archive_sha256
+        if not isinstance(why, Staged):  # a Staged one counts its own attempt; the shadow's is forgotten
+            self.updater.shadow_ended()
+        m = sh.staged.bundle.manifest
+        log.info("shadow run of %s v%s ended after %d inferences (agreement %s): %s", m.name, m.version,
+                 sh.stats.inferences, sh.stats.snapshot()["agreement"],
+                 "promoted" if promoted else "a newer bundle message arrived")
+        self._telemetry_due = 0.0
+
+    def _drop_shadow(self, why: str) -> None:
+        sh, self.shadow = self.shadow, None
+        sh.staged.model.close()
+        m = sh.staged.bundle.manifest
+        self.updater.shadow_failed(sh.staged.slot, f"failed its shadow run: {why}")
+        self.last_update_archive = sh.staged.slot.archive_sha256 if sh.staged.slot else None
+        self.last_update_error = (f"shadow candidate {m.name} v{m.version} (sha256 {m.sha256[:12]}...) dropped: {why}; "
+                                  f"{self.manifest.name} v{self.manifest.version} runs as before")
+        self.stats.error("update")
+        log.warning("%s", self.last_update_error)
+        self._announce()
 
     def _announce(self) -> None:
         """The fleet learns what runs now: the last will, the retained status, telemetry soon."""
@@ -637,6 +726,10 @@ class Agent:
 
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
+        shadow = getattr(self, "shadow", None)
+        if shadow is not None:
+            self.shadow = None
+            shadow.staged.model.close()
         watchdog = getattr(self, "watchdog", None)
         if watchdog is not None:
             watchdog.stopping()
