@@ -94,3 +94,29 @@ def test_a_disagreeing_candidate_is_stopped_at_the_canary_and_a_good_one_promote
         assert "already promoted" in capsys.readouterr().err
     finally:
         fleet.close()
+
+
+def test_a_canary_whose_probation_fails_is_aborted_and_the_previous_bundle_pushed_back(broker, tmp_path, capsys):
+    # Boards whose latency cap no model meets: every swapped-in bundle fails its probation and is taken back.
+    fleet = Fleet(broker.url, tmp_path / "boards", 3, probation_latency_ms=1e-6)
+    devices = [a for d in fleet.devices for a in ("--device", d)]
+    state = tmp_path / "rollout.json"
+    try:
+        assert wait_for(lambda: all(a.stats.inferences >= 5 for a in fleet.agents.values()), WAIT)
+        assert main(["fleet", "push", str(V2), "--broker", broker.url, "--fleet", "lab", *devices, "--canary", "1",
+                     "--previous", str(BUNDLE), "--allow-unsigned", "--state", str(state)]) == 0
+        (board,) = json.loads(state.read_text())["cohort"]
+        capsys.readouterr()
+        assert main(["fleet", "rollout", "status", "--broker", broker.url, "--state", str(state), "--auto",
+                     "--until-decided", str(WAIT)]) == 0
+        out = capsys.readouterr().out
+        assert "verdict: ABORT: 1 of 1 boards tried failed (100% > 20%)" in out and "failed its probation" in out, out
+        assert f"ABORT: pushed the previous bundle {BUNDLE}" in out, out
+        assert fleet.agents[board].rollbacks == 1 and fleet.running(board) == "1"
+        v2_archive = json.loads(state.read_text())["candidate"]["archive_sha256"]
+        assert fleet.agents[board].updater.state.refusal(v2_archive) is not None
+        retained = retained_bundles(broker.port)
+        assert list(retained) == [board] and retained[board]["version"] == "1"  # what a restart gets: v1
+        assert all(fleet.running(d) == "1" and fleet.agents[d].rollbacks == 0 for d in fleet.devices if d != board)
+    finally:
+        fleet.close()
