@@ -604,6 +604,17 @@ class Agent:
         sh.stats.record(label=cand.label, confidence=cand.confidence, low=cand.confidence < sh.threshold,
                         latency_s=time.perf_counter() - t0, current_label=pred.label,
                         current_confidence=pred.confidence, current_low=low, current_latency_s=latency)
+        u = self.config.update
+        if sh.stats.inferences % u.commit_after == 0:  # a candidate too slow for this board would slow the loop
+            snap = sh.stats.snapshot()
+            p95, cur = snap["latency_ms"]["p95"], snap["current_latency_ms"]["p95"]
+            if u.probation_latency_ms > 0 and p95 > u.probation_latency_ms:
+                self._drop_shadow(f"its p95 latency {p95:.3f} ms is above probation_latency_ms="
+                                  f"{u.probation_latency_ms:g}")
+            elif u.probation_latency_ratio > 0 and p95 > u.probation_latency_ratio * max(cur, u.probation_latency_floor_ms):
+                self._drop_shadow(f"its p95 latency {p95:.3f} ms is {p95 / cur:.1f}x the current model's {cur:.3f} ms "
+                                  f"(probation_latency_ratio={u.probation_latency_ratio:g}, "
+                                  f"probation_latency_floor_ms={u.probation_latency_floor_ms:g})")
 
     def _end_shadow(self, why: Any) -> None:
         sh, self.shadow = self.shadow, None

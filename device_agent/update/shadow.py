@@ -6,8 +6,8 @@ current model on every input and keeps, for the candidate against the current mo
 the host's rollout verdict needs (:meth:`ShadowStats.snapshot`, telemetry ``shadow``). Results,
 flagging and samples stay the current model's. The shadow ends when the next bundle message
 arrives (the candidate itself without ``shadow``: a promotion; anything else, or a cleared topic:
-an abort); a candidate that fails more than ``[update].probation_max_errors`` inputs is dropped and
-its archive refused, the current model untouched.
+an abort); a candidate that fails more than ``[update].probation_max_errors`` inputs, or is slower than
+the probation latency limits, is dropped and its archive refused, the current model untouched.
 """
 
 from __future__ import annotations

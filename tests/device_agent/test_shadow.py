@@ -130,3 +130,22 @@ def test_a_disagreeing_shadow_is_seen_and_one_that_fails_inputs_is_dropped_the_c
     validate(dropped[-1])
     for m in sub.messages("telemetry"):
         validate(m)
+
+
+def test_a_shadow_candidate_slower_than_the_limits_is_dropped(broker, make_config, digits, tmp_path):
+    x, _ = digits
+    v1 = load_bundle(BUNDLE).manifest
+    out = tmp_path / "results.jsonl"
+    # No real model answers within a nanosecond: the shadow is judged after commit_after (10) inferences.
+    run = Running(make_config(broker.url, update={"commit_after": 10, "probation_latency_ms": 1e-6}), endless(x))
+    try:
+        assert wait_for(lambda: len(results(out)) >= 5, 15)
+        push(broker.port, shadow_message(V2))
+        assert wait_for(lambda: run.agent.stats.errors.get("update", 0) == 1, 30), "the slow shadow was not dropped"
+        assert "dropped: its p95 latency" in run.agent.last_update_error
+        n = len(results(out))
+        assert wait_for(lambda: len(results(out)) >= n + 10, 15), "the current model stopped"
+    finally:
+        run.finish()
+    assert versions(out) == ["1"] and run.agent.manifest.sha256 == v1.sha256 and run.agent.shadow is None
+    assert "probation_latency_ms" in state(tmp_path)["refused"][-1]["reason"]
