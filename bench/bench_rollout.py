@@ -48,7 +48,7 @@ def main() -> int:
     p.add_argument("--period", type=float, default=0.05, help="seconds between two inputs on a board")
     p.add_argument("--min-inferences", type=int, default=300)
     p.add_argument("--min-board-inferences", type=int, default=50)
-    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--timeout", type=float, default=180.0, help="for a verdict, and then for the fleet to run v2")
     args = p.parse_args()
 
     import logging
@@ -90,23 +90,33 @@ def main() -> int:
                 verdict_s = time.perf_counter() - t_push
                 verdict = next(line for line in out.splitlines() if line.startswith("verdict:"))
                 cohort = next(line for line in out.splitlines() if line.startswith("cohort:"))
-                fleet_s = None
+                fleet_s, where = None, ""
                 if "PROMOTE" in verdict:
-                    while time.perf_counter() - t_push < args.timeout:
+                    t_fleet = time.perf_counter()
+                    while time.perf_counter() - t_fleet < args.timeout:
                         cur = [a.updater.state.current for a in fleet.agents.values()]
                         if all(c is not None and c.committed and c.version == "2" for c in cur):
                             fleet_s = time.perf_counter() - t_push
                             break
                         time.sleep(0.2)
-                rows.append((name, pushed, verdict_s, fleet_s, verdict, cohort))
+                    cur = [a.updater.state.current for a in fleet.agents.values()]
+                    where = (f"fleet: {sum(bool(c and c.committed and c.version == '2') for c in cur)} of "
+                             f"{len(cur)} boards run v2 committed, "
+                             f"{sum(bool(c and not c.committed and c.version == '2') for c in cur)} on probation, "
+                             f"{sum(a.rollbacks for a in fleet.agents.values())} probation rollbacks: "
+                             + "; ".join(a.last_update_error[:120] for a in fleet.agents.values()
+                                         if a.last_update_error)[:600])
+                rows.append((name, pushed, verdict_s, fleet_s, verdict, cohort, where))
         finally:
             fleet.close()
             broker.stop()
     print(f"{'candidate':24} {'push s':>7} {'verdict s':>10} {'fleet on it s':>14}")
-    for name, pushed, verdict_s, fleet_s, verdict, cohort in rows:
+    for name, pushed, verdict_s, fleet_s, verdict, cohort, where in rows:
         print(f"{name:24} {pushed:7.2f} {verdict_s:10.2f} {'-' if fleet_s is None else f'{fleet_s:.2f}':>14}")
         print(f"    {verdict[:200]}")
         print(f"    {cohort}")
+        if where:
+            print(f"    {where}")
     return 0
 
 

@@ -303,6 +303,10 @@ class Agent:
             self.stats.error("input")
             log.warning("input %s skipped: %s", info.get("uri"), raw)
             return None
+        # A shadow candidate runs before the current model on every other input and after it on the others:
+        # neither pays alone for what running second costs (caches, the GIL, a time slice running out).
+        ran_early = self.shadow is not None and self.stats.inferences % 2 == 1
+        early = self._shadow_run(raw) if ran_early else None
         t0 = time.perf_counter()
         x = None
         try:
@@ -354,7 +358,7 @@ class Agent:
         decision = self.policy.decide(pred, dig, time.time())
         self.stats.record(latency, decision.low_confidence)
         if self.shadow is not None:
-            self._shadow_step(raw, pred, decision.low_confidence, latency)
+            self._shadow_record(early if ran_early else self._shadow_run(raw), pred, decision.low_confidence, latency)
         ts = protocol.now()
         sample_id = None
         if decision.flagged:
@@ -581,7 +585,9 @@ class Agent:
                  m.name, m.version, m.sha256[:12], self.manifest.name, self.manifest.version)
         self._telemetry_due = 0.0
 
-    def _shadow_step(self, raw: np.ndarray, pred: Any, low: bool, latency: float) -> None:
+    def _shadow_run(self, raw: np.ndarray) -> Optional[tuple]:
+        """The candidate on one input: ``(prediction, latency_s)``, or None when it failed (counted; dropped past
+        the limit)."""
         sh = self.shadow
         model, m = sh.staged.model, sh.staged.bundle.manifest
         t0 = time.perf_counter()
@@ -592,6 +598,7 @@ class Agent:
                 scores = model.output()
             else:
                 scores = model(preprocess(raw, m.preprocessing))
+            shadow_latency = time.perf_counter() - t0  # the span the current model's latency covers, no more
             cand = classify(scores, m.labels, m.output_activation)
         except (InputError, RuntimeError, ValueError, MemoryError) as exc:
             sh.stats.error()
@@ -600,9 +607,16 @@ class Agent:
             if sh.stats.errors > self.config.update.probation_max_errors:
                 self._drop_shadow(f"{sh.stats.errors} inputs failed under it (probation_max_errors="
                                   f"{self.config.update.probation_max_errors})")
+            return None
+        return cand, shadow_latency
+
+    def _shadow_record(self, result: Optional[tuple], pred: Any, low: bool, latency: float) -> None:
+        sh = self.shadow
+        if result is None or sh is None:
             return
+        cand, shadow_latency = result
         sh.stats.record(label=cand.label, confidence=cand.confidence, low=cand.confidence < sh.threshold,
-                        latency_s=time.perf_counter() - t0, current_label=pred.label,
+                        latency_s=shadow_latency, current_label=pred.label,
                         current_confidence=pred.confidence, current_low=low, current_latency_s=latency)
         u = self.config.update
         if sh.stats.inferences % u.commit_after == 0:  # a candidate too slow for this board would slow the loop
