@@ -56,6 +56,7 @@ __all__ = ["RunStats", "Agent"]
 log = logging.getLogger(__name__)
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 _MAX_QUEUED_CMDS = 256
+_SHADOW_LATENCY_EVERY = 100  # shadow inferences between two latency checks (a p95 of fewer is one stall)
 
 
 @dataclass(frozen=True)
@@ -619,7 +620,7 @@ class Agent:
                         latency_s=shadow_latency, current_label=pred.label,
                         current_confidence=pred.confidence, current_low=low, current_latency_s=latency)
         u = self.config.update
-        if sh.stats.inferences % u.commit_after == 0:  # a candidate too slow for this board would slow the loop
+        if sh.stats.inferences % _SHADOW_LATENCY_EVERY == 0:  # a candidate too slow for this board slows the loop
             snap = sh.stats.snapshot()
             p95, cur = snap["latency_ms"]["p95"], snap["current_latency_ms"]["p95"]
             if u.probation_latency_ms > 0 and p95 > u.probation_latency_ms:

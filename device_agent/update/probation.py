@@ -11,7 +11,9 @@ agent goes back to the previous bundle by itself (:meth:`UpdateState.revert`), w
   (absolute cap, 0 = none) or above ``probation_latency_ratio`` times the p95 of the model it
   replaced, measured on the same board just before the swap (0 = none; no ratio when the board
   had not run an inference before). The ratio is taken against at least ``probation_latency_floor_ms``
-  (5 ms): on a busy board a 1 ms model that takes 3 ms for a while is noise, not a slow model.
+  (5 ms): on a busy board a 1 ms model that takes 3 ms for a while is noise, not a slow model. With a
+  latency limit on, probation lasts at least :data:`MIN_LATENCY_SAMPLES` (50) inferences: a p95 of fewer
+  is one stall.
 
 A crash or a hang of the agent during probation is boot counting's part (:mod:`.state`): the
 bundle is uncommitted, so every start on it counts an attempt, and after ``max_attempts`` the last
@@ -26,7 +28,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["ProbationLimits", "Probation"]
+__all__ = ["ProbationLimits", "Probation", "MIN_LATENCY_SAMPLES"]
+
+MIN_LATENCY_SAMPLES = 50
+"""With a latency limit on, probation lasts at least this many inferences: a p95 of 20 is the second-largest
+value, one stall of a busy board (bench/bench_rollout.py saw 10 of 50 boards refuse a good model that way)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,9 @@ class Probation:
                               f"(probation_max_errors={lim.max_errors})")
         now = time.monotonic() if now is None else now
         if self.inferences < lim.inferences or now - self.started < lim.seconds:
+            return "running", ""
+        judged = lim.latency_ms > 0 or (lim.latency_ratio > 0 and self.baseline_p95_ms)
+        if judged and len(self.latencies_ms) < MIN_LATENCY_SAMPLES:
             return "running", ""
         p95 = self.p95_ms()
         if p95 is not None and lim.latency_ms > 0 and p95 > lim.latency_ms:

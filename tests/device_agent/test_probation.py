@@ -16,7 +16,7 @@ import numpy as np
 from device_agent.agent import Agent
 from device_agent.delivery import protocol
 from device_agent.update.manifest import load_bundle
-from device_agent.update.probation import Probation, ProbationLimits
+from device_agent.update.probation import MIN_LATENCY_SAMPLES, Probation, ProbationLimits
 
 from conftest import BUNDLE, DATA, validate, wait_for
 from test_agent_mqtt import SlowSource
@@ -40,7 +40,8 @@ def test_a_bundle_slower_than_the_limit_is_refused_and_the_configured_one_runs_a
     x, _ = digits
     v1, v2 = load_bundle(BUNDLE).manifest, load_bundle(V2).manifest
     sub = sub_factory(broker.port, topic="edgekit/v1/test/dev1/+")
-    # No real model answers within a nanosecond: v2 fails its probation on latency after its 10 inferences.
+    # No real model answers within a nanosecond: v2 fails its probation on latency after 50 inferences (the
+    # fewest a latency limit is judged on, more than commit_after here).
     config = make_config(broker.url, update={"commit_after": 10, "probation_latency_ms": 1e-6})
     out = tmp_path / "results.jsonl"
     message = json.dumps(protocol.bundle_payload(V2)).encode()
@@ -61,7 +62,7 @@ def test_a_bundle_slower_than_the_limit_is_refused_and_the_configured_one_runs_a
 
     assert versions(out) == ["1", "2", "1"]
     lines = results(out)
-    assert sum(r["model_version"] == "2" for r in lines) == 10  # its probation, not one inference more
+    assert sum(r["model_version"] == "2" for r in lines) == 50  # its probation, not one inference more
     assert [r["seq"] for r in lines] == list(range(len(lines)))
     assert stats.errors["update"] == 2 and run.agent.manifest.sha256 == v1.sha256
     s = state(tmp_path)
@@ -141,10 +142,19 @@ def test_probation_lasts_n_inferences_and_t_seconds_and_judges_latency_against_t
     p = Probation("b", lim, baseline_p95_ms=1.0, now=0.0)
     for _ in range(3):
         p.record(0.0015)  # 1.5 ms: within 2x the previous model's 1 ms
-    assert p.verdict(now=5.0) == ("running", "")  # 3 inferences, but only 5 of 10 s
+    assert p.verdict(now=10.0) == ("running", "")  # 3 inferences and 10 s, but a p95 of 3 is no p95 yet
+    for _ in range(MIN_LATENCY_SAMPLES - 4):
+        p.record(0.0015)
+    assert p.verdict(now=10.0) == ("running", "")  # 49
+    p.record(0.0015)
+    assert p.verdict(now=5.0) == ("running", "")  # 50 inferences, but only 5 of 10 s
     assert p.verdict(now=10.0)[0] == "passed"
-    slow = Probation("b", lim, baseline_p95_ms=1.0, now=0.0)
+    nolimit = Probation("b", ProbationLimits(inferences=3, latency_ratio=0.0), baseline_p95_ms=1.0, now=0.0)
     for _ in range(3):
+        nolimit.record(0.5)
+    assert nolimit.verdict(now=0.0)[0] == "passed"  # no latency limit: commit_after alone
+    slow = Probation("b", lim, baseline_p95_ms=1.0, now=0.0)
+    for _ in range(MIN_LATENCY_SAMPLES):
         slow.record(0.0025)
     state, why = slow.verdict(now=11.0)
     assert state == "failed" and "2.5x the previous model's 1.000 ms" in why
@@ -154,5 +164,6 @@ def test_probation_lasts_n_inferences_and_t_seconds_and_judges_latency_against_t
     errs.error()
     assert errs.verdict(now=0.0) == ("failed", "2 inputs failed under it in its first 2 (probation_max_errors=1)")
     floored = Probation("b", ProbationLimits(inferences=1, latency_ratio=3.0), baseline_p95_ms=1.0, now=0.0)
-    floored.record(0.004)  # 4x a 1 ms model, but under 3 x the 5 ms floor: noise on a busy board, not refused
+    for _ in range(MIN_LATENCY_SAMPLES):
+        floored.record(0.004)  # 4x a 1 ms model, but under 3 x the 5 ms floor: noise on a busy board, not refused
     assert floored.verdict(now=0.0)[0] == "passed"

@@ -136,8 +136,8 @@ def test_a_shadow_candidate_slower_than_the_limits_is_dropped(broker, make_confi
     x, _ = digits
     v1 = load_bundle(BUNDLE).manifest
     out = tmp_path / "results.jsonl"
-    # No real model answers within a nanosecond: the shadow is judged after commit_after (10) inferences.
-    run = Running(make_config(broker.url, update={"commit_after": 10, "probation_latency_ms": 1e-6}), endless(x))
+    # No real model answers within a nanosecond: the shadow is judged after 100 shadow inferences.
+    run = Running(make_config(broker.url, update={"probation_latency_ms": 1e-6}), endless(x))
     try:
         assert wait_for(lambda: len(results(out)) >= 5, 15)
         push(broker.port, shadow_message(V2))
