@@ -13,9 +13,10 @@ CLI (`edgekit fleet push --canary --shadow`, `edgekit fleet rollout status --aut
 
 The rule is the default one (docs/rollout.md: max disagreement 0.05, one-sided 95% Wilson bounds, abort
 rate 0.2), with --min-inferences / --min-board-inferences as given, and --max-latency-ratio 3 (not 1.5):
-50 agents sharing one Python process on two cores wait for the GIL inside their timed spans, and the
-second of two models run back to back reads ~1.8x slower there even when it is the same model (the bad
-candidate shows it); on boards, one agent per process, the default holds.
+50 agents sharing one Python process on two cores wait for the GIL and each other inside their timed
+spans, and there the candidate's p95 reads 1.3-1.8x the current model's (median over the cohort) even
+when it is the very same model (the bad candidate: same model file, labels permuted). With 10 agents the
+same ratio read 1.07.
 """
 
 from __future__ import annotations

@@ -10,12 +10,14 @@ current model still decides) and reports agreement, confidence and latency of bo
 :func:`judge` reads the cohort's latest status and telemetry and gives a verdict (docs/rollout.md):
 
 - a board **failed** when its retained status names the candidate's archive in ``last_update_archive``
-  (refused, failed its probation, or dropped from a shadow run), or its shadow error rate or its
-  latency ratio is past the limits; it **succeeded** when it ran the candidate past its probation
-  (canary) or for ``min_board_inferences`` shadow inferences within limits;
+  (refused, failed its probation, or dropped from a shadow run), or its shadow error rate is past the
+  limit; it **succeeded** when it ran the candidate past its probation (canary) or for
+  ``min_board_inferences`` shadow inferences within limits;
 - **abort** when, after ``abort_min`` boards tried (succeeded + failed), failed / tried > ``abort_rate``
   (AWS IoT Jobs' abort criteria); or when the Wilson score *lower* bound of the pooled disagreement
-  (one-sided, ``confidence``) is above ``max_disagreement``: the candidate is worse for sure;
+  (one-sided, ``confidence``) is above ``max_disagreement``: the candidate is worse for sure; or when the
+  median over the boards tried of p95(candidate) / max(p95(current), ``latency_floor_ms``) is above
+  ``max_latency_ratio`` (a median: one busy board's stalls are not a slower model);
 - **promote** when every cohort board succeeded and, with shadow, at least ``min_inferences`` pooled
   shadow inferences give a one-sided Wilson *upper* bound on disagreement at or below ``max_disagreement``;
 - else **wait**, with what is missing.
@@ -124,9 +126,9 @@ class Rule:
         return (f"abort if failed/tried > {self.abort_rate:g} after {self.abort_min} tried, or the Wilson lower bound "
                 f"on disagreement > {self.max_disagreement:g}; promote when every cohort board succeeded"
                 f" and, in shadow runs, the one-sided {100 * self.confidence:g}% Wilson upper bound on disagreement "
-                f"<= {self.max_disagreement:g} over >= {self.min_inferences} inferences; a board fails past "
-                f"p95 ratio {self.max_latency_ratio:g} (floor {self.latency_floor_ms:g} ms) or error rate "
-                f"{self.max_error_rate:g}")
+                f"<= {self.max_disagreement:g} over >= {self.min_inferences} inferences; abort if the median p95 "
+                f"ratio over boards > {self.max_latency_ratio:g} (floor {self.latency_floor_ms:g} ms); a board fails "
+                f"past error rate {self.max_error_rate:g}")
 
 
 # -- the rollout's state file ------------------------------------------------
@@ -234,10 +236,6 @@ def board_report(device: str, status: Optional[Mapping[str, Any]], telemetry: Op
             r.outcome, r.why = "failed", f"error rate {errors}/{n + errors} above {rule.max_error_rate:g}"
         elif n < rule.min_board_inferences:
             r.why = f"{n} of {rule.min_board_inferences} shadow inferences"
-        elif r.latency_p95_ms is not None and r.current_p95_ms is not None and \
-                r.latency_p95_ms > rule.max_latency_ratio * max(r.current_p95_ms, rule.latency_floor_ms):
-            r.outcome, r.why = "failed", (f"p95 {r.latency_p95_ms:.2f} ms vs current {r.current_p95_ms:.2f} ms, above "
-                                          f"{rule.max_latency_ratio:g}x (floor {rule.latency_floor_ms:g} ms)")
         else:
             r.outcome = "succeeded"
         return r
@@ -277,19 +275,25 @@ def judge(rollout: RolloutState, statuses: Mapping[str, Any], telemetry: Mapping
     n = sum(b.inferences for b in boards if b.outcome in ("succeeded", "running", "failed")) if rollout.shadow else 0
     d = sum(b.disagree for b in boards) if rollout.shadow else 0
     lo, hi = wilson_bounds(d, n, rule.confidence)
-    ratios = [b.latency_ratio for b in boards if b.latency_ratio is not None and b.outcome != "waiting"]
+    ratios = [b.latency_p95_ms / max(b.current_p95_ms, rule.latency_floor_ms) for b in ok
+              if b.latency_p95_ms is not None and b.current_p95_ms is not None
+              and max(b.current_p95_ms, rule.latency_floor_ms) > 0]
+    median_ratio = statistics.median(ratios) if ratios else None
     figures: Dict[str, Any] = {
         "cohort": len(boards), "tried": tried, "succeeded": len(ok), "failed": len(failed),
         "failed_rate": round(len(failed) / tried, 4) if tried else None,
         "inferences": n, "disagree": d, "disagreement": round(d / n, 6) if n else None,
         "disagreement_lower": round(lo, 6) if n else None, "disagreement_upper": round(hi, 6) if n else None,
-        "latency_ratio_median": round(statistics.median(ratios), 3) if ratios else None,
+        "latency_ratio_median": round(median_ratio, 3) if median_ratio is not None else None,
         "errors": sum(b.errors for b in boards), "rule": rule.describe(),
     }
     reasons: List[str] = []
     if tried >= max(1, rule.abort_min) and len(failed) / tried > rule.abort_rate:
         reasons.append(f"{len(failed)} of {tried} boards tried failed ({100 * len(failed) / tried:.0f}% > "
                        f"{100 * rule.abort_rate:g}%): " + "; ".join(f"{b.device}: {b.why}" for b in failed))
+    if median_ratio is not None and len(ratios) >= max(1, rule.abort_min) and median_ratio > rule.max_latency_ratio:
+        reasons.append(f"the median p95 latency ratio over {len(ratios)} boards, {median_ratio:.2f} (candidate / "
+                       f"max(current, {rule.latency_floor_ms:g} ms)), is above {rule.max_latency_ratio:g}")
     if rollout.shadow and n and lo > rule.max_disagreement:
         reasons.append(f"disagreement {d}/{n} = {d / n:.3f}: its {100 * rule.confidence:g}% Wilson lower bound "
                        f"{lo:.3f} is above the limit {rule.max_disagreement:g}")
