@@ -295,6 +295,12 @@ def _push(args: argparse.Namespace, resign: bool = False) -> int:
 
         from ..fleet.rollout import RolloutState, choose_cohort
 
+        if Path(args.state).exists() and not args.dry_run:
+            running = RolloutState.load(args.state)
+            if running.phase == "canary":
+                raise EdgekitError(f"a rollout of {running.candidate.get('name')} v{running.candidate.get('version')} "
+                                   f"is still in its canary in {args.state}: promote or abort it first (`edgekit fleet "
+                                   "rollout promote|abort`), or pass another --state")
         cohort = choose_cohort(devices, canary, payload["archive_sha256"])
         rest = [d for d in sorted(set(devices)) if d not in cohort]
         if args.previous and args.shadow:

@@ -106,6 +106,10 @@ def test_a_canary_whose_probation_fails_is_aborted_and_the_previous_bundle_pushe
         assert main(["fleet", "push", str(V2), "--broker", broker.url, "--fleet", "lab", *devices, "--canary", "1",
                      "--previous", str(BUNDLE), "--allow-unsigned", "--state", str(state)]) == 0
         (board,) = json.loads(state.read_text())["cohort"]
+        capsys.readouterr()  # a second canary while this one runs is refused: its state would be lost
+        assert main(["fleet", "push", str(V2), "--broker", broker.url, "--fleet", "lab", *devices, "--canary", "1",
+                     "--allow-unsigned", "--state", str(state)]) == 1
+        assert "is still in its canary" in capsys.readouterr().err
         capsys.readouterr()
         assert main(["fleet", "rollout", "status", "--broker", broker.url, "--state", str(state), "--auto",
                      "--until-decided", str(WAIT)]) == 0
