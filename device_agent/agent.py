@@ -45,15 +45,18 @@ from .inference.preprocess import preprocess
 from .results import ResultsWriter
 from .sources import MqttSource, Source, open_source
 from .telemetry import Stats, Watchdog, machine
+from .update.probation import Probation, ProbationLimits
 from .update.sandbox import trial_run
+from .update.shadow import ShadowStats
 from .update.signature import Verifier
-from .update.updater import Failed, Staged, Updater
+from .update.updater import Failed, Staged, Unchanged, Updater
 
 __all__ = ["RunStats", "Agent"]
 
 log = logging.getLogger(__name__)
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 _MAX_QUEUED_CMDS = 256
+_SHADOW_LATENCY_EVERY = 100  # shadow inferences between two latency checks (a p95 of fewer is one stall)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,28 @@ class RunStats:
     sent: int = 0  # publishes the broker acknowledged (PUBACK), resends included
     resent: int = 0  # publishes of a sample sent before: no collector ack in time, or a reconnect
     rejected: int = 0  # samples the broker refused (MQTT 5 reason, e.g. an ACL's "Not authorized"); kept
+
+
+@dataclass
+class _Shadow:
+    """A candidate running beside the current model (update/shadow.py)."""
+
+    staged: Staged
+    table: Optional[np.ndarray]
+    shape: Optional[tuple]
+    threshold: float
+    stats: ShadowStats
+
+
+def lookup_table(pre: Any, spec: Any):
+    """For uint8 images already at the model's size: raw byte -> quantized model input, computed
+    once with the very arithmetic of preprocess() + quantize(), so results are identical."""
+    shape = tuple(pre.shape)
+    if pre.kind != "image" or not spec.quantized or len(shape) != 3 or int(np.prod(shape)) != int(np.prod(spec.shape)):
+        return None, None
+    values = np.arange(256, dtype=np.uint8).reshape(256, 1, 1)
+    table = quantize(preprocess(values, replace(pre, shape=(256, 1, 1), resize="none")), spec)
+    return table.reshape(256), shape
 
 
 def digest(raw: np.ndarray) -> str:
@@ -91,6 +116,8 @@ class Agent:
         self.device, self.fleet = config.device.id, config.device.fleet
         self.updater: Optional[Updater] = None
         self.last_update_error: Optional[str] = None
+        self.last_update_archive: Optional[str] = None  # the archive last_update_error is about, when known
+        self.shadow: Optional[_Shadow] = None
         self.verifier = Verifier.from_config(config)  # None: no trusted keys, any bundle runs (one warning)
         installed = fallback = None
         if config.update.enabled:
@@ -139,7 +166,8 @@ class Agent:
         if fallback:
             self.last_update_error = fallback
             self.stats.error("update")
-        self._commit_at = self._commit_point()
+        self.rollbacks = 0  # bundles that failed their probation in this run
+        self.probation: Optional[Probation] = self._probation_for_current(baseline_p95_ms=None)
         self.watchdog = Watchdog()
         self._cmds: "queue.SimpleQueue[bytes]" = queue.SimpleQueue()
         self._telemetry_due = 0.0
@@ -224,15 +252,7 @@ class Agent:
         drift.update(mean, confidence)
 
     def _lookup_table(self):
-        """For uint8 images already at the model's size: raw byte -> quantized model input, computed
-        once with the very arithmetic of preprocess() + quantize(), so results are identical."""
-        pre, spec = self.manifest.preprocessing, self.model.input_spec
-        shape = tuple(pre.shape)
-        if pre.kind != "image" or not spec.quantized or len(shape) != 3 or int(np.prod(shape)) != int(np.prod(spec.shape)):
-            return None, None
-        values = np.arange(256, dtype=np.uint8).reshape(256, 1, 1)
-        table = quantize(preprocess(values, replace(pre, shape=(256, 1, 1), resize="none")), spec)
-        return table.reshape(256), shape
+        return lookup_table(self.manifest.preprocessing, self.model.input_spec)
 
     # -- payloads -----------------------------------------------------------
     def _status(self, state: str) -> bytes:
@@ -240,6 +260,7 @@ class Agent:
             protocol.status_payload(
                 device=self.device, fleet=self.fleet, state=state, model=self.manifest.model_ref,
                 agent_version=__version__, last_update_error=self.last_update_error,
+                last_update_archive=self.last_update_archive,
             )
         ).encode()
 
@@ -265,6 +286,9 @@ class Agent:
             agent_version=__version__,
             drift=self.drift.snapshot().to_dict() if self.drift is not None else None,
             signature=self.verifier.snapshot(self.manifest.sha256) if self.verifier is not None else None,
+            probation=self.probation.snapshot() if self.probation is not None else None,
+            rollbacks=self.rollbacks,
+            shadow=self.shadow.stats.snapshot() if self.shadow is not None else None,
             **machine(self.outbox.path.parent),
         )
 
@@ -280,6 +304,10 @@ class Agent:
             self.stats.error("input")
             log.warning("input %s skipped: %s", info.get("uri"), raw)
             return None
+        # A shadow candidate runs before the current model on every other input and after it on the others:
+        # neither pays alone for what running second costs (caches, the GIL, a time slice running out).
+        ran_early = self.shadow is not None and self.stats.inferences % 2 == 1
+        early = self._shadow_run(raw) if ran_early else None
         t0 = time.perf_counter()
         x = None
         try:
@@ -298,20 +326,25 @@ class Agent:
             else:
                 x = preprocess(raw, self.manifest.preprocessing)
                 scores = self.model(x)
-        except InputError as exc:
+        except InputError as exc:  # the bundle's preprocessing refused what the source produced
             self.stats.error("input")
             log.warning("input %s#%s skipped: %s", info.get("uri"), info.get("index"), exc)
+            self._probation_error()
             return None
         except (RuntimeError, ValueError) as exc:  # the interpreter refused this input
             self.stats.error("inference")
             log.warning("input %s#%s failed in the interpreter (%s); skipped", info.get("uri"), info.get("index"), exc)
+            self._probation_error()
             return None
         except MemoryError:  # one input too big for this board's memory: skip it, the loop goes on
             self.stats.error("input")
             log.warning("input %s#%s needs more memory than this board has; skipped", info.get("uri"),
                         info.get("index"))
+            self._probation_error()
             return None
         latency = time.perf_counter() - t0
+        if self.probation is not None:
+            self.probation.record(latency)
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)
         if self.drift is not None:
@@ -325,6 +358,8 @@ class Agent:
 
         decision = self.policy.decide(pred, dig, time.time())
         self.stats.record(latency, decision.low_confidence)
+        if self.shadow is not None:
+            self._shadow_record(early if ran_early else self._shadow_run(raw), pred, decision.low_confidence, latency)
         ts = protocol.now()
         sample_id = None
         if decision.flagged:
@@ -383,9 +418,11 @@ class Agent:
                     self.send_telemetry()
                 except Exception as exc:  # noqa: BLE001
                     self._failed("telemetry", "sending telemetry", exc)
-        if self._commit_at is not None and self.stats.inferences >= self._commit_at:
-            self._commit_at = None
-            self.updater.commit()
+        if self.probation is not None:
+            try:
+                self._check_probation()
+            except Exception as exc:  # noqa: BLE001
+                self._failed("update", "checking the probation of the new bundle", exc)
         self.results.tick()
         self.watchdog.feed()
 
@@ -394,14 +431,62 @@ class Agent:
         log.warning("%s failed (%s: %s); counted in errors.%s, the loop goes on", doing, exc.__class__.__name__,
                     str(exc)[:300], kind)
 
-    def _commit_point(self) -> Optional[int]:
-        """The inference count at which the running bundle, if uncommitted, is committed (None: nothing to do)."""
+    # -- probation (update/probation.py) ------------------------------------
+    def _probation_for_current(self, baseline_p95_ms: Optional[float]) -> Optional[Probation]:
+        """A probation for the running bundle if it is an uncommitted update (None: nothing to prove)."""
         if self.updater is None:
             return None
         cur = self.updater.state.current
         if cur is None or cur.committed or cur.sha256 != self.manifest.sha256:
             return None
-        return self.stats.inferences + self.config.update.commit_after
+        return Probation(cur.label, ProbationLimits.from_config(self.config.update), baseline_p95_ms=baseline_p95_ms)
+
+    def _probation_error(self) -> None:
+        if self.probation is not None:
+            self.probation.error()
+            self._check_probation()  # errors end a probation at once, not at the next service()
+
+    def _check_probation(self) -> None:
+        state, why = self.probation.verdict()
+        if state == "passed":
+            self.probation = None
+            self.updater.commit()
+            log.info("bundle %s v%s passed its probation: %s", self.manifest.name, self.manifest.version, why)
+        elif state == "failed":
+            self._revert(why)
+
+    def _revert(self, why: str) -> None:
+        """The running bundle failed its probation: refuse it, and run the previous bundle again (kept on disk)."""
+        failed, self.probation = self.manifest, None
+        target = self.updater.revert(f"failed its probation: {why}")  # written before anything else happens
+        try:
+            if target is not None:
+                bundle = load_bundle(target.path)
+                if bundle.manifest.sha256 != target.sha256:
+                    raise BundleError(f"its model sha256={bundle.manifest.sha256[:12]}... is not the installed "
+                                      f"{target.sha256[:12]}...")
+            elif self.verifier is not None:
+                bundle = self.verifier.load(self.config.bundle.path, max_total=8 * self.config.update.max_bytes)
+            else:
+                bundle = load_bundle(self.config.bundle.path)
+            model = self._open_like_running(bundle.model_path)
+        except Exception as exc:  # noqa: BLE001 - the state already says what a restart runs
+            self.rollbacks += 1
+            self.last_update_error = (f"bundle {failed.name} v{failed.version} failed its probation ({why}), but the "
+                                      f"previous bundle cannot be opened ({exc}); a restart runs it")
+            self.stats.error("update")
+            log.error("%s", self.last_update_error)
+            self._publish_status()
+            return
+        self._install(bundle, model)
+        self.rollbacks += 1
+        self.last_update_archive = (self.updater.state.refused[-1].archive_sha256 if self.updater.state.refused
+                                    else None)
+        self.last_update_error = (f"bundle {failed.name} v{failed.version} (sha256 {failed.sha256[:12]}...) failed its "
+                                  f"probation: {why}; back to {bundle.manifest.name} v{bundle.manifest.version}")
+        self.stats.error("update")
+        log.warning("%s", self.last_update_error)
+        self._announce()
 
     def _offer_cmd(self, topic: str, payload: bytes) -> None:
         """MQTT thread: queue a command for the loop; an oversized one, or one past a full queue, is refused here."""
@@ -447,21 +532,40 @@ class Agent:
     def _apply_updates(self) -> None:
         while not self.updater.ready.empty():
             item = self.updater.ready.get_nowait()
+            if self.shadow is not None:  # a newer desired state: the shadow run ends (promoted, replaced, aborted)
+                self._end_shadow(item)
             if isinstance(item, Staged) and Path(item.bundle.path).resolve() == Path(self.bundle.path).resolve():
                 item.model.close()  # the same archive was staged twice; it already runs
+            elif isinstance(item, Staged) and item.meta.get("shadow"):
+                self._start_shadow(item)
             elif isinstance(item, Staged):
                 self._swap(item)
             elif isinstance(item, Failed):
                 self.last_update_error = item.reason  # before the count: whoever sees the count sees why
+                self.last_update_archive = item.meta.get("archive_sha256") or item.meta.get("refused_archive")
                 self.stats.error("update")
                 log.warning("update refused: %s; still running %s v%s", item.reason, self.manifest.name,
                             self.manifest.version)
                 self._publish_status()
 
     def _swap(self, staged: Staged) -> None:
-        old_model, old = self.model, self.manifest
-        self.model, self.bundle, self.manifest = staged.model, staged.bundle, staged.bundle.manifest
+        old = self.manifest
+        baseline = self.stats.latency()["p95"]  # the model being replaced, on this board, just now
+        self._install(staged.bundle, staged.model)
+        self.last_update_error = self.last_update_archive = None
+        self.updater.installed(staged)  # a restart runs it; uncommitted until its probation passes
+        self.probation = self._probation_for_current(baseline_p95_ms=baseline)
+        m = self.manifest
+        log.info("model updated: %s v%s -> %s v%s (sha256 %s...) from %s; on probation", old.name, old.version, m.name,
+                 m.version, m.sha256[:12], self.bundle.path)
+        self._announce()
+
+    def _install(self, bundle: Bundle, model: TFLiteModel) -> None:
+        """Run ``model`` of ``bundle`` from the next inference on (the one running is closed)."""
+        old_model = self.model
+        self.model, self.bundle, self.manifest = model, bundle, bundle.manifest
         old_model.close()
+        self.stats.latencies_ms.clear()  # telemetry latency_ms describes the model that runs
         self._prepare_fast_path()
         self._prepare_drift()  # the window describes one model: start afresh against the new reference
         m, cfg = self.manifest, self.config.policy
@@ -469,11 +573,91 @@ class Agent:
             cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold,
             cfg.margin_threshold if cfg.margin_threshold is not None else m.margin_threshold,
         )
-        self.last_update_error = None
-        self.updater.installed(staged)  # a restart runs it; uncommitted until it has run commit_after inferences
-        self._commit_at = self._commit_point()
-        log.info("model updated: %s v%s -> %s v%s (sha256 %s...) from %s", old.name, old.version, m.name, m.version,
-                 m.sha256[:12], self.bundle.path)
+
+    # -- shadow runs (update/shadow.py) -------------------------------------
+    def _start_shadow(self, staged: Staged) -> None:
+        m = staged.bundle.manifest
+        table, shape = lookup_table(m.preprocessing, staged.model.input_spec)
+        cfg = self.config.policy
+        threshold = cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold
+        self.shadow = _Shadow(staged, table, shape, threshold,
+                              ShadowStats(m.model_ref, staged.slot.archive_sha256 if staged.slot else ""))
+        log.info("shadow run: %s v%s (sha256 %s...) classifies every input beside %s v%s, which still decides",
+                 m.name, m.version, m.sha256[:12], self.manifest.name, self.manifest.version)
+        self._telemetry_due = 0.0
+
+    def _shadow_run(self, raw: np.ndarray) -> Optional[tuple]:
+        """The candidate on one input: ``(prediction, latency_s)``, or None when it failed (counted; dropped past
+        the limit)."""
+        sh = self.shadow
+        model, m = sh.staged.model, sh.staged.bundle.manifest
+        t0 = time.perf_counter()
+        try:
+            if sh.table is not None and raw.dtype == np.uint8 and raw.shape == sh.shape:
+                model.set_raw_input(np.take(sh.table, raw))
+                model.invoke()
+                scores = model.output()
+            else:
+                scores = model(preprocess(raw, m.preprocessing))
+            shadow_latency = time.perf_counter() - t0  # the span the current model's latency covers, no more
+            cand = classify(scores, m.labels, m.output_activation)
+        except (InputError, RuntimeError, ValueError, MemoryError) as exc:
+            sh.stats.error()
+            log.warning("shadow %s v%s failed an input (%s: %s)", m.name, m.version, exc.__class__.__name__,
+                        str(exc)[:200])
+            if sh.stats.errors > self.config.update.probation_max_errors:
+                self._drop_shadow(f"{sh.stats.errors} inputs failed under it (probation_max_errors="
+                                  f"{self.config.update.probation_max_errors})")
+            return None
+        return cand, shadow_latency
+
+    def _shadow_record(self, result: Optional[tuple], pred: Any, low: bool, latency: float) -> None:
+        sh = self.shadow
+        if result is None or sh is None:
+            return
+        cand, shadow_latency = result
+        sh.stats.record(label=cand.label, confidence=cand.confidence, low=cand.confidence < sh.threshold,
+                        latency_s=shadow_latency, current_label=pred.label,
+                        current_confidence=pred.confidence, current_low=low, current_latency_s=latency)
+        u = self.config.update
+        if sh.stats.inferences % _SHADOW_LATENCY_EVERY == 0:  # a candidate too slow for this board slows the loop
+            snap = sh.stats.snapshot()
+            p95, cur = snap["latency_ms"]["p95"], snap["current_latency_ms"]["p95"]
+            if u.probation_latency_ms > 0 and p95 > u.probation_latency_ms:
+                self._drop_shadow(f"its p95 latency {p95:.3f} ms is above probation_latency_ms="
+                                  f"{u.probation_latency_ms:g}")
+            elif u.probation_latency_ratio > 0 and p95 > u.probation_latency_ratio * max(cur, u.probation_latency_floor_ms):
+                self._drop_shadow(f"its p95 latency {p95:.3f} ms is {p95 / cur:.1f}x the current model's {cur:.3f} ms "
+                                  f"(probation_latency_ratio={u.probation_latency_ratio:g}, "
+                                  f"probation_latency_floor_ms={u.probation_latency_floor_ms:g})")
+
+    def _end_shadow(self, why: Any) -> None:
+        sh, self.shadow = self.shadow, None
+        sh.staged.model.close()
+        promoted = isinstance(why, Staged) and sh.staged.slot is not None and why.slot is not None \
+            and why.slot.archive_sha256 == sh.staged.slot.archive_sha256
+        if not isinstance(why, Staged):  # a Staged one counts its own attempt; the shadow's is forgotten
+            self.updater.shadow_ended()
+        m = sh.staged.bundle.manifest
+        log.info("shadow run of %s v%s ended after %d inferences (agreement %s): %s", m.name, m.version,
+                 sh.stats.inferences, sh.stats.snapshot()["agreement"],
+                 "promoted" if promoted else "a newer bundle message arrived")
+        self._telemetry_due = 0.0
+
+    def _drop_shadow(self, why: str) -> None:
+        sh, self.shadow = self.shadow, None
+        sh.staged.model.close()
+        m = sh.staged.bundle.manifest
+        self.updater.shadow_failed(sh.staged.slot, f"failed its shadow run: {why}")
+        self.last_update_archive = sh.staged.slot.archive_sha256 if sh.staged.slot else None
+        self.last_update_error = (f"shadow candidate {m.name} v{m.version} (sha256 {m.sha256[:12]}...) dropped: {why}; "
+                                  f"{self.manifest.name} v{self.manifest.version} runs as before")
+        self.stats.error("update")
+        log.warning("%s", self.last_update_error)
+        self._announce()
+
+    def _announce(self) -> None:
+        """The fleet learns what runs now: the last will, the retained status, telemetry soon."""
         if self.link is not None:
             self.link.client.will_set(self.topics["status"], self._status("offline"), qos=1, retain=True)
         self._publish_status()
@@ -568,6 +752,10 @@ class Agent:
 
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
+        shadow = getattr(self, "shadow", None)
+        if shadow is not None:
+            self.shadow = None
+            shadow.staged.model.close()
         watchdog = getattr(self, "watchdog", None)
         if watchdog is not None:
             watchdog.stopping()

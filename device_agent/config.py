@@ -246,7 +246,12 @@ class UpdateConfig:
     # PEM Ed25519 public keys; with any, only bundles signed by one of them run (docs/agent.md, "Signed bundles")
     trusted_keys: Tuple[str, ...] = ()
     max_attempts: int = 3  # starts (or opens) of a new bundle that may end in a crash before it is refused
-    commit_after: int = 20  # inferences after which a new bundle ran well: committed, the next fallback
+    commit_after: int = 20  # probation: inferences a new bundle must run well before it is committed (the next fallback)
+    probation_s: float = 0.0  # ... and seconds since the swap (both must pass)
+    probation_max_errors: int = 2  # more inputs failing under the new bundle than this: back to the previous one
+    probation_latency_ratio: float = 3.0  # p95 latency over the previous model's above this: back (0 = no limit)
+    probation_latency_ms: float = 0.0  # p95 latency above this many ms: back (0 = no limit)
+    probation_latency_floor_ms: float = 5.0  # the ratio is taken against at least this p95 (a busy board's noise)
     trial_timeout_s: float = 60.0  # a pushed model's trial run in a child process must end within this
     trial_memory_mb: int = 256  # ... and allocate at most this much beyond what the runtime itself maps
 
@@ -262,6 +267,11 @@ class UpdateConfig:
         object.__setattr__(self, "trusted_keys", tuple(os.path.expanduser(k) for k in keys))
         _within("update", "max_attempts", self.max_attempts, 1, 100)
         _within("update", "commit_after", self.commit_after, 1)
+        _within("update", "probation_s", self.probation_s, 0, 7 * 86400)
+        _within("update", "probation_max_errors", self.probation_max_errors, 0)
+        _within("update", "probation_latency_ratio", self.probation_latency_ratio, 0)
+        _within("update", "probation_latency_ms", self.probation_latency_ms, 0)
+        _within("update", "probation_latency_floor_ms", self.probation_latency_floor_ms, 0)
         _within("update", "trial_timeout_s", self.trial_timeout_s, 1)
         _within("update", "trial_memory_mb", self.trial_memory_mb, 16)
 

@@ -172,7 +172,7 @@ def sample_payload(
 
 def status_payload(*, device: str, fleet: str, state: str, model: Optional[Mapping[str, str]] = None,
                    agent_version: str = "", ts: Optional[float] = None,
-                   last_update_error: Optional[str] = None) -> Dict[str, Any]:
+                   last_update_error: Optional[str] = None, last_update_archive: Optional[str] = None) -> Dict[str, Any]:
     """``last_update_error``: why the newest ``bundle`` message was refused (absent when it was not)."""
     out = {
         "schema": "edgekit.status/1",
@@ -185,6 +185,8 @@ def status_payload(*, device: str, fleet: str, state: str, model: Optional[Mappi
     }
     if last_update_error:
         out["last_update_error"] = str(last_update_error)
+        if last_update_archive and _SHA256.match(last_update_archive):
+            out["last_update_archive"] = last_update_archive
     return out
 
 
@@ -331,8 +333,10 @@ def archive_manifest(archive: bytes, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) 
 
 
 def bundle_payload(source: Union[bytes, str, os.PathLike], *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
-                   ts: Optional[float] = None) -> Dict[str, Any]:
+                   ts: Optional[float] = None, shadow: bool = False) -> Dict[str, Any]:
     """``edgekit.bundle/1`` for a bundle directory, a ``.tar.gz`` file or the archive's bytes.
+
+    ``shadow``: the boards run it beside their current model on the same inputs instead of installing it.
 
     The archive is refused when it is over ``max_bytes`` or its model does not match its manifest.
     """
@@ -350,7 +354,7 @@ def bundle_payload(source: Union[bytes, str, os.PathLike], *, max_bytes: int = D
         raise ProtocolError(f"bundle archive is {len(archive)} bytes, over max_bytes={max_bytes}; "
                             "use a smaller model or raise the limit on both sides ([update].max_bytes)")
     manifest = archive_manifest(archive, max_bytes)
-    return {
+    out = {
         "schema": "edgekit.bundle/1",
         "name": str(manifest.get("name", "")),
         "version": str(manifest.get("version", "")),
@@ -361,6 +365,9 @@ def bundle_payload(source: Union[bytes, str, os.PathLike], *, max_bytes: int = D
         "archive": base64.b64encode(archive).decode("ascii"),
         "ts": ts if ts is not None else now(),
     }
+    if shadow:
+        out["shadow"] = True
+    return out
 
 
 def max_bundle_message_bytes(max_bytes: int) -> int:
@@ -390,6 +397,8 @@ def parse_bundle(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -
     if size > max_bytes:
         raise ProtocolError(f"bundle archive size={size} is over max_bytes={max_bytes}; "
                             "raise [update].max_bytes if the model really is that big")
+    if not isinstance(obj.get("shadow", False), bool):
+        raise ProtocolError(f"bundle message field 'shadow'={str(obj.get('shadow'))[:32]!r} must be true or false")
     if obj.get("encoding", "base64") != "base64":
         raise ProtocolError(f"bundle message encoding={obj.get('encoding')!r}, expected 'base64'")
     try:
@@ -402,5 +411,6 @@ def parse_bundle(payload: bytes, *, max_bytes: int = DEFAULT_MAX_BUNDLE_BYTES) -
     if actual != obj["archive_sha256"]:
         raise ProtocolError(f"bundle archive sha256={actual[:12]}... does not match archive_sha256="
                             f"{obj['archive_sha256'][:12]}...; it was damaged on the way: push it again")
-    meta = {k: v for k, v in obj.items() if k != "archive"}
+    meta = {k: obj[k] for k in ("schema", "name", "version", "sha256", "archive_sha256", "size", "ts", "shadow")
+            if k in obj}  # the known fields only: nothing else of the message travels further
     return meta, archive

@@ -146,6 +146,48 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
                     "level": {"enum": ["stable", "moderate", "significant", None]},
                 },
             },
+            "probation": {
+                "description": "null, or the figures of the running bundle while it is on probation (a swapped-in "
+                               "bundle, uncommitted until it ran [update].commit_after inferences and probation_s "
+                               "seconds within its limits; docs/agent.md, 'Probation')",
+                "type": ["object", "null"],
+                "required": ["inferences", "errors", "elapsed_s"],
+                "properties": {
+                    "inferences": {"type": "integer", "minimum": 0},
+                    "errors": {"type": "integer", "minimum": 0},
+                    "elapsed_s": {"type": "number", "minimum": 0},
+                    "latency_p95_ms": _NUM_OR_NULL,
+                    "baseline_p95_ms": _NUM_OR_NULL,
+                },
+            },
+            "shadow": {
+                "description": "null, or a candidate bundle pushed with shadow=true that this board runs beside the "
+                               "current model on the same inputs (the current model still decides): counts since it "
+                               "started, the candidate's figures beside the current model's (docs/agent.md, "
+                               "'Shadow runs')",
+                "type": ["object", "null"],
+                "required": ["model", "inferences", "agree", "errors"],
+                "properties": {
+                    "model": _MODEL,
+                    "archive_sha256": {"type": "string", "pattern": "^([0-9a-f]{64})?$"},
+                    "inferences": {"type": "integer", "minimum": 0},
+                    "agree": {"type": "integer", "minimum": 0,
+                              "description": "inferences where the candidate's label is the current model's"},
+                    "agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                    "low_confidence_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                    "current_low_confidence_rate": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                    "confidence_mean": _NUM_OR_NULL,
+                    "current_confidence_mean": _NUM_OR_NULL,
+                    "latency_ms": {"type": "object", "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL}},
+                    "current_latency_ms": {"type": "object", "properties": {"p50": _NUM_OR_NULL, "p95": _NUM_OR_NULL}},
+                    "errors": {"type": "integer", "minimum": 0,
+                               "description": "inputs the candidate failed (past [update].probation_max_errors it "
+                                              "is dropped and refused)"},
+                },
+            },
+            "rollbacks": {"description": "bundles that failed their probation since the agent started (it went back "
+                                         "to the previous bundle; the status's last_update_error says why)",
+                          "type": "integer", "minimum": 0},
             "signature": {
                 "description": "signed bundles: null when the board trusts no key ([update].trusted_keys) and runs "
                                "any bundle; else the trusted key ids, the running bundle's release, the highest "
@@ -179,6 +221,9 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
             "model": {"type": "object"},
             "agent_version": {"type": "string"},
             "last_update_error": {"type": "string"},
+            "last_update_archive": {"type": "string", "pattern": "^[0-9a-f]{64}$",
+                                    "description": "the archive_sha256 of the bundle last_update_error is about, when "
+                                                   "the board knows it (a refused, reverted or dropped candidate)"},
         },
     },
     "edgekit.prediction/1": {
@@ -224,6 +269,9 @@ SCHEMAS["edgekit.bundle/1"] = {
         "encoding": {"const": "base64"},
         "archive": {"type": "string", "contentEncoding": "base64", "contentMediaType": "application/gzip"},
         "ts": _NUM,
+        "shadow": {"type": "boolean", "description": "true: run it beside the current model on the same inputs, "
+                                                     "the current model still deciding (a shadow run); absent or "
+                                                     "false: install it"},
     },
 }
 _SAMPLE_IDS = {"type": "array", "items": {"type": "string", "pattern": UUID.pattern}, "maxItems": MAX_ACK_IDS}

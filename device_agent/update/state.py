@@ -19,7 +19,7 @@ the last bundle that ran well (``last_good``), else on the configured one, and s
 A retained bundle message whose archive sha256 is in ``refused`` is refused again at once, without
 unpacking it: no retained message can put a board in a restart loop.
 
-Probation (a later step: errors or latency past limits after a swap) fits here: it decides *when*
+Probation (:mod:`.probation`: errors or latency past limits after a swap) decides *when*
 :meth:`UpdateState.commit` happens, and a failed probation is :meth:`UpdateState.revert`.
 """
 

@@ -49,7 +49,7 @@ from .state import Slot, StateFile, UpdateState
 if TYPE_CHECKING:  # pragma: no cover
     from .signature import Verifier
 
-__all__ = ["Staged", "Failed", "Updater"]
+__all__ = ["Staged", "Failed", "Unchanged", "Updater"]
 
 log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -73,7 +73,14 @@ class Failed:
     meta: Dict[str, Any] = field(default_factory=dict)
 
 
-Result = Union[Staged, Failed]
+@dataclass(frozen=True)
+class Unchanged:
+    """The newest bundle message names what already runs, or the bundle topic was cleared (a shadow run ends)."""
+
+    why: str = ""
+
+
+Result = Union[Staged, Failed, Unchanged]
 
 
 def _unpack(archive: bytes, into: Path, max_bytes: int) -> Path:
@@ -140,6 +147,7 @@ class Updater:
         clears the topic and changes nothing; an oversized one is refused here, unread)."""
         if not payload:
             log.info("the retained bundle on %s was cleared; the running model stays", topic)
+            self.ready.put(Unchanged("the bundle topic was cleared"))
             return
         limit = protocol.max_bundle_message_bytes(self.max_bytes)
         if len(payload) > limit:
@@ -187,8 +195,7 @@ class Updater:
             except BaseException as exc:  # noqa: BLE001 - RecursionError, MemoryError, ...: never end the worker
                 log.warning("update: unexpected %s while staging: %s", exc.__class__.__name__, exc)
                 result = Failed(f"{exc.__class__.__name__}: {exc}")
-            if result is not None:
-                self.ready.put(result)
+            self.ready.put(result if result is not None else Unchanged("the bundle message names what runs"))
 
     def _stage_guarded(self, payload: bytes) -> Optional[Result]:
         meta: Dict[str, Any] = {}
@@ -218,7 +225,7 @@ class Updater:
         what = f"bundle {fields['name'][:64]} v{fields['version'][:64]}"
         refused = self.state.refusal(archive_sha)
         if refused is not None:
-            meta.pop("archive_sha256", None)  # already remembered
+            meta["refused_archive"] = meta.pop("archive_sha256", None)  # already remembered
             raise BundleError(f"{what} (archive {archive_sha[:12]}...) was refused before ({refused.reason}); it is "
                               "not staged again: push a fixed bundle")
         check(archive, what="bundle archive (pack it with `edgekit fleet push`)", max_total=8 * self.max_bytes)
@@ -389,6 +396,32 @@ class Updater:
         if self.state.current is not None and not self.state.current.committed:
             self.states_update(lambda s: s.commit())
             log.info("bundle %s ran well: committed", self.state.current.label)
+
+    def revert(self, reason: str) -> Optional[Slot]:
+        """The running, uncommitted bundle failed its probation: refuse its archive (a retained message that
+        brings it back is refused at once) and make the last good bundle current. Returns that slot (None: the
+        configured bundle is what should run)."""
+        target: List[Optional[Slot]] = [None]
+
+        def change(state: UpdateState) -> UpdateState:
+            new, target[0] = state.revert(reason)
+            return new
+
+        cur = self.state.current
+        self.states_update(change)
+        log.warning("bundle %s refused: %s", cur.label if cur else "?", reason)
+        return target[0]
+
+    def shadow_ended(self) -> None:
+        """A shadow run ended cleanly: its open is no longer an attempt to count."""
+        self._forget_try()
+
+    def shadow_failed(self, slot: Optional[Slot], reason: str) -> None:
+        """A shadow candidate failed: its archive is refused (a retained message that brings it back is refused)."""
+        if slot is not None and slot.archive_sha256:
+            self.states_update(lambda s: s.refuse(slot.archive_sha256, slot.name, slot.version, reason))
+        else:
+            self._forget_try()
 
     def stopped(self) -> None:
         """A clean stop: this run is not counted against an uncommitted bundle."""

@@ -95,7 +95,7 @@ def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory
         push(broker.port, json.dumps(protocol.bundle_payload(V2)).encode())
         assert wait_for(lambda: any(r["model_version"] == "2" for r in results(out)[-5:]), 15), "no swap"
         swapped_at = next(i for i, r in enumerate(results(out)) if r["model_version"] == "2")
-        assert wait_for(lambda: len(results(out)) >= swapped_at + 30, 15)
+        assert wait_for(lambda: len(results(out)) >= swapped_at + 60, 15)  # past its probation (50 with a latency limit)
     finally:
         stats = run.finish()
 
@@ -126,7 +126,7 @@ def test_a_pushed_bundle_is_swapped_in_and_a_restart_runs_it(broker, sub_factory
     pointer = json.loads((tmp_path / "current_bundle-dev1.json").read_text())["current"]
     assert pointer["sha256"] == v2.sha256 and Path(pointer["path"]).parent == tmp_path / "bundles"
     archive_sha = protocol.bundle_payload(V2)["archive_sha256"]
-    assert pointer["archive_sha256"] == archive_sha and pointer["committed"]  # it ran well: 20+ inferences
+    assert pointer["archive_sha256"] == archive_sha and pointer["committed"]  # it ran well: 60 inferences
     assert [p.name for p in (tmp_path / "bundles").iterdir()] == [f"digits-2-{archive_sha[:16]}"]
 
     # A restart runs v2 at once; the retained v2 message it receives again is what runs: nothing to do.
