@@ -29,10 +29,13 @@ fi
 
 # The device tests, none skipped: a skip here would hide a part the board lacks. Under emulation every wait of
 # the tests is stretched 4x (an upper bound, not a pace), and the fuzz tests try 50 cases per parser instead of
-# 300: the parsers are pure Python, fuzzed at 300 on x86 in the same CI run.
+# 300: the parsers are pure Python, fuzzed at 300 on x86 in the same CI run. One test is left to x86: the
+# archive of 150,000 empty files, whose pure-Python tar building alone takes minutes under qemu (9 min in all at a
+# load of 3-8), for an archive rule that has nothing architecture-specific in it.
 T=$(date +%s)
 export EDGEKIT_TEST_TIMEOUT_SCALE=${EDGEKIT_TEST_TIMEOUT_SCALE:-4} EDGEKIT_FUZZ_EXAMPLES=${EDGEKIT_FUZZ_EXAMPLES:-50}
 EDGEKIT_EXPECT_RUNTIME=$RUNTIME "$VENV/bin/python" -m pytest tests/device_agent -p no:cacheprovider -q \
+    --deselect tests/device_agent/test_attacks.py::test_150000_empty_files_are_refused_at_the_third \
     -o addopts="--strict-markers" -rs --durations=15 --junitxml=/tmp/device-tests.xml
 "$VENV/bin/python" - <<'EOF'
 import sys
