@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,14 @@ def handle(args: argparse.Namespace) -> int:
     from ..convert.pipeline import convert
     from ..data import load_dataset
 
-    data = load_dataset(args.data, seed=args.seed)
     model = args.model
+    image_shape = None
+    if model != "example" and os.path.isdir(args.data):  # an image folder is resized to the model's input
+        from ..convert.load import load_model
+
+        model = load_model(model)
+        image_shape = _static_input_shape(model)
+    data = load_dataset(args.data, seed=args.seed, image_shape=image_shape)
     if model == "example":
         from ..models import digits_cnn, train
 
@@ -98,6 +105,15 @@ def handle(args: argparse.Namespace) -> int:
     print(f"bundle: {result.bundle_path}  (report: {result.bundle_path / 'report' / 'report.md'})")
     _sign(result.bundle_path, key)
     return 0
+
+
+def _static_input_shape(model):
+    """The model's input shape without the batch axis, or None when a dimension is unknown."""
+    try:
+        shape = tuple(model.input_shape[1:])
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return shape if shape and all(isinstance(d, int) for d in shape) else None
 
 
 def _sign(bundle, key) -> None:
