@@ -213,3 +213,36 @@ def test_bad_input_is_one_line_and_no_bundle(case, expected, logits_net, work, t
     assert expected in err and "\n" not in err, err
     assert not out.exists()
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []  # nothing half-written
+
+
+def test_without_data_and_signed_it_runs_on_a_board_that_trusts_only_signed_bundles(models, tmp_path, capsys):
+    """No data: specs and preprocessing from the model alone (default thresholds, no reference statistics);
+    --sign-key signs it, and an agent with trusted keys (the board's signature check) runs it."""
+    from sklearn.datasets import load_digits
+
+    from device_agent.agent import Agent
+    from device_agent.config import load_config
+    from device_agent.sources import ArraySource
+    from edgekit.fleet.keys import init_keys
+
+    keys = init_keys(tmp_path / "keys")
+    path = models["uint8-io"][0]
+    out = tmp_path / "bundle"
+    assert main(["import", str(path), "--labels", ",".join(map(str, range(10))), "-o", str(out),
+                 "--sign-key", str(keys.private)]) == 0
+    printed = capsys.readouterr().out
+    assert "signed: release 1 with key" in printed
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["metrics"] == {} and m["reference"] == {} and m["confidence"]["threshold"] == 0.5
+    d = load_digits()
+    pixels = (d.images[-50:] * (255.0 / 16.0)).round().astype(np.uint8)
+    inputs = [np.repeat(p[..., None], 3, axis=-1) for p in pixels]  # what an RGB camera gives
+    config = load_config(None, bundle=str(out), broker="", device_id="dev1", fleet="test",
+                         outbox={"path": str(tmp_path / "outbox.sqlite")}, results={"path": str(tmp_path / "r.jsonl")},
+                         update={"trusted_keys": [str(tmp_path / "keys" / "signing.pub")]})
+    with Agent(config, source=ArraySource(inputs)) as agent:
+        assert agent.verifier is not None
+        stats = agent.run()
+    lines = [json.loads(v) for v in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert stats.inferences == 50 and dict(stats.input_mismatch) == {}
+    assert np.mean([line["label"] == str(t) for line, t in zip(lines, d.target[-50:])]) > 0.85
