@@ -22,7 +22,7 @@ from device_agent.inference.preprocess import IMAGE_SUFFIXES
 
 from .errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "read_images", "split"]
+__all__ = ["Dataset", "load_dataset", "is_image_folder", "read_images", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -226,9 +226,39 @@ def _image_folder(path: Path, test_fraction: float, seed: int,
     return Dataset(x_train, y_train, x_test, y_test, tuple(c.name for c in classes), pre, path.name)
 
 
+PHOTOS = "photos:"
+
+
+def is_image_folder(spec: str) -> bool:
+    """True when ``spec`` names pictures that are resized to the model's input (a folder, ``photos:DIR``)."""
+    return spec.startswith(PHOTOS) or Path(spec).is_dir()
+
+
+def _photos_folder(path: Path) -> Path:
+    """The photo example in ``path``, written there (whole, or not at all) when it does not exist yet."""
+    if path.exists():
+        return path
+    import shutil
+    import tempfile
+
+    from .photos import write_photos
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write_photos(tmp)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("photo example written to %s", path)
+    return path
+
+
 def load_dataset(spec: str, *, test_fraction: float = 0.2, seed: int = 0,
                  image_shape: Optional[Sequence[int]] = None) -> Dataset:
-    """``"digits"``, a path to an ``.npz``, or an image folder with one subfolder per class.
+    """``"digits"``, a path to an ``.npz``, an image folder with one subfolder per class, or ``"photos:DIR"``
+    (the photo example of :mod:`edgekit.photos`, written into DIR first when DIR does not exist).
 
     An image folder's pictures (JPEG, PNG, ... of any size and mode, EXIF-rotated or not) are decoded and
     resized exactly as the board does it (:func:`read_images`): to ``image_shape`` (H, W, C; the model's input)
@@ -236,11 +266,14 @@ def load_dataset(spec: str, *, test_fraction: float = 0.2, seed: int = 0,
     """
     if spec == "digits":
         return _digits(test_fraction, seed)
+    shape = tuple(image_shape) if image_shape is not None else None
+    if spec.startswith(PHOTOS):
+        return _image_folder(_photos_folder(Path(spec[len(PHOTOS):])), test_fraction, seed, shape)
     path = Path(spec)
     if not path.exists():
         raise DataError(f"data {spec!r} does not exist; pass 'digits', an .npz file or an image folder")
     if path.is_dir():
-        return _image_folder(path, test_fraction, seed, tuple(image_shape) if image_shape is not None else None)
+        return _image_folder(path, test_fraction, seed, shape)
     if path.suffix.lower() == ".npz":
         return _npz(path)
     raise DataError(f"data {spec!r} is neither an .npz nor a folder; pass 'digits', an .npz file or an image folder")

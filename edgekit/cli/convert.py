@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "to a full-integer int8 TFLite bundle, then evaluate float vs int8 on the test split.",
     )
     p.add_argument("model", metavar="MODEL", help="a .keras/.h5 file, a SavedModel directory, or 'example'")
-    p.add_argument("--data", required=True, help="'digits', an .npz (x_train, y_train, x_test, y_test) or an image folder")
+    p.add_argument("--data", required=True, help="'digits', an .npz (x_train, y_train, x_test, y_test), an image folder, "
+                   "or photos:DIR (the photo example, written into DIR when missing)")
     p.add_argument("--mode", choices=("qat", "ptq"), default="qat", help="quantization-aware training or post-training (default qat)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="the bundle directory to write")
     p.add_argument("--epochs", type=int, default=3, help="QAT fine-tuning epochs (default 3)")
@@ -65,11 +65,11 @@ def handle(args: argparse.Namespace) -> int:
 
         prune = PruneSpec(args.prune, args.prune_structure, schedule=args.prune_schedule, epochs=args.prune_epochs)
     from ..convert.pipeline import convert
-    from ..data import load_dataset
+    from ..data import is_image_folder, load_dataset
 
     model = args.model
     image_shape = None
-    if model != "example" and os.path.isdir(args.data):  # an image folder is resized to the model's input
+    if model != "example" and is_image_folder(args.data):  # an image folder is resized to the model's input
         from ..convert.load import load_model
 
         model = load_model(model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,11 +29,11 @@ def handle(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.output, args.force)
-    from ..data import load_dataset
+    from ..data import is_image_folder, load_dataset
     from ..convert.evaluate import evaluate
 
     image_shape = None
-    if os.path.isdir(args.data):  # an image folder is decoded and resized as the bundle's boards do it
+    if is_image_folder(args.data):  # an image folder is decoded and resized as the bundle's boards do it
         from device_agent.update.manifest import load_bundle
 
         pre = load_bundle(args.bundle).manifest.preprocessing

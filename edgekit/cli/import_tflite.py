@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="class names in output order: comma list or a file with one per line (a Teachable Machine "
                         "labels.txt of '<index> <name>' lines works as it is)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="the bundle directory to write")
-    p.add_argument("--data", help="'digits', an .npz or an image folder (resized to the model's input) to evaluate on")
+    p.add_argument("--data", help="'digits', an .npz, an image folder or photos:DIR (pictures are resized to the model's "
+                                       "input) to evaluate on")
     p.add_argument("--input-range", choices=tuple(INPUT_RANGES), metavar="RANGE",
                    help=f"the range the model's input expects ({', '.join(INPUT_RANGES)}); raw pixels 0..255 are "
                         "mapped onto it")
