@@ -93,8 +93,11 @@ def _last_op(interp: Any, tensor: int) -> Optional[str]:
 def _activation(model: Any, classes: int, probe: np.ndarray) -> Tuple[str, str]:
     """``softmax``, ``logits`` or ``sigmoid``, and why."""
     op = _last_op(model.interpreter, model._out_index)  # noqa: SLF001 - the adapter's own tensor index
+    if classes == 1 and op == "LOGISTIC":
+        return "sigmoid", "one score from LOGISTIC: a binary classifier's probability of the second label"
     if classes == 1:
-        return "sigmoid", f"one output score ({op or 'its last op unknown'}): a binary classifier"
+        return "logits", (f"one score from {op or 'an unknown op'}, not LOGISTIC: a binary classifier's logit; the "
+                          "board applies the logistic function, so confidences are probabilities")
     if op == "SOFTMAX":
         return "softmax", "the model ends in SOFTMAX: scores are probabilities"
     scores = model.predict(probe)

@@ -246,3 +246,34 @@ def test_without_data_and_signed_it_runs_on_a_board_that_trusts_only_signed_bund
     lines = [json.loads(v) for v in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert stats.inferences == 50 and dict(stats.input_mismatch) == {}
     assert np.mean([line["label"] == str(t) for line, t in zip(lines, d.target[-50:])]) > 0.85
+
+
+def test_a_binary_classifier_ending_in_one_logit(digits_folder, work, tmp_path, capsys):
+    """TF's transfer-learning tutorial ends in Dense(1) trained with from_logits=True: one logit, 'is it the
+    second class'. The bundle says logits; the agent's confidence is the logistic of it, as run directly."""
+    from sklearn.datasets import load_digits
+
+    tf.keras.utils.set_random_seed(1)
+    d = load_digits()
+    keep = np.flatnonzero(d.target[: -10 * N_PER_CLASS] < 2)
+    x = (d.images[keep, :, :, None] / 16.0).astype(np.float32)
+    net = tf.keras.Sequential([tf.keras.Input((8, 8, 1)), tf.keras.layers.Flatten(), tf.keras.layers.Dense(1)])
+    net.compile("adam", tf.keras.losses.BinaryCrossentropy(from_logits=True))
+    net.fit(x, d.target[keep].astype(np.float32), epochs=20, verbose=0)
+    path = _convert(net, tmp_path / "binary.tflite")
+    folder = tmp_path / "zero-one"
+    for c in ("0", "1"):
+        (folder / c).mkdir(parents=True)
+        for f in (digits_folder / c).iterdir():
+            (folder / c / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "bundle"
+    assert main(["import", str(path), "--labels", "0,1", "--data", str(folder), "--input-range", "0..1", "-o",
+                 str(out), "--runtime", "tensorflow"]) == 0
+    assert "not LOGISTIC" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["output_activation"] == "logits" and m["metrics"]["accuracy_int8"] > 0.9
+    files, lines = _agent_lines(out, folder, tmp_path)
+    logit = _direct(path, files, np.float32)[:, 0]
+    p1 = 1.0 / (1.0 + np.exp(-logit))
+    assert [line["label"] for line in lines] == ["1" if p > 0.5 else "0" for p in p1]
+    assert np.allclose([line["confidence"] for line in lines], np.maximum(p1, 1 - p1), atol=1e-4)
