@@ -290,8 +290,6 @@ class Agent:
         x = None
         # None for well-formed input: for uint8 pictures one identity test, the check itself is not even called
         mismatch = None if raw.dtype is self._fits else self._check(raw)
-        if mismatch is not None:
-            self._mismatched(mismatch, raw, info)
         try:
             lut = self._lut
             if lut is not None and raw.dtype == np.uint8 and raw.shape == self._lut_shape:
@@ -322,6 +320,8 @@ class Agent:
                         info.get("index"))
             return None
         latency = time.perf_counter() - t0
+        if mismatch is not None:  # counted once it ran: an input refused above counts in errors.input only
+            self._mismatched(mismatch, raw, info)
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)
         if self.drift is not None:
