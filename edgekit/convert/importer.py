@@ -157,6 +157,36 @@ def _preprocessing(path: Path, spec: TensorSpec, raw_dtype: str, input_range: Op
                      f"{'|'.join(INPUT_RANGES)} or --mean/--std, as the model's training data was scaled")
 
 
+def _range_from_data(path: Path, model: Any, spec: TensorSpec, raw_dtype: str, data: Dataset,
+                     labels: Tuple[str, ...], classes: int) -> Tuple[Preprocessing, str]:
+    """A float picture input whose range nobody stated: the standard range under which the model explains (up to
+    200) training pictures best (lowest cross-entropy: a scaled-up input often keeps the top class but makes the
+    model sure of its mistakes), when it clearly does; else the error that asks for the option."""
+    base = _base_preprocessing(spec, raw_dtype)
+    if base.kind != "image" or classes < 2:
+        raise ModelError(f"{path.name} takes {spec.dtype} input and does not say its range; pass --input-range "
+                         f"{'|'.join(INPUT_RANGES)} or --mean/--std, as the model's training data was scaled")
+    tried = []
+    for name in INPUT_RANGES:
+        pre = with_input_range(base, input_range=name)
+        fitted, _ = _fit_data(data, labels, pre, classes)
+        x, y = fitted.x_train[:200], fitted.y_train[:200]
+        s = model.predict(fitted.model_inputs(x)).astype(np.float64)
+        if not (np.all(s >= -1e-6) and np.allclose(s.sum(axis=1), 1.0, atol=0.05)):  # logits: softmax
+            s = np.exp(s - s.max(axis=1, keepdims=True))
+        p = s / np.maximum(s.sum(axis=1, keepdims=True), 1e-12)
+        nll = float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], 1e-7, 1.0))))
+        tried.append((nll, float(np.mean(p.argmax(axis=1) == y)), name, pre))
+    tried.sort(key=lambda t: t[0])
+    said = ", ".join(f"{n}: {100 * a:.0f}% right, cross-entropy {c:.2f}" for c, a, n, _ in tried)
+    (best, acc, name, pre), second = tried[0], tried[1]
+    if not (best < 0.5 * second[0] and acc >= max(a for _, a, _, _ in tried) - 0.02):
+        raise ModelError(f"{path.name} takes {spec.dtype} input and does not say its range, and the data does not "
+                         f"tell ({said}); pass --input-range or --mean/--std")
+    return pre, (f"input: {spec.dtype}, range not stated; on {len(x)} training pictures {said}: using {name} "
+                 "(pass --input-range to choose)")
+
+
 def _fit_data(data: Dataset, labels: Tuple[str, ...], pre: Preprocessing, classes: int) -> Tuple[Dataset, str]:
     """``data`` in the model's label order with the bundle's preprocessing; DataError when it does not fit."""
     if data.input_shape != tuple(pre.shape):
@@ -248,7 +278,12 @@ def import_tflite(
             dataset = data if isinstance(data, Dataset) else load_dataset(
                 str(data), seed=seed, image_shape=tuple(base.shape) if base.kind == "image" else None)
             raw_dtype = dataset.preprocessing.raw_dtype if base.kind == "image" else "float32"
-        pre, note = _preprocessing(path, ins, raw_dtype, input_range, mean, std)
+        try:
+            pre, note = _preprocessing(path, ins, raw_dtype, input_range, mean, std)
+        except ModelError:
+            if dataset is None or input_range is not None or mean is not None:
+                raise
+            pre, note = _range_from_data(path, model, ins, raw_dtype, dataset, label_names, classes)
         notes.append(note)
         if dataset is not None:
             dataset, note = _fit_data(dataset, label_names, pre, classes if classes > 1 else 2)

@@ -90,6 +90,8 @@ def models(logits_net, work):
         "uint8-io": (_convert(rgb, work / "uint8-io.tflite", int8=True, io=tf.uint8, calibration=rgb_cal), [],
                      np.uint8, "softmax"),
         "logits": (_convert(net, work / "logits.tflite"), ["--input-range", "0..1"], np.float32, "logits"),
+        # the RGB model in float: -1..1 input (MobileNet's preprocessing), nothing in the file says so
+        "float32-rgb": (_convert(rgb, work / "float32-rgb.tflite"), ["--input-range=-1..1"], np.float32, "softmax"),
     }
 
 
@@ -181,7 +183,7 @@ def _keras_feature_map():
     ("data-shape", "does not fit the model's input"),
     ("no-range", "does not say its range; pass --input-range"),
 ])
-def test_bad_input_is_one_line_and_no_bundle(case, expected, logits_net, work, tmp_path, capsys):
+def test_bad_input_is_one_line_and_no_bundle(case, expected, logits_net, digits_folder, work, tmp_path, capsys):
     model = tmp_path / "m.tflite"
     labels = str(work / "labels.txt")
     extra = ["--input-range", "0..1"]
@@ -277,3 +279,17 @@ def test_a_binary_classifier_ending_in_one_logit(digits_folder, work, tmp_path, 
     p1 = 1.0 / (1.0 + np.exp(-logit))
     assert [line["label"] for line in lines] == ["1" if p > 0.5 else "0" for p in p1]
     assert np.allclose([line["confidence"] for line in lines], np.maximum(p1, 1 - p1), atol=1e-4)
+
+
+def test_a_float_input_of_unstated_range_is_found_from_the_data(models, digits_folder, work, tmp_path, capsys):
+    """Model Maker and Edge Impulse float exports often say nothing about their input range: with --data the
+    standard range under which the model is right stands out (-1..1 here), and is written and said. (A model
+    that is right under every range, as the plain digits CNN nearly is, gets the error asking for the option.)"""
+    path = models["float32-rgb"][0]
+    out = tmp_path / "bundle"
+    assert main(["import", str(path), "--labels", str(work / "labels.txt"), "--data", str(digits_folder),
+                 "-o", str(out), "--runtime", "tensorflow"]) == 0
+    printed = capsys.readouterr().out
+    assert "range not stated" in printed and "using -1..1" in printed, printed
+    pre = json.loads((out / "manifest.json").read_text())["preprocessing"]
+    assert pre["scale"] == pytest.approx(2 / 255) and pre["offset"] == -1.0
