@@ -116,3 +116,60 @@ def test_a_model_input_an_image_folder_cannot_feed_is_named(tmp_path):
     _write_folder(tmp_path / "photos")
     with pytest.raises(DataError, match=r"shape \[24, 24, 4\]"):
         load_dataset(str(tmp_path / "photos"), image_shape=(24, 24, 4))
+
+
+def test_convert_resizes_a_folder_of_mixed_pictures_to_the_models_input_and_the_agent_agrees(
+        float_model_path, tmp_path, capsys):
+    """`edgekit convert` with a folder of digits saved as RGB JPEGs and grayscale PNGs of several sizes, some
+    EXIF-rotated: the data is read at the model's 8 x 8 x 1, and the agent run over the files labels every one as
+    the bundle's int8 model does on the host's inputs."""
+    import json
+
+    from sklearn.datasets import load_digits
+
+    from device_agent.agent import Agent
+    from device_agent.config import load_config
+    from device_agent.inference.interpreter import TFLiteModel
+    from device_agent.inference.classify import probabilities_batch
+    from edgekit.cli import main
+
+    d = load_digits()
+    root, inbox = tmp_path / "folder", tmp_path / "inbox"
+    inbox.mkdir()
+    for n, i in enumerate(range(len(d.target) - 120, len(d.target))):
+        img = Image.fromarray((d.images[i] * (255 / 16)).round().astype(np.uint8), mode="L")
+        side = (8, 16, 24, 13)[n % 4]
+        img = img.resize((side, side + n % 3), Image.BILINEAR)
+        (root / str(d.target[i])).mkdir(parents=True, exist_ok=True)
+        target = root / str(d.target[i]) / f"{n:03d}.{'jpg' if n % 2 else 'png'}"
+        if n % 5 == 0:
+            _save_rotated(img.convert("RGB"), target, **({"quality": 95} if n % 2 else {}))
+        elif n % 2:
+            img.convert("RGB").save(target, quality=95)
+        else:
+            img.save(target)
+        (inbox / f"{n:03d}-{target.parent.name}{target.suffix}").write_bytes(target.read_bytes())
+    out = tmp_path / "bundle"
+    assert main(["convert", str(float_model_path), "--data", str(root), "--mode", "ptq", "-o", str(out),
+                 "--calibration-samples", "50", "--runtime", "ai_edge_litert", "--no-progress"]) == 0
+    capsys.readouterr()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["preprocessing"]["shape"] == [8, 8, 1] and m["preprocessing"]["color"] == "grayscale"
+    assert m["metrics"]["accuracy_int8"] > 0.6
+    config = load_config(None, bundle=str(out), broker="", device_id="dev1", fleet="test",
+                         outbox={"path": str(tmp_path / "o.sqlite")}, results={"path": str(tmp_path / "r.jsonl")},
+                         source={"kind": "folder", "path": str(inbox)})
+    with Agent(config) as agent:
+        stats = agent.run()
+        pre = agent.manifest.preprocessing
+    assert stats.inferences == 120 and dict(stats.errors) == {} and dict(stats.input_mismatch) == {}
+    lines = [json.loads(v) for v in (tmp_path / "r.jsonl").read_text().splitlines()]
+    # The host: the data set the convert read (same files, the board's decode), the bundle's int8 model.
+    data = load_dataset(str(root), image_shape=(8, 8, 1))
+    host_x = np.concatenate([data.x_train, data.x_test])
+    with TFLiteModel.open(out / "model.tflite") as model:
+        for f, line in zip(sorted(inbox.iterdir()), lines):
+            board = preprocess(load_raw(f, "grayscale"), pre)
+            assert any(np.array_equal(board, data.model_inputs(h[None])[0]) for h in host_x), f.name
+            probs = probabilities_batch(model(board)[None], m["output_activation"])[0]
+            assert line["label"] == m["labels"][int(probs.argmax())]
