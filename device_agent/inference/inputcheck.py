@@ -21,7 +21,6 @@ Inputs that are not numeric, empty or not finite are left to :func:`~.preprocess
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Mapping, Optional, Tuple
 
@@ -31,7 +30,6 @@ from ..update.manifest import Preprocessing
 
 __all__ = ["KINDS", "InputCheck"]
 
-log = logging.getLogger(__name__)
 
 #: The kinds of mismatch (telemetry ``input_mismatch``).
 KINDS = ("scaled", "range")

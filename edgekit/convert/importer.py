@@ -12,7 +12,6 @@ whole or not at all.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
