@@ -30,7 +30,6 @@ from ..update.manifest import Preprocessing
 
 __all__ = ["KINDS", "InputCheck"]
 
-
 #: The kinds of mismatch (telemetry ``input_mismatch``).
 KINDS = ("scaled", "range")
 
