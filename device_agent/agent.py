@@ -37,10 +37,11 @@ from .inference.classify import classify
 from .config import AgentConfig
 from .sampling.drift import DriftMonitor, channel_means, monitor_for
 from .errors import BundleError, ConfigError, InputError, ProtocolError
+from .inference.inputcheck import InputCheck
 from .inference.interpreter import TFLiteModel, quantize
 from .update.manifest import Bundle, load_bundle
 from .delivery.outbox import Outbox, Publisher
-from .sampling.policy import Policy
+from .sampling.policy import Decision, Policy
 from .inference.preprocess import preprocess
 from .results import ResultsWriter
 from .sources import MqttSource, Source, open_source
@@ -74,6 +75,7 @@ class RunStats:
     sent: int = 0  # publishes the broker acknowledged (PUBACK), resends included
     resent: int = 0  # publishes of a sample sent before: no collector ack in time, or a reconnect
     rejected: int = 0  # samples the broker refused (MQTT 5 reason, e.g. an ACL's "Not authorized"); kept
+    input_mismatch: Mapping[str, int] = field(default_factory=dict)  # inputs unlike the bundle's raw inputs, by kind
 
 
 @dataclass
@@ -139,6 +141,7 @@ class Agent:
         self.topics = {k: protocol.topic(self.fleet, self.device, k) for k in protocol.KINDS}
         self._closers = []
         self.stats = Stats()
+        self._mismatch_warned: set = set()  # kinds of input mismatch warned about (once each)
         try:
             runtime, threads = choose_runtime(config)
             self.model = TFLiteModel.open(self.bundle.model_path, runtime, threads)
@@ -207,6 +210,8 @@ class Agent:
         )
 
     def _prepare_fast_path(self) -> None:
+        self._check = InputCheck(self.manifest.preprocessing, self.manifest.reference)
+        self._fits = self._check.expected if self._check.integer else None  # a dtype that needs no look at the values
         self._lut, self._lut_shape = self._lookup_table()
         self._lut_kind = "take"
         if self._lut is not None:
@@ -281,6 +286,7 @@ class Agent:
             low_confidence_rate=s.low_confidence_rate(),
             errors=dict(s.errors),
             skipped=dict(self.policy.skipped),
+            input_mismatch=dict(s.input_mismatch),
             runtime=self.model.runtime,
             threads=self.model.num_threads,
             agent_version=__version__,
@@ -310,6 +316,8 @@ class Agent:
         early = self._shadow_run(raw) if ran_early else None
         t0 = time.perf_counter()
         x = None
+        # None for well-formed input: for uint8 pictures one identity test, the check itself is not even called
+        mismatch = None if raw.dtype is self._fits else self._check(raw)
         try:
             lut = self._lut
             if lut is not None and raw.dtype == np.uint8 and raw.shape == self._lut_shape:
@@ -345,6 +353,8 @@ class Agent:
         latency = time.perf_counter() - t0
         if self.probation is not None:
             self.probation.record(latency)
+        if mismatch is not None:  # counted once it ran: an input refused above counts in errors.input only
+            self._mismatched(mismatch, raw, info)
         m = self.manifest
         pred = classify(scores, m.labels, m.output_activation)
         if self.drift is not None:
@@ -356,7 +366,11 @@ class Agent:
                 digests.append(digest(raw))
             return digests[0]
 
-        decision = self.policy.decide(pred, dig, time.time())
+        if mismatch is None:
+            decision = self.policy.decide(pred, dig, time.time())
+        else:  # a prediction on an input in the wrong units is not worth a person's label: kept out of the outbox
+            reasons = self.policy.reasons(pred)
+            decision = Decision(False, reasons, "input_mismatch" if reasons else "")
         self.stats.record(latency, decision.low_confidence)
         if self.shadow is not None:
             self._shadow_record(early if ran_early else self._shadow_run(raw), pred, decision.low_confidence, latency)
@@ -387,12 +401,22 @@ class Agent:
         }
         if decision.skipped:
             line["skipped"] = decision.skipped
+        if mismatch is not None:
+            line["input_mismatch"] = mismatch
         self.results.write(line)
         if self.config.mqtt.publish_predictions and self.link is not None:
             p = protocol.prediction_payload(device=self.device, seq=line["seq"], label=pred.label,
                                             confidence=pred.confidence, sample_id=sample_id, ts=ts)
             self.link.publish(self.topics["predictions"], _DUMPS(p).encode(), qos=0)
         return line
+
+    def _mismatched(self, kind: str, raw: np.ndarray, info: Dict[str, Any]) -> None:
+        """Count an input whose dtype or range does not fit the bundle; the first of each kind gets a warning."""
+        self.stats.input_mismatch[kind] += 1
+        if kind not in self._mismatch_warned:
+            self._mismatch_warned.add(kind)
+            log.warning("%s", self._check.message(kind, raw, info.get("uri"),
+                                                  f"{self.manifest.name} v{self.manifest.version}"))
 
     def service(self) -> None:
         """Between inferences: publish from the outbox, run commands, send telemetry, feed the watchdog.
@@ -748,6 +772,7 @@ class Agent:
             sent=self.publisher.sent if self.publisher else 0,
             resent=self.publisher.resent if self.publisher else 0,
             rejected=self.publisher.rejected if self.publisher else 0,
+            input_mismatch=dict(self.stats.input_mismatch),
         )
 
     # -- lifetime -----------------------------------------------------------

@@ -43,6 +43,7 @@ class Stats:
         self.flagged = 0
         self.published = 0
         self.errors: Dict[str, int] = collections.Counter()
+        self.input_mismatch: Dict[str, int] = collections.Counter()  # inputs unlike the bundle's (inputcheck.KINDS)
         self._errors_lock = threading.Lock()  # the MQTT thread counts refusals too
         self.latencies_ms: Deque[float] = collections.deque(maxlen=_WINDOW)
         self.low_conf: Deque[bool] = collections.deque(maxlen=_WINDOW)

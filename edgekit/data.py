@@ -11,9 +11,9 @@ will do it (see docs/bundle.md)::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from device_agent.inference.preprocess import IMAGE_SUFFIXES
 
 from .errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "split"]
+__all__ = ["Dataset", "load_dataset", "is_image_folder", "read_images", "split"]
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,45 @@ def _npz(path: Path) -> Dataset:
     return Dataset(x_train, ys[0], x_test, ys[1], labels, _image_preprocessing(tuple(x_train.shape[1:]), raw_max), path.stem)
 
 
-def _image_folder(path: Path, test_fraction: float, seed: int) -> Dataset:
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _is_gray(path: Path) -> bool:
+    """True when the picture holds no colour: a grayscale mode (from the header), or R = G = B everywhere."""
+    from PIL import Image
+    from device_agent.inference.preprocess import decode_image
+
+    try:
+        with Image.open(path) as img:
+            if img.mode in _GRAY_MODES:
+                return True
+    except OSError:
+        pass  # decode_image says what is wrong with it
+    rgb = decode_image(path, "rgb")
+    return bool(np.all(rgb[..., 0] == rgb[..., 1]) and np.all(rgb[..., 1] == rgb[..., 2]))
+
+
+def read_images(files, preprocessing: Preprocessing) -> np.ndarray:
+    """Image files as raw model-sized inputs (float32 pixels 0..255, ``(N,) + preprocessing.shape``), each
+    decoded and resized by the board's own code (device_agent.inference.preprocess), so that
+    ``x * scale + offset`` is, element for element, what the agent feeds the model for the same file."""
     from device_agent.errors import InputError
     from device_agent.inference.preprocess import decode_image, preprocess
+
+    raw_pre = replace(preprocessing, scale=1.0, offset=0.0)
+    xs = []
+    for f in files:
+        try:
+            xs.append(preprocess(decode_image(f, preprocessing.color), raw_pre))
+        except InputError as exc:
+            raise DataError(f"{exc}") from exc
+    return np.stack(xs).astype(np.float32).reshape((-1,) + tuple(preprocessing.shape))
+
+
+def _image_folder(path: Path, test_fraction: float, seed: int,
+                  image_shape: Optional[Tuple[int, ...]] = None) -> Dataset:
+    from device_agent.errors import InputError
+    from device_agent.inference.preprocess import decode_image
 
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
@@ -171,36 +207,73 @@ def _image_folder(path: Path, test_fraction: float, seed: int) -> Dataset:
     if empty:
         raise DataError(f"class folder(s) {empty} in {path} hold no images; add images or remove the folder")
     try:
-        first = decode_image(files[0][1], "rgb")
+        if image_shape is not None:  # the model's input: its size, its channels
+            if len(image_shape) != 3 or image_shape[-1] not in (1, 3):
+                raise DataError(f"the model takes inputs of shape {list(image_shape)}; an image folder feeds "
+                                "H x W x 1 (grayscale) or H x W x 3 (rgb) models")
+            shape = tuple(int(d) for d in image_shape)
+            color = "grayscale" if shape[2] == 1 else "rgb"
+        else:  # the first picture's size (upright); rgb unless every picture is gray
+            first = decode_image(files[0][1], "rgb")
+            color = "grayscale" if all(_is_gray(f) for _, f in files) else "rgb"
+            shape = (int(first.shape[0]), int(first.shape[1]), 1 if color == "grayscale" else 3)
     except InputError as exc:
         raise DataError(str(exc)) from exc
-    color = "grayscale" if np.all(first[..., 0] == first[..., 1]) and np.all(first[..., 1] == first[..., 2]) else "rgb"
-    channels = 1 if color == "grayscale" else 3
-    shape = (int(first.shape[0]), int(first.shape[1]), channels)
     pre = Preprocessing(kind="image", shape=shape, color=color, resize="bilinear", scale=1.0 / 255.0)
-    raw_pre = Preprocessing(kind="image", shape=shape, color=color, resize="bilinear", scale=1.0)
-    xs, ys = [], []
-    for label, f in files:
-        try:
-            xs.append(preprocess(decode_image(f, color), raw_pre))
-        except InputError as exc:
-            raise DataError(f"{exc}") from exc
-        ys.append(label)
-    x = np.stack(xs).astype(np.float32).reshape((-1,) + shape)
-    y = np.asarray(ys, dtype=np.int64)
+    x = read_images([f for _, f in files], pre)
+    y = np.asarray([label for label, _ in files], dtype=np.int64)
     x_train, x_test, y_train, y_test = split(x, y, test_fraction, seed)
     return Dataset(x_train, y_train, x_test, y_test, tuple(c.name for c in classes), pre, path.name)
 
 
-def load_dataset(spec: str, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """``"digits"``, a path to an ``.npz``, or an image folder with one subfolder per class."""
+PHOTOS = "photos:"
+
+
+def is_image_folder(spec: str) -> bool:
+    """True when ``spec`` names pictures that are resized to the model's input (a folder, ``photos:DIR``)."""
+    return spec.startswith(PHOTOS) or Path(spec).is_dir()
+
+
+def _photos_folder(path: Path) -> Path:
+    """The photo example in ``path``, written there (whole, or not at all) when it does not exist yet."""
+    if path.exists():
+        return path
+    import shutil
+    import tempfile
+
+    from .photos import write_photos
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write_photos(tmp)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("photo example written to %s", path)
+    return path
+
+
+def load_dataset(spec: str, *, test_fraction: float = 0.2, seed: int = 0,
+                 image_shape: Optional[Sequence[int]] = None) -> Dataset:
+    """``"digits"``, a path to an ``.npz``, an image folder with one subfolder per class, or ``"photos:DIR"``
+    (the photo example of :mod:`edgekit.photos`, written into DIR first when DIR does not exist).
+
+    An image folder's pictures (JPEG, PNG, ... of any size and mode, EXIF-rotated or not) are decoded and
+    resized exactly as the board does it (:func:`read_images`): to ``image_shape`` (H, W, C; the model's input)
+    when given, else to the first picture's size, in rgb unless every picture is gray.
+    """
     if spec == "digits":
         return _digits(test_fraction, seed)
+    shape = tuple(image_shape) if image_shape is not None else None
+    if spec.startswith(PHOTOS):
+        return _image_folder(_photos_folder(Path(spec[len(PHOTOS):])), test_fraction, seed, shape)
     path = Path(spec)
     if not path.exists():
         raise DataError(f"data {spec!r} does not exist; pass 'digits', an .npz file or an image folder")
     if path.is_dir():
-        return _image_folder(path, test_fraction, seed)
+        return _image_folder(path, test_fraction, seed, shape)
     if path.suffix.lower() == ".npz":
         return _npz(path)
     raise DataError(f"data {spec!r} is neither an .npz nor a folder; pass 'digits', an .npz file or an image folder")

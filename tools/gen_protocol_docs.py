@@ -43,7 +43,7 @@ def examples() -> dict:
         device="pi-kitchen-1", fleet="lab", model=MODEL, uptime_s=86400.5, inferences=120344, ts=TS,
         outbox={"depth": 3, "bytes": 4711, "dropped": 0}, flagged=9812, published=9809, resent=41, rejected=0,
         latency_ms={"p50": 0.41, "p95": 0.77}, low_confidence_rate=0.0815, errors={"input": 2},
-        skipped={"duplicate": 14, "rate_limited": 0}, runtime="ai_edge_litert", threads=4, agent_version="0.1.0",
+        skipped={"duplicate": 14, "rate_limited": 0}, input_mismatch={"scaled": 3}, runtime="ai_edge_litert", threads=4, agent_version="0.1.0",
         cpu_percent=37.5, memory_rss_bytes=48234496, memory_percent=1.2, temperature_c=52.1,
         disk_free_bytes=11811160064,
         drift={"samples": 500, "window": 500, "input_z": [0.043], "input_z_max": 0.043, "confidence_mean": 0.9712,

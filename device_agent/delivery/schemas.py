@@ -128,6 +128,14 @@ SCHEMAS: Dict[str, Dict[str, Any]] = {
                 },
             },
             "errors": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "input_mismatch": {
+                "description": "inputs whose dtype or value range does not fit the bundle's raw inputs, by kind: "
+                               "'scaled' (floats in 0..1 for a bundle of 0..255 pixels), 'range' (values outside "
+                               "the range the bundle expects); classified but never flagged (docs/agent.md, "
+                               "\"Input check\")",
+                "type": "object",
+                "additionalProperties": {"type": "integer", "minimum": 1},
+            },
             "model": _MODEL,
             "runtime": {"type": "string"},
             "drift": {

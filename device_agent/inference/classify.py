@@ -1,7 +1,8 @@
 """Scores to a prediction: top-1, confidence, margin, entropy, top-k.
 
 Results are small immutable types (as pycoral's ``Class``). When the model
-emits logits, softmax is applied first, so confidence is always a probability.
+emits logits, softmax is applied first (the logistic function for a single
+logit: a binary classifier), so confidence is always a probability.
 Quantized softmax outputs rarely sum to exactly 1, so they are normalized: the
 confidence the board compares with its threshold is the one the host derived
 the threshold from (:func:`probabilities_batch` is the same arithmetic over a
@@ -53,7 +54,17 @@ def _sigmoid(v: float) -> float:
     return v if 0.0 <= v <= 1.0 else 1.0 / (1.0 + math.exp(-v))
 
 
+def _logistic(v: float) -> float:
+    if v >= 0.0:
+        return 1.0 / (1.0 + math.exp(-v))
+    e = math.exp(v)
+    return e / (1.0 + e)
+
+
 def _probs_list(s: List[float], activation: str) -> List[float]:
+    if activation == "logits" and len(s) == 1:  # one logit: a binary classifier (Dense(1), from_logits=True)
+        p = _logistic(s[0])
+        return [1.0 - p, p]
     if activation == "logits":
         top = max(s)
         e = [math.exp(v - top) for v in s]
@@ -75,6 +86,9 @@ def probabilities(scores: np.ndarray, activation: str = "softmax") -> np.ndarray
 def probabilities_batch(scores: np.ndarray, activation: str = "softmax") -> np.ndarray:
     """:func:`probabilities` for every row of a (N, classes) array, vectorized."""
     s = np.asarray(scores, dtype=np.float64)
+    if activation == "logits" and s.shape[1] == 1:
+        p = 0.5 * (1.0 + np.tanh(0.5 * s[:, 0]))  # the logistic function, without overflow
+        return np.stack([1.0 - p, p], axis=1)
     if activation == "logits":
         e = np.exp(s - s.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)

@@ -25,12 +25,27 @@ from .npy import read_npy
 __all__ = ["IMAGE_SUFFIXES", "load_raw", "decode_image", "preprocess"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".webp")
+_ORIENTATION = 0x0112  # the EXIF tag
+
+
+def _orientation(img) -> int:
+    try:
+        value = img.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block (hostile or broken): the picture as stored
+        return 1
+    return value if isinstance(value, int) else 1
 
 
 def decode_image(data: Union[bytes, os.PathLike, str], color: str = "grayscale") -> np.ndarray:
-    """Decode an image to an H x W x C uint8 array (C = 1 for grayscale, 3 for rgb)."""
+    """Decode an image to an H x W x C uint8 array (C = 1 for grayscale, 3 for rgb).
+
+    The picture is turned upright by its EXIF orientation (as viewers show it); any mode Pillow reads
+    (L, RGB, RGBA, LA, P with or without transparency, CMYK, ...) becomes ``color`` with Pillow's own
+    ``convert``: alpha is dropped, grayscale is ITU-R 601-2 luma. ``edgekit``'s image-folder loader
+    decodes with this very function, so host and board see the same pixels.
+    """
     try:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise InputError("decoding images needs Pillow; pip install pillow, or feed .npy arrays") from exc
     name = "<bytes>" if isinstance(data, bytes) else str(data)
@@ -42,6 +57,8 @@ def decode_image(data: Union[bytes, os.PathLike, str], color: str = "grayscale")
             if w * h > MAX_IMAGE_PIXELS:
                 raise InputError(f"{name} is {w} x {h} pixels, over the limit of {MAX_IMAGE_PIXELS}; send a smaller "
                                  "picture")
+            if _orientation(img) in range(2, 9):  # a phone's or camera's picture, stored sideways
+                img = ImageOps.exif_transpose(img)
             img = img.convert("L" if color == "grayscale" else "RGB")
             arr = np.asarray(img, dtype=np.uint8)
     except InputError:

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 from .. import __version__
 
-_COMMANDS = ("convert", "distill", "evaluate", "collect", "samples", "label", "retrain", "fleet", "broker_config", "keys",
+_COMMANDS = ("convert", "import_tflite", "distill", "evaluate", "collect", "samples", "label", "retrain", "fleet", "broker_config", "keys",
              "sign", "demo")
 
 

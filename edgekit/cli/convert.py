@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "to a full-integer int8 TFLite bundle, then evaluate float vs int8 on the test split.",
     )
     p.add_argument("model", metavar="MODEL", help="a .keras/.h5 file, a SavedModel directory, or 'example'")
-    p.add_argument("--data", required=True, help="'digits', an .npz (x_train, y_train, x_test, y_test) or an image folder")
+    p.add_argument("--data", required=True, help="'digits', an .npz (x_train, y_train, x_test, y_test), an image folder, "
+                   "or photos:DIR (the photo example, written into DIR when missing)")
     p.add_argument("--mode", choices=("qat", "ptq"), default="qat", help="quantization-aware training or post-training (default qat)")
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="the bundle directory to write")
     p.add_argument("--epochs", type=int, default=3, help="QAT fine-tuning epochs (default 3)")
@@ -64,10 +65,16 @@ def handle(args: argparse.Namespace) -> int:
 
         prune = PruneSpec(args.prune, args.prune_structure, schedule=args.prune_schedule, epochs=args.prune_epochs)
     from ..convert.pipeline import convert
-    from ..data import load_dataset
+    from ..data import is_image_folder, load_dataset
 
-    data = load_dataset(args.data, seed=args.seed)
     model = args.model
+    image_shape = None
+    if model != "example" and is_image_folder(args.data):  # an image folder is resized to the model's input
+        from ..convert.load import load_model
+
+        model = load_model(model)
+        image_shape = _static_input_shape(model)
+    data = load_dataset(args.data, seed=args.seed, image_shape=image_shape)
     if model == "example":
         from ..models import digits_cnn, train
 
@@ -98,6 +105,15 @@ def handle(args: argparse.Namespace) -> int:
     print(f"bundle: {result.bundle_path}  (report: {result.bundle_path / 'report' / 'report.md'})")
     _sign(result.bundle_path, key)
     return 0
+
+
+def _static_input_shape(model):
+    """The model's input shape without the batch axis, or None when a dimension is unknown."""
+    try:
+        shape = tuple(model.input_shape[1:])
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return shape if shape and all(isinstance(d, int) for d in shape) else None
 
 
 def _sign(bundle, key) -> None:

@@ -29,10 +29,16 @@ def handle(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.output, args.force)
-    from ..data import load_dataset
+    from ..data import is_image_folder, load_dataset
     from ..convert.evaluate import evaluate
 
-    data = load_dataset(args.data, seed=args.seed)
+    image_shape = None
+    if is_image_folder(args.data):  # an image folder is decoded and resized as the bundle's boards do it
+        from device_agent.update.manifest import load_bundle
+
+        pre = load_bundle(args.bundle).manifest.preprocessing
+        image_shape = tuple(pre.shape) if pre.kind == "image" and len(pre.shape) == 3 else None
+    data = load_dataset(args.data, seed=args.seed, image_shape=image_shape)
     report = evaluate(args.bundle, data, float_model=args.float_model, baseline=args.baseline, runtimes=args.runtimes)
     if args.output:
         with atomic_dir(args.output, args.force) as tmp:

@@ -199,7 +199,8 @@ def _inputs(bundle: Bundle, data: Dataset, x: np.ndarray) -> np.ndarray:
             f"shape={list(pre.shape)}; pass data of that shape"
         )
     classes = bundle.manifest.output.shape[-1]
-    if classes != data.num_classes:
+    binary = classes == 1 and data.num_classes == 2  # one score: a sigmoid's probability or a logit
+    if classes != data.num_classes and not binary:
         raise DataError(
             f"data has {data.num_classes} classes but bundle {bundle.manifest.name} outputs {classes} scores; "
             "pass the data the bundle was made for"

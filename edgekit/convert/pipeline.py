@@ -203,30 +203,11 @@ def convert(
         float_path = Path(tempfile.mkdtemp(prefix="edgekit-float-")) / "float.tflite"
         try:
             float_path.write_bytes(float_bytes)
-            rep = evaluate(
-                tmp,
-                data,
-                float_model=float_path,
-                baseline=baseline,
-                runtimes=runtimes,
-                output_dir=(tmp / REPORT_DIR) if report else None,
-                keras_size=keras_size,
-            )
+            manifest, rep = prove_bundle(tmp, manifest, data, float_model=float_path, baseline=baseline,
+                                         runtimes=runtimes, report=report, keras_size=keras_size)
         finally:
             float_path.unlink(missing_ok=True)
             float_path.parent.rmdir()
-        from device_agent.inference.interpreter import TFLiteModel
-
-        with TFLiteModel.open(tmp / manifest.model_file) as tm:
-            train_probs = scores_to_probs(tm.predict(data.model_inputs(data.x_train)), activation)
-        manifest = replace(
-            manifest,
-            confidence_threshold=rep.thresholds.confidence,
-            margin_threshold=rep.thresholds.margin,
-            metrics=_metrics(rep),
-            reference=reference_stats(data.model_inputs(data.x_train), train_probs),
-        )
-        rewrite_manifest(tmp, manifest)
         if save_float:
             _save_float(model, tmp / FLOAT_MODEL_NAME)
         extra = []
@@ -238,11 +219,43 @@ def convert(
             extra.extend(sections(tmp, output.name, rep))
         rep = replace(rep, sections=tuple(extra))
     log.info("bundle written to %s (int8 top-1 %.2f%%)", output, 100 * rep.int8.accuracy)
+    report_obj = write_report(output, rep, report)
+    return ConvertResult(bundle_path=output, manifest=manifest, report=report_obj, fallbacks=fallbacks)
+
+
+def prove_bundle(staged: Path, manifest: Manifest, data: Dataset, *, float_model: Any = None,
+                 baseline: Optional[os.PathLike | str] = None, runtimes: Optional[Sequence[str]] = None,
+                 report: bool = True, keras_size: Optional[int] = None) -> Tuple[Manifest, EvalReport]:
+    """Measure the bundle staged in ``staged`` on ``data`` and write what was measured into its manifest.
+
+    The evaluation (``float_model`` vs the bundle's model and a baseline, on the test split; plots in
+    ``report/``), the thresholds derived from it, the metrics, and the reference statistics of the
+    training inputs (through the board's interpreter adapter). ``convert`` and ``import`` share it.
+    """
+    from device_agent.inference.interpreter import TFLiteModel
+
+    rep = evaluate(staged, data, float_model=float_model, baseline=baseline, runtimes=runtimes,
+                   output_dir=(staged / REPORT_DIR) if report else None, keras_size=keras_size)
+    with TFLiteModel.open(staged / manifest.model_file) as tm:
+        train_probs = scores_to_probs(tm.predict(data.model_inputs(data.x_train)), manifest.output_activation)
+    manifest = replace(
+        manifest,
+        confidence_threshold=rep.thresholds.confidence,
+        margin_threshold=rep.thresholds.margin,
+        metrics=_metrics(rep),
+        reference=reference_stats(data.model_inputs(data.x_train), train_probs),
+    )
+    rewrite_manifest(staged, manifest)
+    return manifest, rep
+
+
+def write_report(output: Path, rep: EvalReport, report: bool = True) -> EvalReport:
+    """The report of the bundle now at ``output``: ``report/report.json`` and ``report.md`` (when ``report``)."""
     report_obj = replace(rep, bundle=str(output))
     if report:
         (output / REPORT_DIR / "report.json").write_text(json.dumps(report_obj.to_dict(), indent=2) + "\n", encoding="utf-8")
         (output / REPORT_DIR / "report.md").write_text(report_obj.to_markdown(), encoding="utf-8")
-    return ConvertResult(bundle_path=output, manifest=manifest, report=report_obj, fallbacks=fallbacks)
+    return report_obj
 
 
 def _save_float(model: Any, path: Path) -> None:

@@ -337,7 +337,7 @@ def retrain(
 
     from ..convert.bundle import atomic_dir, check_output
     from ..convert.pipeline import convert, load_model
-    from ..data import Dataset, load_dataset
+    from ..data import Dataset, is_image_folder, load_dataset
     from ..convert.quantize import check_fits
 
     t0 = time.perf_counter()
@@ -352,7 +352,9 @@ def retrain(
     new_version = version or bump_version(m.version)
     if new_version == m.version:
         raise DataError(f"version {new_version!r} is the current bundle's; pass another --version")
-    dataset = load_dataset(data, seed=seed)
+    pre = m.preprocessing  # an image folder is read at the bundle's input size, as its boards resize pictures
+    image_shape = tuple(pre.shape) if pre.kind == "image" and len(pre.shape) == 3 and is_image_folder(data) else None
+    dataset = load_dataset(data, seed=seed, image_shape=image_shape)
     if tuple(dataset.labels) != tuple(m.labels):
         if len(dataset.labels) != len(m.labels):
             raise DataError(f"data {data!r} has {len(dataset.labels)} classes but the bundle has {len(m.labels)}; "

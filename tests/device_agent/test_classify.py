@@ -49,6 +49,17 @@ def test_sigmoid_single_output_becomes_two_classes():
     assert probabilities_batch(np.array([[0.9], [0.2]]), "sigmoid")[:, 1] == pytest.approx([0.9, 0.2])
 
 
+def test_a_single_logit_is_a_binary_classifier():
+    """Dense(1) with from_logits=True (TF's transfer-learning tutorial): the logistic function, even for a logit
+    that happens to lie in 0..1 (0.3 is 57% 'yes', not 30%)."""
+    for v in (0.3, -4.0, 2.5, 800.0, -800.0):
+        p = 1.0 / (1.0 + np.exp(-np.float64(v)))
+        pred = classify(np.array([v], np.float32), ["no", "yes"], "logits")
+        assert pred.label == ("yes" if p > 0.5 else "no") and pred.confidence == pytest.approx(max(p, 1 - p), abs=1e-6)
+    batch = probabilities_batch(np.array([[0.3], [-4.0], [800.0]]), "logits")
+    assert batch[:, 1] == pytest.approx(1.0 / (1.0 + np.exp(-np.array([0.3, -4.0, 800.0]))))
+
+
 def test_dequantize_in_float32_equals_the_float64_formula():
     q = np.arange(-128, 128, dtype=np.int8)
     for scale, zp in [(1 / 256, -128), (0.0123456789, 3), (1 / 255, -128)]:

@@ -1,0 +1,69 @@
+"""``edgekit import MODEL.tflite --labels LABELS [--data DATA] [--input-range R | --mean M --std S] -o BUNDLE``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..convert.inputs import INPUT_RANGES
+
+    p = subparsers.add_parser(
+        "import",
+        help="make a bundle from a .tflite classifier made elsewhere (float or int8)",
+        description="Make a bundle from a .tflite image or array classifier exported by another tool (Teachable "
+        "Machine, Model Maker, Edge Impulse, TF's converter): tensor specs from the model, preprocessing from the "
+        "options (or the range a quantized input covers), softmax or logits from its last op. With --data, the "
+        "bundle is evaluated and gets thresholds, reference statistics and a report as `convert` makes them.",
+    )
+    p.add_argument("model", metavar="MODEL", help="the .tflite file")
+    p.add_argument("--labels", required=True,
+                   help="class names in output order: comma list or a file with one per line (a Teachable Machine "
+                        "labels.txt of '<index> <name>' lines works as it is)")
+    p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="the bundle directory to write")
+    p.add_argument("--data", help="'digits', an .npz, an image folder or photos:DIR (pictures are resized to the model's "
+                                       "input) to evaluate on")
+    p.add_argument("--input-range", choices=tuple(INPUT_RANGES), metavar="RANGE",
+                   help=f"the range the model's input expects ({', '.join(INPUT_RANGES)}); raw pixels 0..255 are "
+                        "mapped onto it")
+    p.add_argument("--mean", type=float, help="model_input = (raw - MEAN) / STD, in raw units (with --std)")
+    p.add_argument("--std", type=float, help="see --mean")
+    p.add_argument("--name", help="bundle name (default: the file's name)")
+    p.add_argument("--version", default="1", help="bundle version (default 1)")
+    p.add_argument("--baseline", metavar="OTHER_BUNDLE", help="a previous bundle to compare against (with --data)")
+    p.add_argument("--runtime", action="append", dest="runtimes", metavar="RUNTIME",
+                   help="time this runtime in the report (repeatable; default: every one installed)")
+    p.add_argument("--force", action="store_true", help="replace BUNDLE_DIR if it exists")
+    p.add_argument("--seed", type=int, default=0, help="split seed of --data (default 0)")
+    p.add_argument("--sign-key", metavar="KEY",
+                   help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
+                        "key's next release")
+    p.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from ..convert.bundle import check_output
+
+    check_output(args.output, args.force)
+    key = None
+    if args.sign_key:  # a bad key fails before the work
+        from ..fleet.keys import load_signing_key
+
+        key = load_signing_key(args.sign_key)
+    from ..convert.importer import import_tflite
+    from .convert import _sign
+
+    result = import_tflite(
+        args.model, labels=args.labels, output=args.output, data=args.data, input_range=args.input_range,
+        mean=args.mean, std=args.std, name=args.name, version=args.version, baseline=args.baseline,
+        runtimes=args.runtimes, force=args.force, seed=args.seed,
+    )
+    for note in result.notes:
+        print(note)
+    if result.report is not None:
+        print(result.report.to_markdown())
+    m = result.manifest
+    print(f"bundle: {result.bundle_path}  ({m.name} v{m.version}, {len(m.labels)} labels, input "
+          f"{m.input.dtype} {list(m.input.shape)}, output {m.output_activation}, threshold {m.confidence_threshold})")
+    _sign(result.bundle_path, key)
+    return 0
