@@ -96,6 +96,11 @@ def handle(args: argparse.Namespace) -> int:
         print(f"fallback: {layer}: {action}")
     print(result.report.to_markdown())
     print(f"bundle: {result.bundle_path}  (report: {result.bundle_path / 'report' / 'report.md'})")
+    from ..convert.quantize import coverage_warning
+
+    loud = coverage_warning(result.manifest.quantization)
+    if loud:  # last, where it is seen after the long report
+        print(loud)
     _sign(result.bundle_path, key)
     return 0
 

@@ -155,12 +155,13 @@ def convert(
                 log.info("Keras file size unknown (%s)", exc)
     fallbacks: Tuple[Tuple[str, str], ...] = ()
     used = mode
+    qat_coverage: Optional[Dict[str, Any]] = None
     if mode == "qat":
         qat = q.quantize_aware(
             model, data, epochs=epochs, fallback=fallback, progress=progress, from_logits=activation == "logits", seed=seed,
             scheme=pruned.qat_scheme() if pruned is not None else None,
         )
-        fallbacks, used = qat.fallbacks, qat.mode
+        fallbacks, used, qat_coverage = qat.fallbacks, qat.mode, dict(qat.coverage)
         if qat.model is not None:
             try:
                 int8_bytes = q.to_tflite_int8(qat.model, calibration)
@@ -169,6 +170,7 @@ def convert(
                     raise
                 fallbacks += ((model.name, f"QAT model did not convert ({exc}); whole model converted with PTQ"),)
                 used = "ptq"
+                qat_coverage = q.all_float_coverage(model, "the QAT model did not convert")
         if used == "ptq":
             int8_bytes = q.to_tflite_int8(model, calibration)
     else:
@@ -182,6 +184,11 @@ def convert(
         "qat_epochs": int(epochs) if used == "qat" else 0,
         "fallbacks": [{"layer": n, "action": a} for n, a in fallbacks],
     }
+    if qat_coverage is not None:
+        quantization["qat_coverage"] = qat_coverage
+        loud = q.coverage_warning(quantization)
+        if loud:
+            log.warning("%s", loud)
     pruned_layers = None
     if pruned is not None:
         from .prune import manifest_entry, measure
