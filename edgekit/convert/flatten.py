@@ -27,7 +27,7 @@ same function and the original model is left untouched. Specifically:
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import ModelError
 
@@ -96,8 +96,13 @@ class _Flattener:
         self.copies[key] = fresh
         return fresh
 
-    def run(self, model: Any, inputs: List[Any], prefix: str, frozen: bool, call_kwargs: Dict[str, Any]) -> List[Any]:
-        """Replay ``model``'s graph on ``inputs``; returns its outputs (flat list)."""
+    def run(self, model: Any, inputs: List[Any], prefix: str, frozen: bool, call_kwargs: Dict[str, Any],
+            seed: Optional[Dict[int, Any]] = None, skip: Optional[set] = None) -> List[Any]:
+        """Replay ``model``'s graph on ``inputs``; returns its outputs (flat list).
+
+        ``seed``: more original tensor ids -> new tensors; ``skip``: ids of layers not replayed (both to cut
+        leading layers off a graph, :mod:`edgekit.convert.inputs`).
+        """
         import tensorflow as tf
 
         if not _is_graph(model):
@@ -110,10 +115,11 @@ class _Flattener:
         if len(model_inputs) != len(inputs):
             raise ModelError(f"nested model {model.name} takes {len(model_inputs)} inputs but is called with {len(inputs)}")
         tensors: Dict[int, Any] = {id(t): x for t, x in zip(model_inputs, inputs)}
+        tensors.update(seed or {})
         depths = sorted(model._nodes_by_depth.keys(), reverse=True)  # noqa: SLF001 - the graph, as Functional runs it
         for depth in depths:
             for node in model._nodes_by_depth[depth]:  # noqa: SLF001
-                if node.is_input:
+                if node.is_input or id(node.layer) in (skip or ()):
                     continue
                 if any(id(t) not in tensors for t in node.keras_inputs):
                     continue  # a node of another graph that shares this layer

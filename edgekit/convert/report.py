@@ -34,6 +34,8 @@ def markdown(r: "EvalReport") -> str:
         f"Bundle `{r.bundle}`, quantization **{q.get('mode', '?')}**, test split of `{r.data}`: {r.test_size} inputs.",
         "",
     ]
+    if r.diagnosis:
+        lines += [f"> **WARNING: {r.diagnosis}**", ""]
     from .quantize import coverage_warning
 
     loud = coverage_warning(q)
