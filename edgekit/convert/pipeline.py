@@ -142,7 +142,11 @@ def convert(
         keras_size = model_file_size(model) if Path(model).exists() else None
         model = load_model(model)
     q.check_fits(model, data)
+    from .flatten import nested_models
+
+    nested = nested_models(model)  # flattened below or by QAT: the coverage names them
     model, choice = _inputs(model, data, input_range, mean, std, follow_model)
+    nested = [] if nested_models(model) else nested  # not flattened here: QAT flattens and names them itself
     data = replace(data, preprocessing=choice.preprocessing)
     log.info("input: %s", choice.detail)
     seed_everything(seed)
@@ -169,7 +173,7 @@ def convert(
     if mode == "qat":
         qat = q.quantize_aware(
             model, data, epochs=epochs, fallback=fallback, progress=progress, from_logits=activation == "logits", seed=seed,
-            scheme=pruned.qat_scheme() if pruned is not None else None,
+            scheme=pruned.qat_scheme() if pruned is not None else None, flattened=nested,
         )
         fallbacks, used, qat_coverage = qat.fallbacks, qat.mode, dict(qat.coverage)
         if qat.model is not None:

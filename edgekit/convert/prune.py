@@ -28,8 +28,8 @@ only for float models of one shape (see docs/shrink.md).
 
 Nested models (a Keras model used as a layer, a pretrained base) are
 flattened first (:mod:`edgekit.convert.flatten`), so their layers are pruned
-like any other; one that cannot be flattened (a subclassed model inside) stays
-dense and the report says so.
+like any other; a subclassed model inside cannot be flattened, nor cloned by
+tfmot: one ConversionError line says so.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ def _plan(model: Any, spec: PruneSpec) -> Tuple[List[str], List[LayerSparsity]]:
         if isinstance(layer, keras.Model):
             if size or layer.count_params():
                 dense.append(LayerSparsity(layer.name, kind, size or int(layer.count_params()), None,
-                                           note="nested model: its layers are not pruned (flatten the model first)"))
+                                           note="nested model that cannot be flattened (subclassed): its layers are not pruned"))
             continue
         if not size:
             continue
@@ -334,8 +334,8 @@ def prune_model(
 
     try:
         model = flatten_model(model)  # tfmot prunes top-level layers only: a nested base is pruned once flattened
-    except ModelError as exc:
-        log.warning("%s; its layers stay dense", exc)
+    except ModelError as exc:  # a subclassed model inside: tfmot cannot clone (nor strip) the model around it
+        raise ConversionError(f"{exc}; or convert without --prune") from exc
     names, dense = _plan(model, spec)
     if not names:
         why = "; ".join(f"{x.layer}: {x.note}" for x in dense) or "it has no Conv or Dense weights"

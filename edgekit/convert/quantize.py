@@ -247,11 +247,13 @@ def quantize_aware(
     batch_size: int = 32,
     seed: int = 0,
     scheme: Any = None,
+    flattened: Sequence[str] = (),
 ) -> QatResult:
     """tfmot QAT: annotate what can be quantized, apply, fine-tune ``epochs`` on the train split.
 
     ``scheme``: a tfmot quantize scheme other than the default 8-bit one (pruning passes the
-    sparsity-preserving scheme, so fine-tuning keeps zero weights zero).
+    sparsity-preserving scheme, so fine-tuning keeps zero weights zero). ``flattened``: nested models the
+    caller already flattened (named in the coverage).
     """
     from .._keras import keras, tfmot
 
@@ -269,15 +271,16 @@ def quantize_aware(
                          all_float_coverage(model, reason))
     from .flatten import flatten_model, nested_models
 
-    flattened = nested_models(model)
-    if flattened:
+    inside = nested_models(model)
+    if inside:
         try:
             model = flatten_model(model)
         except ModelError as exc:
             if fallback == "fail":
                 raise ConversionError(f"{exc}; or rerun with --fallback ptq") from exc
             log.warning("%s; the nested model(s) stay float during QAT", exc)
-            flattened = []
+            inside = []
+    flattened = list(flattened) + [n for n in inside if n not in flattened]
     skipped = unsupported_layers(model)
     if skipped and fallback == "fail":
         names = ", ".join(f"{n} ({c})" for n, c in skipped)

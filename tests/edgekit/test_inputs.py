@@ -15,7 +15,7 @@ from device_agent.update.manifest import Preprocessing
 from edgekit.convert.inputs import diagnose, range_preprocessing, resolve
 from edgekit.errors import ConversionError
 
-from photos import write_photo_folder
+from edgekit.photos import write_photo_folder
 
 PIXELS = Preprocessing(kind="image", shape=(16, 16, 3), color="rgb", resize="bilinear", scale=1 / 255, raw_dtype="uint8")
 
