@@ -37,7 +37,6 @@ def test_nested_mobilenetv2_converts_with_qat_over_the_whole_base(tmp_path, caps
     assert "WARNING" not in printed
     m = load_bundle(out).manifest
     cov = m.quantization["qat_coverage"]
-    print(m.metrics, {k: v for k, v in cov.items() if k != "float_layers"})
     assert m.quantization["mode"] == "qat" and cov["flattened"] == ["mobilenetv2_0.35_96"], cov
     assert cov["fraction_parameters"] >= 0.9 and cov["parameters"] == model.count_params(), cov
     assert cov["float_layers"] == []  # the Rescaling moved out; every other layer is one tfmot quantizes
