@@ -72,13 +72,23 @@ class Dataset:
         return (np.asarray(x, dtype=np.float32) * np.float32(pre.scale) + np.float32(pre.offset)).astype(np.float32)
 
     def with_labels(self, labels: Tuple[str, ...]) -> "Dataset":
-        """The same data with other class names (one per class index)."""
+        """The same data with the class names of the model's outputs, one per output.
+
+        When ``labels`` are the data's own names in another order (a model trained with its classes in another
+        order than the folders sort in), the class indices follow them: output i is the class named labels[i].
+        Otherwise the names replace the data's, index for index.
+        """
         if len(labels) != len(self.labels):
             raise DataError(
                 f"{len(labels)} labels given ({', '.join(labels)}) but the data has {len(self.labels)} classes; "
                 "give one label per class"
             )
-        return Dataset(self.x_train, self.y_train, self.x_test, self.y_test, tuple(labels), self.preprocessing, self.name)
+        labels = tuple(labels)
+        if set(labels) == set(self.labels) and len(set(labels)) == len(labels) and labels != tuple(self.labels):
+            index = np.asarray([labels.index(name) for name in self.labels], dtype=np.int64)
+            return Dataset(self.x_train, index[self.y_train], self.x_test, index[self.y_test], labels,
+                           self.preprocessing, self.name)
+        return Dataset(self.x_train, self.y_train, self.x_test, self.y_test, labels, self.preprocessing, self.name)
 
 
 def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, ...]:

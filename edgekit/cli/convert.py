@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="time this runtime in the report (repeatable; default: every one installed)")
     p.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g = p.add_argument_group("input range (default: follows the model; docs/cli-convert.md)")
+    g.add_argument("--input-range", choices=("0..1", "-1..1", "0..255"),
+                   help="the model input for raw pixels 0..255 (overrides what the model's own Rescaling/Normalization says)")
+    g.add_argument("--mean", type=float, help="model input = (raw - MEAN) / STD, in raw units (e.g. 127.5)")
+    g.add_argument("--std", type=float, help="see --mean (e.g. 127.5)")
     p.add_argument("--sign-key", metavar="KEY",
                    help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
                         "key's next release; boards with [update] trusted_keys run only signed bundles")
@@ -98,11 +103,21 @@ def handle(args: argparse.Namespace) -> int:
         runtimes=args.runtimes,
         seed=args.seed,
         prune=prune,
+        input_range=args.input_range,
+        mean=args.mean,
+        std=args.std,
     )
     for layer, action in result.fallbacks:
         print(f"fallback: {layer}: {action}")
     print(result.report.to_markdown())
     print(f"bundle: {result.bundle_path}  (report: {result.bundle_path / 'report' / 'report.md'})")
+    from ..convert.quantize import coverage_warning
+
+    loud = coverage_warning(result.manifest.quantization)
+    print(f"input: {result.manifest.quantization.get('input', {}).get('detail', '?')}")
+    for line in (loud, result.report.diagnosis and f"WARNING: {result.report.diagnosis}"):
+        if line:  # last, where it is seen after the long report
+            print(line)
     _sign(result.bundle_path, key)
     return 0
 

@@ -46,4 +46,6 @@ def handle(args: argparse.Namespace) -> int:
     print(report.to_markdown())
     if args.output:
         print(f"report: {args.output}/report.md")
+    if report.diagnosis:
+        print(f"WARNING: {report.diagnosis}")
     return 0

@@ -103,6 +103,8 @@ class EvalReport:
     baseline: Baseline
     thresholds: Thresholds
     sections: Tuple[Section, ...] = ()
+    #: One line when the float model does not beat the majority baseline: the likely cause and the option that fixes it.
+    diagnosis: Optional[str] = None
 
     @property
     def beats_baseline(self) -> bool:
@@ -288,6 +290,9 @@ def evaluate(
             flt = _metrics(y, float_pred, data.num_classes)
             agreement = float(np.mean(float_pred == int8_pred))
             latency += _latency(fpath, "float", runtimes, x[0], latency_runs)
+            diagnosis = _diagnose(fpath, runtimes[0], data, m, flt.accuracy)
+        else:
+            diagnosis = _diagnose(b.model_path, runtimes[0], data, m, int8.accuracy)
     if baseline is not None:
         ob = load_bundle(baseline)
         with _open(ob.model_path, runtimes[0]) as om:
@@ -311,7 +316,22 @@ def evaluate(
         latency=tuple(latency),
         baseline=base,
         thresholds=derive_thresholds(probs, y),
+        diagnosis=diagnosis,
     )
+    if diagnosis:
+        log.warning("%s", diagnosis)
     if output_dir is not None:
         report.write(output_dir)
     return report
+
+
+def _diagnose(path: Path, runtime: str, data: Dataset, manifest: Any, accuracy: float) -> Optional[str]:
+    """:func:`edgekit.convert.inputs.diagnose` with the model at ``path`` against the majority baseline."""
+    from .inputs import DIAGNOSE_MARGIN, diagnose
+
+    majority = int(np.bincount(data.y_train, minlength=data.num_classes).argmax())
+    baseline = float(np.mean(data.y_test == majority))
+    if accuracy >= baseline + DIAGNOSE_MARGIN:
+        return None
+    with _open(path, runtime) as model:
+        return diagnose(model.predict, data.x_test, data.y_test, manifest.preprocessing, data.labels, baseline, accuracy)

@@ -107,11 +107,18 @@ def convert(
     save_float: bool = True,
     prune: Optional["PruneSpec"] = None,
     sections: Optional[SectionsHook] = None,
+    input_range: Optional[str] = None,
+    mean: Optional[float] = None,
+    std: Optional[float] = None,
+    follow_model: bool = True,
 ) -> ConvertResult:
     """Convert ``model`` (a Keras model or a path) to an int8 bundle at ``output``; see the module doc.
 
     ``prune``: magnitude pruning while fine-tuning before quantization (:mod:`edgekit.convert.prune`);
     ``sections``: adds sections to the report (``edgekit distill`` adds its comparison).
+    ``input_range`` (``0..1``, ``-1..1``, ``0..255``) or ``mean``/``std``: the model's input for raw pixels;
+    by default it follows the model (:mod:`edgekit.convert.inputs`), or with ``follow_model=False`` the
+    data's own preprocessing is kept (retraining a bundle keeps the bundle's).
     """
     from . import quantize as q
     from ..models import seed_everything
@@ -135,6 +142,13 @@ def convert(
         keras_size = model_file_size(model) if Path(model).exists() else None
         model = load_model(model)
     q.check_fits(model, data)
+    from .flatten import nested_models
+
+    nested = nested_models(model)  # flattened below or by QAT: the coverage names them
+    model, choice = _inputs(model, data, input_range, mean, std, follow_model)
+    nested = [] if nested_models(model) else nested  # not flattened here: QAT flattens and names them itself
+    data = replace(data, preprocessing=choice.preprocessing)
+    log.info("input: %s", choice.detail)
     seed_everything(seed)
     activation = q.output_activation(model, data)
     calibration = q.representative_inputs(data, calibration_samples, seed)
@@ -155,12 +169,13 @@ def convert(
                 log.info("Keras file size unknown (%s)", exc)
     fallbacks: Tuple[Tuple[str, str], ...] = ()
     used = mode
+    qat_coverage: Optional[Dict[str, Any]] = None
     if mode == "qat":
         qat = q.quantize_aware(
             model, data, epochs=epochs, fallback=fallback, progress=progress, from_logits=activation == "logits", seed=seed,
-            scheme=pruned.qat_scheme() if pruned is not None else None,
+            scheme=pruned.qat_scheme() if pruned is not None else None, flattened=nested,
         )
-        fallbacks, used = qat.fallbacks, qat.mode
+        fallbacks, used, qat_coverage = qat.fallbacks, qat.mode, dict(qat.coverage)
         if qat.model is not None:
             try:
                 int8_bytes = q.to_tflite_int8(qat.model, calibration)
@@ -169,6 +184,7 @@ def convert(
                     raise
                 fallbacks += ((model.name, f"QAT model did not convert ({exc}); whole model converted with PTQ"),)
                 used = "ptq"
+                qat_coverage = q.all_float_coverage(model, "the QAT model did not convert")
         if used == "ptq":
             int8_bytes = q.to_tflite_int8(model, calibration)
     else:
@@ -181,7 +197,13 @@ def convert(
         "calibration_samples": int(len(calibration)),
         "qat_epochs": int(epochs) if used == "qat" else 0,
         "fallbacks": [{"layer": n, "action": a} for n, a in fallbacks],
+        "input": choice.to_dict(),
     }
+    if qat_coverage is not None:
+        quantization["qat_coverage"] = qat_coverage
+        loud = q.coverage_warning(quantization)
+        if loud:
+            log.warning("%s", loud)
     pruned_layers = None
     if pruned is not None:
         from .prune import manifest_entry, measure
@@ -256,6 +278,22 @@ def write_report(output: Path, rep: EvalReport, report: bool = True) -> EvalRepo
         (output / REPORT_DIR / "report.json").write_text(json.dumps(report_obj.to_dict(), indent=2) + "\n", encoding="utf-8")
         (output / REPORT_DIR / "report.md").write_text(report_obj.to_markdown(), encoding="utf-8")
     return report_obj
+
+
+def _inputs(model: Any, data: Dataset, input_range: Optional[str], mean: Optional[float], std: Optional[float],
+            follow_model: bool) -> Tuple[Any, Any]:
+    """The model to convert and the input choice (:func:`edgekit.convert.inputs.resolve`) on its flat graph."""
+    from ..errors import ModelError
+    from .flatten import flatten_model
+    from .inputs import resolve
+
+    options = input_range is not None or mean is not None or std is not None
+    if follow_model and not options:
+        try:
+            model = flatten_model(model)  # a Rescaling inside a nested base counts
+        except ModelError as exc:
+            log.info("model not flattened (%s)", exc)
+    return resolve(model, data.preprocessing, input_range=input_range, mean=mean, std=std, follow_model=follow_model)
 
 
 def _save_float(model: Any, path: Path) -> None:

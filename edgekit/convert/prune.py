@@ -26,8 +26,10 @@ sends is gzip) the zeros cost almost nothing. The int8 kernels multiply zeros
 like any other weight, so latency does not improve; XNNPACK has sparse kernels
 only for float models of one shape (see docs/shrink.md).
 
-Nested models (a Keras model used as a layer) are not pruned inside: their
-layers stay dense and the report says so.
+Nested models (a Keras model used as a layer, a pretrained base) are
+flattened first (:mod:`edgekit.convert.flatten`), so their layers are pruned
+like any other; a subclassed model inside cannot be flattened, nor cloned by
+tfmot: one ConversionError line says so.
 """
 
 from __future__ import annotations
@@ -266,7 +268,7 @@ def _plan(model: Any, spec: PruneSpec) -> Tuple[List[str], List[LayerSparsity]]:
         if isinstance(layer, keras.Model):
             if size or layer.count_params():
                 dense.append(LayerSparsity(layer.name, kind, size or int(layer.count_params()), None,
-                                           note="nested model: its layers are not pruned (flatten the model first)"))
+                                           note="nested model that cannot be flattened (subclassed): its layers are not pruned"))
             continue
         if not size:
             continue
@@ -327,6 +329,13 @@ def prune_model(
             f"pruning needs a Sequential or functional model; {type(model).__name__} is a subclassed model "
             "(rebuild it with the functional API, or convert without --prune)"
         )
+    from ..errors import ModelError
+    from .flatten import flatten_model
+
+    try:
+        model = flatten_model(model)  # tfmot prunes top-level layers only: a nested base is pruned once flattened
+    except ModelError as exc:  # a subclassed model inside: tfmot cannot clone (nor strip) the model around it
+        raise ConversionError(f"{exc}; or convert without --prune") from exc
     names, dense = _plan(model, spec)
     if not names:
         why = "; ".join(f"{x.layer}: {x.note}" for x in dense) or "it has no Conv or Dense weights"

@@ -4,17 +4,20 @@ Full-integer int8 everywhere: int8 weights (per-channel for convolutions and
 dense layers, the converter's default), int8 activations calibrated on a
 representative dataset, int8 input and output tensors.
 
-QAT annotates every layer tfmot can quantize and leaves the others float
-(they are quantized post-training by the converter from the representative
-dataset); each such layer is reported by name in the ``fallbacks``.
+QAT first flattens a model that holds other models (a pretrained base inside
+a Sequential, :mod:`edgekit.convert.flatten`), then annotates every layer tfmot
+can quantize and leaves the others float (they are quantized post-training by
+the converter from the representative dataset); each such layer is reported by
+name in the ``fallbacks``, and :func:`coverage` says how much of the model (layers
+and parameters) QAT reached.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -22,8 +25,12 @@ from ..data import Dataset
 from ..errors import ConversionError, DataError, ModelError
 
 __all__ = [
+    "COVERAGE_WARN",
     "QatResult",
     "check_fits",
+    "coverage",
+    "coverage_warning",
+    "all_float_coverage",
     "output_activation",
     "representative_inputs",
     "to_tflite_float",
@@ -35,6 +42,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Fallback = Tuple[str, str]
+
+#: Below this fraction of its parameters under QAT, a "qat" bundle is mostly post-training quantized: say so loudly.
+COVERAGE_WARN = 0.9
 
 
 def check_fits(model: Any, data: Dataset) -> None:
@@ -164,6 +174,57 @@ def unsupported_layers(model: Any) -> List[Tuple[str, str]]:
     return out
 
 
+def _params(layer: Any) -> int:
+    try:
+        return int(layer.count_params())
+    except ValueError:  # an unbuilt layer
+        return 0
+
+
+def coverage(model: Any, float_layers: Dict[str, str], flattened: Sequence[str] = ()) -> Dict[str, Any]:
+    """How much of ``model`` QAT reached: layers and parameters, and each layer left float with its reason.
+
+    ``float_layers``: layer name -> why it was left float (every other layer is under QAT; a
+    BatchNormalization folded into its convolution counts as under QAT). ``flattened``: the nested
+    models replaced by their layers before annotation.
+    """
+    from .._keras import keras
+
+    layers = [x for x in model.layers if not isinstance(x, keras.layers.InputLayer)]
+    total = sum(_params(x) for x in layers)
+    left = [x for x in layers if x.name in float_layers]
+    float_params = sum(_params(x) for x in left)
+    return {
+        "layers": len(layers),
+        "layers_qat": len(layers) - len(left),
+        "parameters": int(total),
+        "parameters_qat": int(total - float_params),
+        "fraction_parameters": round((total - float_params) / total, 6) if total else 1.0,
+        "flattened": list(flattened),
+        "float_layers": [
+            {"layer": x.name, "class": type(x).__name__, "parameters": _params(x), "reason": float_layers[x.name]}
+            for x in left
+        ],
+    }
+
+
+def coverage_warning(quantization: Mapping[str, Any]) -> Optional[str]:
+    """One loud line when a bundle asked for QAT got it for less than COVERAGE_WARN of its parameters."""
+    if quantization.get("requested_mode") != "qat":
+        return None
+    cov = quantization.get("qat_coverage")
+    if quantization.get("mode") != "qat":
+        return ("WARNING: QAT was asked for but the whole model was converted post-training (PTQ); "
+                "see the fallbacks below")
+    if not cov or cov.get("fraction_parameters", 1.0) >= COVERAGE_WARN:
+        return None
+    biggest = sorted(cov.get("float_layers", []), key=lambda x: -x.get("parameters", 0))[:3]
+    names = ", ".join(f"{x['layer']} ({x['class']}, {x['parameters']:,} parameters)" for x in biggest)
+    return (f"WARNING: QAT reached only {100 * cov['fraction_parameters']:.1f}% of the parameters "
+            f"({cov['parameters_qat']:,} of {cov['parameters']:,}); the rest is post-training quantized. "
+            f"Left float: {names}")
+
+
 @dataclass(frozen=True)
 class QatResult:
     """The fine-tuned QAT model (None when the whole model fell back to PTQ) and what was done."""
@@ -171,6 +232,7 @@ class QatResult:
     model: Any
     fallbacks: Tuple[Fallback, ...]
     mode: str  # "qat" or "ptq" when the whole model fell back
+    coverage: Dict[str, Any] = field(default_factory=dict)
 
 
 def quantize_aware(
@@ -185,11 +247,13 @@ def quantize_aware(
     batch_size: int = 32,
     seed: int = 0,
     scheme: Any = None,
+    flattened: Sequence[str] = (),
 ) -> QatResult:
     """tfmot QAT: annotate what can be quantized, apply, fine-tune ``epochs`` on the train split.
 
     ``scheme``: a tfmot quantize scheme other than the default 8-bit one (pruning passes the
-    sparsity-preserving scheme, so fine-tuning keeps zero weights zero).
+    sparsity-preserving scheme, so fine-tuning keeps zero weights zero). ``flattened``: nested models the
+    caller already flattened (named in the coverage).
     """
     from .._keras import keras, tfmot
 
@@ -203,7 +267,20 @@ def quantize_aware(
         if fallback == "fail":
             raise ConversionError(f"{reason}; rerun with --fallback ptq or --mode ptq")
         log.warning("%s; converting the whole model with PTQ", reason)
-        return QatResult(None, ((model.name, f"{reason}; whole model converted with PTQ"),), "ptq")
+        return QatResult(None, ((model.name, f"{reason}; whole model converted with PTQ"),), "ptq",
+                         all_float_coverage(model, reason))
+    from .flatten import flatten_model, nested_models
+
+    inside = nested_models(model)
+    if inside:
+        try:
+            model = flatten_model(model)
+        except ModelError as exc:
+            if fallback == "fail":
+                raise ConversionError(f"{exc}; or rerun with --fallback ptq") from exc
+            log.warning("%s; the nested model(s) stay float during QAT", exc)
+            inside = []
+    flattened = list(flattened) + [n for n in inside if n not in flattened]
     skipped = unsupported_layers(model)
     if skipped and fallback == "fail":
         names = ", ".join(f"{n} ({c})" for n, c in skipped)
@@ -258,7 +335,8 @@ def quantize_aware(
         if fallback == "fail":
             raise ConversionError(f"{reason}; rerun with --fallback ptq or --mode ptq") from exc
         log.warning("%s; converting the whole model with PTQ", reason)
-        return QatResult(None, tuple(fallbacks) + ((model.name, f"{reason}; whole model converted with PTQ"),), "ptq")
+        return QatResult(None, tuple(fallbacks) + ((model.name, f"{reason}; whole model converted with PTQ"),), "ptq",
+                         all_float_coverage(model, reason, flattened))
     if epochs > 0:
         seed_everything(seed)
         qat_model.compile(
@@ -275,4 +353,22 @@ def quantize_aware(
             shuffle=True,
             verbose=1 if progress else 0,
         )
-    return QatResult(qat_model, tuple(fallbacks), "qat")
+    reasons = {n: _short_reason(what) for n, what in fallbacks}
+    return QatResult(qat_model, tuple(fallbacks), "qat", coverage(model, reasons, flattened))
+
+
+def _short_reason(action: str) -> str:
+    return action.split(": left float")[0]
+
+
+def all_float_coverage(model: Any, reason: str, flattened: Sequence[str] = ()) -> Dict[str, Any]:
+    """Coverage when QAT reached nothing: every layer float for ``reason``."""
+    from .._keras import keras
+
+    layers = getattr(model, "layers", None)
+    if not layers:  # a subclassed model: one opaque block
+        total = _params(model)
+        return {"layers": 1, "layers_qat": 0, "parameters": total, "parameters_qat": 0, "fraction_parameters": 0.0,
+                "flattened": [], "float_layers": [{"layer": model.name, "class": type(model).__name__,
+                                                   "parameters": total, "reason": reason}]}
+    return coverage(model, {x.name: reason for x in layers if not isinstance(x, keras.layers.InputLayer)}, flattened)

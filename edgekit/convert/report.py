@@ -34,6 +34,27 @@ def markdown(r: "EvalReport") -> str:
         f"Bundle `{r.bundle}`, quantization **{q.get('mode', '?')}**, test split of `{r.data}`: {r.test_size} inputs.",
         "",
     ]
+    if r.diagnosis:
+        lines += [f"> **WARNING: {r.diagnosis}**", ""]
+    from .quantize import coverage_warning
+
+    loud = coverage_warning(q)
+    if loud:
+        lines += [f"> **{loud}**", ""]
+    cov = q.get("qat_coverage")
+    if cov:
+        lines += [
+            f"QAT coverage: **{_pct(cov.get('fraction_parameters'))} of the parameters** "
+            f"({cov.get('parameters_qat', 0):,} of {cov.get('parameters', 0):,}), "
+            f"{cov.get('layers_qat', 0)} of {cov.get('layers', 0)} layers"
+            + (f"; nested model(s) flattened first: {', '.join(f'`{n}`' for n in cov['flattened'])}" if cov.get("flattened") else "")
+            + ".",
+            "",
+        ]
+        if cov.get("float_layers"):
+            lines += ["Layers left float during QAT (quantized post-training by the converter):", ""]
+            lines += [f"- `{x['layer']}` ({x['class']}, {x['parameters']:,} parameters): {x['reason']}" for x in cov["float_layers"]]
+            lines.append("")
     if q.get("fallbacks"):
         lines += ["Fallbacks taken during conversion:", ""]
         lines += [f"- `{f['layer']}`: {f['action']}" for f in q["fallbacks"]]

@@ -29,7 +29,7 @@ import logging
 import re
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -360,6 +360,9 @@ def retrain(
             raise DataError(f"data {data!r} has {len(dataset.labels)} classes but the bundle has {len(m.labels)}; "
                             "pass the data the bundle was made from")
         dataset = dataset.with_labels(tuple(m.labels))
+    if dataset.preprocessing.kind == m.preprocessing.kind == "image" and dataset.preprocessing.raw_dtype == m.preprocessing.raw_dtype:
+        # the float model takes what the bundle's preprocessing makes (a model's own Rescaling may have moved there)
+        dataset = replace(dataset, preprocessing=m.preprocessing)
     fb = load_feedback(feedback, m.labels, dataset.preprocessing)
     if fb.x.shape[1:] != dataset.x_train.shape[1:]:
         raise DataError(f"feedback input shape={list(fb.x.shape[1:])} but data shape={list(dataset.x_train.shape[1:])}")
@@ -391,7 +394,7 @@ def retrain(
         conv_dir = staged / "converted"
         result = convert(tuned, mixed, mode="qat", output=conv_dir, epochs=qat_epochs, name=m.name,
                          version=new_version, labels=list(m.labels), baseline=current.path, progress=progress,
-                         seed=seed, save_float=False)
+                         seed=seed, save_float=False, follow_model=False)
         for item in conv_dir.iterdir():
             os.replace(item, staged / item.name)
         conv_dir.rmdir()
