@@ -9,6 +9,7 @@ board and the host turn them upright; docs/bundle.md, "Picture files")::
 
     write_photos("photos", per_class=40)            # photos/<class>/<n>.jpg|png
     data = load_dataset("photos:photos", image_shape=(96, 96, 3))   # written first when missing
+
 The model the Keras transfer-learning tutorials build for such pictures is here too (the tests and
 bench/bench_models.py use it): :func:`tutorial_model` is MobileNetV2 (alpha 0.35, 96x96x3, no top, random
 init) nested in ``Sequential([Input, Rescaling(1/127.5, offset=-1), base, GlobalAveragePooling2D(),
