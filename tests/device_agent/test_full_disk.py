@@ -101,7 +101,10 @@ def test_a_full_disk_drops_the_oldest_samples_counted_and_recovers_by_itself(sma
         assert wait_for(lambda: agent.outbox.depth < 50, 60), f"the outbox did not drain ({agent.outbox.depth})"
         settled = agent.outbox.dropped
         n = agent.stats.flagged
-        assert wait_for(lambda: agent.stats.flagged >= n + 1000, 120)
+        # 300 more samples: what the drained outbox's pages and the free space hold even when the acker falls
+        # behind. (With 1000, on a busy machine, the result lines and a lagging acker filled the 2 MiB disk again,
+        # and then dropping the oldest is the right thing to do, not a failure.)
+        assert wait_for(lambda: agent.stats.flagged >= n + 300, 120)
         assert agent.outbox.dropped == settled, "samples were still dropped with room on the disk"
         assert wait_for(lambda: agent.outbox.reserve_path.exists(), 30), "the reserve was not taken back"
         lines = small_disk / "results.jsonl"
