@@ -61,7 +61,8 @@ _TYPE_EXPR = {
     "array": "isinstance({v}, list)",
     "string": "isinstance({v}, str)",
     "number": _NUM,
-    "integer": "((isinstance({v}, int) and not isinstance({v}, bool)) or (isinstance({v}, float) and {v}.is_integer()))",
+    "integer": "((isinstance({v}, int) and not isinstance({v}, bool))"
+               " or (isinstance({v}, float) and {v}.is_integer()))",
     "boolean": "isinstance({v}, bool)",
     "null": "{v} is None",
 }
@@ -121,8 +122,8 @@ def compile_schema(schema: Any) -> Check:
             gen(sch["items"], x, ind + "        ")
         props = sch.get("properties") or {}
         if "required" in sch and sch["required"]:
-            lines.append(f"{ind}if isinstance({v}, dict) and not ({' and '.join(f'{const(k)} in {v}' for k in sch['required'])}): "
-                         "return False")
+            present = " and ".join(f"{const(k)} in {v}" for k in sch["required"])
+            lines.append(f"{ind}if isinstance({v}, dict) and not ({present}): return False")
         extra = sch.get("additionalProperties", True)
         todo = [(k, sub) for k, sub in props.items() if not (sub is True or sub == {})]
         if todo or not (extra is True or extra == {}):
