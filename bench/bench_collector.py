@@ -6,7 +6,9 @@ consumers in turn: a bare paho subscriber that only counts (the ceiling), the
 collector writing into SQLite, and the collector writing into PostgreSQL. A
 publisher keeps at most --window messages ahead of the consumer (Mosquitto
 drops QoS 1 messages queued past max_queued_messages, 1000 by default), so
-each rate is what the pipeline sustains end to end:
+each rate is what the pipeline sustains end to end. Then the writer thread alone, without a broker:
+CPU microseconds per message to validate and store batches of 256 (what the collector does between
+receiving and acknowledging), into each store:
 
     .venv/bin/python bench/bench_collector.py [--n 5000] [--repeat 3]
 """
@@ -109,6 +111,23 @@ def run_collector(url: str, store_url: str, fleet: str, data: List[bytes], windo
     return rate
 
 
+def writer_us(store_url: str, fleet: str, data: List[bytes]) -> float:
+    """CPU us per message of the collector's writer (validate, insert, commit), no broker involved."""
+    from edgekit.loop.collect import _Msg
+
+    msgs = [_Msg(protocol.topic(fleet, f"pi-{i % 8}", "samples"), p, i + 1, 1, 1) for i, p in enumerate(data)]
+    with open_store(store_url) as store:
+        c = Collector("mqtt://127.0.0.1:1883", store, fleet=fleet)  # never started: _store_batch acks nothing
+        t0 = time.thread_time()
+        for i in range(0, len(msgs), 256):
+            c._store_batch(msgs[i:i + 256])
+        cpu = time.thread_time() - t0
+        assert store.count_samples() == len(data)
+        if hasattr(store, "drop"):
+            store.drop()
+    return cpu / len(data) * 1e6
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--broker", default="mqtt://127.0.0.1:1883")
@@ -135,6 +154,11 @@ def main() -> int:
         best = max(values)
         print(f"  {name:26} {best:8.0f} msg/s  (runs: {', '.join(f'{v:.0f}' for v in values)})  "
               f"ratio to raw {best / raw:.2f}x")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, url in (("SQLite", f"sqlite:///{tmp}/writer.db"),
+                          ("PostgreSQL", f"{args.postgres}?schema=ek_bench_{uuid.uuid4().hex[:8]}")):
+            us = min(writer_us(url.replace("writer.db", f"writer-{r}.db"), fleet, data) for r in range(args.repeat))
+            print(f"  writer alone -> {name:11} {us:6.0f} us CPU per message (validate + store, best of {args.repeat})")
     return 0
 
 

@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -51,6 +52,7 @@ __all__ = [
     "parse_topic",
     "encode_array",
     "decode_array",
+    "decode_input",
     "sample_payload",
     "status_payload",
     "telemetry_payload",
@@ -117,8 +119,8 @@ def encode_array(x: np.ndarray) -> Dict[str, Any]:
     }
 
 
-def decode_array(obj: Mapping[str, Any]) -> np.ndarray:
-    """The ``input`` object of a sample back to an array; checks size against shape."""
+def decode_input(obj: Mapping[str, Any]) -> "tuple[bytes, np.dtype, tuple]":
+    """The ``input`` object of a sample to its raw bytes, dtype and shape; checks size against shape."""
     try:
         dtype = np.dtype(str(obj["dtype"]))
         shape = tuple(int(d) for d in obj["shape"])
@@ -131,9 +133,15 @@ def decode_array(obj: Mapping[str, Any]) -> np.ndarray:
         raise ProtocolError(f"input is malformed ({exc.__class__.__name__}: {exc}); see docs/protocol.md") from exc
     if dtype.name not in _DTYPES:
         raise ProtocolError(f"input.dtype={dtype.name!r}, expected one of {_DTYPES}")
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise ProtocolError(f"input data has {len(raw)} bytes, expected={expected} for shape {list(shape)} {dtype.name}")
+    return raw, dtype, shape
+
+
+def decode_array(obj: Mapping[str, Any]) -> np.ndarray:
+    """The ``input`` object of a sample back to an array; checks size against shape."""
+    raw, dtype, shape = decode_input(obj)
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 

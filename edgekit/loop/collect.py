@@ -513,7 +513,7 @@ class Collector:
         try:
             if self.gate is not None:
                 self.gate.admit(m.topic)
-            kind, obj = check_message(m.topic, m.payload, self.max_payload_bytes)
+            kind, obj = check_message(m.topic, m.payload, self.max_payload_bytes, decode_input=True)
         except Malformed as bad:
             self.store.quarantine(m.topic, m.payload, bad.reason, bad.detail.replace("\x00", ""))
             log.debug("quarantined a payload on %s: %s", m.topic, bad)

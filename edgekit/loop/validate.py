@@ -64,8 +64,12 @@ def _schema_error(schema_id: str, obj: Any) -> Any:
     return next(iter(_validator(schema_id).iter_errors(obj)), None)
 
 
-def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> Tuple[str, Dict[str, Any]]:
+def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, *,
+                  decode_input: bool = False) -> Tuple[str, Dict[str, Any]]:
     """Validate one MQTT message; returns ``(kind, payload_dict)`` or raises :class:`Malformed`.
+
+    ``decode_input=True``: a sample's ``input.data`` comes back as the decoded bytes (checked against
+    dtype x shape here anyway), so the store does not decode the base64 a second time.
 
     Reasons: ``oversized``, ``bad_topic``, ``not_json``, ``schema``, ``bad_input``, ``topic_mismatch``.
     """
@@ -98,9 +102,11 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
         raise Malformed("schema", f"{expected} at {where}: {error.message[:200]}")
     if kind == "samples":
         try:
-            wire.decode_array(obj["input"])
+            raw = wire.decode_input(obj["input"])[0]
         except wire.ProtocolError as exc:
             raise Malformed("bad_input", str(exc)) from None
+        if decode_input:
+            obj["input"] = dict(obj["input"], data=raw)
     # Exact, character for character: the payload may not speak for another board (or a look-alike name).
     if (obj["fleet"], obj["device"]) != (parts["fleet"], parts["device"]):
         raise Malformed("topic_mismatch", f"payload says {obj['fleet']}/{obj['device']}, topic says "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,19 @@ def test_a_batch_insert_says_which_samples_were_new(store):
     assert store.put_samples([]) == []
     assert store.count_samples() == 3
     assert [d.samples for d in store.devices()] == [3]
+
+
+def test_a_batch_over_one_statement_reads_back_exactly(store):
+    """More rows than one INSERT takes (200), float inputs, a repeat inside the batch: every stored
+    sample reads back as sent, from the wire's base64 and from bytes decoded by the collector alike."""
+    rng = np.random.default_rng(7)
+    sent = [sample(i, device=f"pi-{i % 3}", confidence=float(rng.random()),
+                   raw=rng.standard_normal((2, 3)).astype(np.float32)) for i in range(260)]
+    decoded = [dict(p, input=dict(p["input"], data=base64.b64decode(p["input"]["data"]))) for p in sent[130:]]
+    assert store.put_samples(sent[:130] + decoded + [sent[5]]) == [True] * 260 + [False]
+    assert store.count_samples() == 260
+    for p in (sent[0], sent[199], sent[200], sent[259]):
+        got = store.get_sample(p["sample_id"])
+        assert got.input_data == base64.b64decode(p["input"]["data"])
+        assert (got.input_dtype, got.input_shape, got.seq) == ("float32", (2, 3), p["seq"])
+        assert got.confidence == p["prediction"]["confidence"] and got.device == p["device"]

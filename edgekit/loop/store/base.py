@@ -61,11 +61,11 @@ class Store(LabelingMixin):
     def _sql(self, query: str) -> str:
         return query if self._marker == "?" else query.replace("?", self._marker)
 
-    def _exec(self, query: str, params: Sequence[Any] = ()) -> Any:
+    def _exec(self, query: str, params: Sequence[Any] = (), **driver: Any) -> Any:
         if self._closed:
             raise StoreError(f"store {self.url} is closed")
         try:
-            return self._connection().execute(self._sql(query), tuple(params))
+            return self._connection().execute(self._sql(query), tuple(params), **driver)
         except StoreError:
             raise
         except Exception as exc:  # driver errors (sqlite3.Error, psycopg.Error) carry their own class
@@ -117,18 +117,10 @@ class Store(LabelingMixin):
             return []
         now = time.time()
         rows = [_row(p, now) for p in payloads]
-        width = len(rows[0])
         new_ids: set = set()
         with self._lock:
             for i in range(0, len(rows), 200):
-                chunk = rows[i:i + 200]
-                values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(chunk))
-                cur = self._exec(
-                    f"INSERT INTO samples ({_INSERT_COLS}) VALUES {values} "
-                    "ON CONFLICT (sample_id) DO NOTHING RETURNING sample_id",
-                    [v for row in chunk for v in row],
-                )
-                new_ids.update(r[0] for r in cur.fetchall())
+                new_ids.update(self._insert_samples(rows[i:i + 200]))
             for p in payloads:
                 key, model = (p["fleet"], p["device"]), p.get("model") or {}
                 if self._batch_depth:  # one device update per batch, not one per sample
@@ -142,6 +134,17 @@ class Store(LabelingMixin):
             out.append(sid in new_ids)
             new_ids.discard(sid)
         return out
+
+    def _insert_samples(self, rows: List[tuple]) -> List[str]:
+        """INSERT rows (at most 200) unless their sample_id is stored; the sample ids inserted."""
+        width = len(rows[0])
+        values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(rows))
+        cur = self._exec(
+            f"INSERT INTO samples ({_INSERT_COLS}) VALUES {values} "
+            "ON CONFLICT (sample_id) DO NOTHING RETURNING sample_id",
+            [v for row in rows for v in row],
+        )
+        return [r[0] for r in cur.fetchall()]
 
     def put_telemetry(self, payload: Mapping[str, Any]) -> None:
         """Append one ``edgekit.telemetry/1`` and make it the device's latest."""
@@ -337,7 +340,8 @@ def _row(payload: Mapping[str, Any], now: float) -> tuple:
         float(pred.get("margin", 0.0)), float(pred.get("entropy", 0.0)),
         json.dumps(list(payload.get("reasons", []))), json.dumps(list(pred.get("top_k", []))),
         json.dumps(dict(payload.get("source") or {})), str(inp["dtype"]), json.dumps(list(inp["shape"])),
-        base64.b64decode(inp["data"]),
+        # bytes: decoded already (the collector's validation decodes once); str: the wire's base64
+        inp["data"] if isinstance(inp["data"], (bytes, bytearray)) else base64.b64decode(inp["data"]),
     )
 
 

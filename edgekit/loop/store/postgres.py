@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from typing import Any, Optional
+from typing import Any, List, Optional
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ...errors import StoreError
-from .base import Store
+from .base import _INSERT_COLS, Store
 from .labeling import migrate
 
 __all__ = ["PostgresStore"]
@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL, detail TEXT, size INTEGER NOT NULL, payload BYTEA
 );
 """
+_COL_TYPES = ("text", "text", "text", "bigint", "float8", "float8", "text", "text", "text", "text", "integer",
+              "float8", "float8", "float8", "text", "text", "text", "text", "text", "bytea")
+_UNNEST_INSERT = (
+    f"INSERT INTO samples ({_INSERT_COLS}) SELECT * FROM unnest("
+    + ", ".join(f"%b::{t}[]" for t in _COL_TYPES)
+    + ") ON CONFLICT (sample_id) DO NOTHING RETURNING sample_id"
+)
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -97,6 +104,13 @@ class PostgresStore(Store):
                 self._conn.close()
             self._conn = self._connect()
         return self._conn
+
+    def _insert_samples(self, rows: List[tuple]) -> List[str]:
+        """One statement of fixed text whatever the number of rows (one array per column, unnested by the
+        server): psycopg prepares it once, instead of parsing a new 4,000-placeholder query per batch;
+        binary (%b), so the arrays go without text escaping."""
+        cur = self._exec(_UNNEST_INSERT, [list(col) for col in zip(*rows)])
+        return [r[0] for r in cur.fetchall()]
 
     def _close_connection(self) -> None:
         self._conn.close()
