@@ -34,7 +34,11 @@ def binomial_tail(k: int, n: int) -> float:
         return 1.0
     if k > n:
         return 0.0
-    return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n  # int / int: correctly rounded
+    term, total = math.comb(n, k), 0
+    for i in range(k, n + 1):  # C(n, i+1) = C(n, i) (n - i) / (i + 1): one big-int step per term
+        total += term
+        term = term * (n - i) // (i + 1)
+    return total / 2 ** n  # int / int: correctly rounded
 
 
 def mcnemar_exact(b: int, c: int) -> Tuple[float, float]:
