@@ -140,13 +140,14 @@ def run_rollout_demo(config: RolloutDemoConfig = RolloutDemoConfig(),
     fleet = None
     try:
         head(f"start a fleet of {c.boards} boards on {v1.name}: real agents and interpreters, threads of this process")
-        fleet = Fleet(broker.url, out / "boards", c.boards, bundle=v1, x=_digits(), fleet=c.fleet,
-                      protocol=broker.protocol, period_s=0.01)
-        devices = fleet.devices
         from .fleet.push import push_bundle
 
         # a bundle left retained on these topics by an interrupted earlier run must not reach the boards
-        push_bundle(b"", broker_url=broker.url, fleet=c.fleet, devices=devices, protocol_version=broker.protocol)
+        push_bundle(b"", broker_url=broker.url, fleet=c.fleet, devices=[f"pi-{i}" for i in range(c.boards)],
+                    protocol_version=broker.protocol)
+        fleet = Fleet(broker.url, out / "boards", c.boards, bundle=v1, x=_digits(), fleet=c.fleet,
+                      protocol=broker.protocol, period_s=0.01)
+        devices = fleet.devices
         if not _wait(lambda: all(a.stats.inferences >= 20 for a in fleet.agents.values()), c.wait_s):
             raise EdgekitError(f"the simulated boards did not start classifying within {c.wait_s:g} s; see the log")
         say(f"      {', '.join(devices)} classify digits with v{fleet.running(devices[0])}")
