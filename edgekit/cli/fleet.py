@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="with --canary: the cohort runs it beside its current model on the same inputs (the current "
                          "one still decides) and reports agreement, confidence and latency of both")
     pu.add_argument("--previous", metavar="DIR",
-                    help="with --canary (no --shadow): the bundle the boards run now; `rollout abort` pushes it back")
+                    help="with --canary: the bundle the boards run now; `rollout abort` pushes it back (without "
+                         "--shadow), `rollout status --store` compares it with the candidate on labelled samples")
     pu.add_argument("--state", default=DEFAULT_STATE, metavar="PATH",
                     help=f"with --canary: the rollout's state file (default {DEFAULT_STATE})")
     _targets(pu, DEFAULT_STORE, DEFAULT_MAX_BUNDLE_BYTES)
@@ -88,6 +89,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                            help="look again until the verdict is promote or abort, for at most S seconds (default 0: "
                                 "once)")
             a.add_argument("--json", action="store_true", help="the verdict as one JSON object")
+            a.add_argument("--store", metavar="URL",
+                           help="the sample store (sqlite:///path.db or postgresql://...): run the current and the "
+                                "candidate bundle on its labelled samples, report both accuracies and the exact "
+                                "McNemar test, and abort when the candidate is worse")
+            a.add_argument("--previous", metavar="DIR",
+                           help="with --store: the bundle the boards run now (default: the --previous recorded at "
+                                "the push)")
             from ..fleet.rollout import Rule
 
             r = Rule()
@@ -103,6 +111,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                 ("--max-error-rate", float, r.max_error_rate, "inputs the candidate failed / inputs it saw"),
                 ("--abort-rate", float, r.abort_rate, "failed boards / boards tried above this aborts"),
                 ("--abort-min", int, r.abort_min, "boards tried before the abort rate applies"),
+                ("--mcnemar-alpha", float, r.mcnemar_alpha, "with --store: abort when the one-sided exact McNemar p "
+                                                            "(candidate worse on labelled samples) is below this"),
+                ("--min-labelled", int, r.min_labelled, "with --store: labelled samples McNemar needs; fewer from the "
+                                                        "cohort since the start and all the fleet's are used"),
             ):
                 a.add_argument(flag, type=typ, default=default, help=f"{h} (default {default:g})")
 
@@ -172,11 +184,22 @@ def _rollout(args: argparse.Namespace) -> int:
         return _act(args, state, args.rollout_action, f"by hand (`edgekit fleet rollout {args.rollout_action}`)")
     rule = ro.Rule(**{k: getattr(args, k) for k in ro.Rule.__dataclass_fields__})
     deadline = time.monotonic() + args.until_decided
+
+    def labelled():
+        if not args.store:
+            return None
+        from ..fleet.labelled import compare_on_labels
+        from ..loop.store import open_store
+
+        with open_store(args.store) as store:
+            return compare_on_labels(store, state.fleet, state.cohort, state.started, args.previous or state.previous,
+                                     state.candidate["path"], min_labelled=rule.min_labelled)
+
     while True:
         statuses, tele = ro.observe(args.broker, state.fleet, state.cohort, wait_s=args.wait,
                                     protocol_version=args.protocol, ca_file=args.ca_file, cert_file=args.cert_file,
                                     key_file=args.key_file, timeout=args.timeout)
-        verdict = ro.judge(state, statuses, tele, rule)
+        verdict = ro.judge(state, statuses, tele, rule, labelled())
         if verdict.decision != "wait" or time.monotonic() >= deadline or state.phase != "canary":
             break
         time.sleep(1.0)
@@ -212,6 +235,14 @@ def _format_verdict(state, verdict) -> str:
                     + (f" = {f['disagreement']:.4f} (Wilson {f['disagreement_lower']:.4f}..{f['disagreement_upper']:.4f})"
                        if f["inferences"] else "") + "; " if state.shadow else "")
                  + f"median p95 ratio {fmt(f['latency_ratio_median'])}; candidate errors {f['errors']}")
+    if f.get("labelled"):
+        lab = f["labelled"]
+        fa = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"labelled samples ({lab['samples']}): {lab['n']} classified by both, {lab['skipped']} skipped; "
+                     f"accuracy current {lab['current']} {fa(lab['current_accuracy'])}, candidate {lab['candidate']} "
+                     f"{fa(lab['candidate_accuracy'])}; only current right {lab['b']}, only candidate right "
+                     f"{lab['c']}; exact McNemar p (candidate worse) {lab['p_worse']:.3g}, two-sided "
+                     f"{lab['p_two_sided']:.3g}")
     lines.append(f"rule: {f['rule']}")
     lines.append(f"verdict: {verdict.decision.upper()}: " + "; ".join(verdict.reasons))
     return "\n".join(lines)
@@ -303,8 +334,6 @@ def _push(args: argparse.Namespace, resign: bool = False) -> int:
                                    "rollout promote|abort`), or pass another --state")
         cohort = choose_cohort(devices, canary, payload["archive_sha256"])
         rest = [d for d in sorted(set(devices)) if d not in cohort]
-        if args.previous and args.shadow:
-            raise EdgekitError("--previous is for a canary that installs the candidate; a shadow abort only clears it")
         if args.previous:
             bundle_message(args.previous, max_bytes=args.max_bytes)  # an abort must be able to push it
         state = RolloutState(fleet=args.fleet, candidate={k: payload[k] for k in ("name", "version", "sha256",

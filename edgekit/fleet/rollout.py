@@ -21,6 +21,10 @@ current model still decides) and reports agreement, confidence and latency of bo
 - **promote** when every cohort board succeeded and, with shadow, at least ``min_inferences`` pooled
   shadow inferences give a one-sided Wilson *upper* bound on disagreement at or below ``max_disagreement``;
 - else **wait**, with what is missing.
+
+With labelled samples (``--store``; :mod:`edgekit.fleet.labelled`) both models' accuracy on them is reported, and
+the rollout is **aborted** when the one-sided exact McNemar test on the discordant pairs says the candidate is
+worse (p < ``mcnemar_alpha``) on at least ``min_labelled`` samples.
 """
 
 from __future__ import annotations
@@ -109,14 +113,16 @@ class Rule:
     max_error_rate: float = 0.01  # shadow: inputs the candidate failed / inputs it saw
     abort_rate: float = 0.2  # failed boards / boards tried above this: abort
     abort_min: int = 1  # ... once this many boards tried
+    mcnemar_alpha: float = 0.05  # labelled samples: abort when the one-sided exact McNemar p is below this
+    min_labelled: int = 30  # ... on at least this many labelled samples (also: fewer from the cohort -> all of them)
 
     def __post_init__(self) -> None:
         for name, lo, hi in (("max_disagreement", 0, 1), ("confidence", 0.5, 0.9999), ("max_error_rate", 0, 1),
-                             ("abort_rate", 0, 1)):
+                             ("abort_rate", 0, 1), ("mcnemar_alpha", 0, 1)):
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise EdgekitError(f"rollout rule {name}={v} must be within [{lo}, {hi}]")
-        for name in ("min_inferences", "min_board_inferences", "abort_min"):
+        for name in ("min_inferences", "min_board_inferences", "abort_min", "min_labelled"):
             if getattr(self, name) < 0:
                 raise EdgekitError(f"rollout rule {name}={getattr(self, name)} must be >= 0")
         if self.max_latency_ratio <= 0 or self.latency_floor_ms < 0:
@@ -128,7 +134,8 @@ class Rule:
                 f" and, in shadow runs, the one-sided {100 * self.confidence:g}% Wilson upper bound on disagreement "
                 f"<= {self.max_disagreement:g} over >= {self.min_inferences} inferences; abort if the median p95 "
                 f"ratio over boards > {self.max_latency_ratio:g} (floor {self.latency_floor_ms:g} ms); a board fails "
-                f"past error rate {self.max_error_rate:g}")
+                f"past error rate {self.max_error_rate:g}; with labelled samples (--store), abort if the one-sided "
+                f"exact McNemar p < {self.mcnemar_alpha:g} on >= {self.min_labelled} of them")
 
 
 # -- the rollout's state file ------------------------------------------------
@@ -266,8 +273,10 @@ class Verdict:
                 "boards": [dict(asdict(b), latency_ratio=b.latency_ratio) for b in self.boards]}
 
 
-def judge(rollout: RolloutState, statuses: Mapping[str, Any], telemetry: Mapping[str, Any], rule: Rule) -> Verdict:
-    """The verdict on the cohort (module docstring: the rule)."""
+def judge(rollout: RolloutState, statuses: Mapping[str, Any], telemetry: Mapping[str, Any], rule: Rule,
+          labelled: Any = None) -> Verdict:
+    """The verdict on the cohort (module docstring: the rule). ``labelled``: a
+    :class:`edgekit.fleet.labelled.Labelled` (both models on labelled samples), or None."""
     boards = [board_report(d, statuses.get(d), telemetry.get(d), rollout, rule) for d in rollout.cohort]
     failed = [b for b in boards if b.outcome == "failed"]
     ok = [b for b in boards if b.outcome == "succeeded"]
@@ -286,8 +295,13 @@ def judge(rollout: RolloutState, statuses: Mapping[str, Any], telemetry: Mapping
         "disagreement_lower": round(lo, 6) if n else None, "disagreement_upper": round(hi, 6) if n else None,
         "latency_ratio_median": round(median_ratio, 3) if median_ratio is not None else None,
         "errors": sum(b.errors for b in boards), "rule": rule.describe(),
+        "labelled": labelled.to_dict() if labelled is not None else None,
     }
     reasons: List[str] = []
+    seen = [labelled.describe()] if labelled is not None else []
+    if labelled is not None and labelled.n >= max(1, rule.min_labelled) and labelled.p_worse < rule.mcnemar_alpha:
+        reasons.append(f"the candidate is worse on labelled samples: {labelled.describe()} < {rule.mcnemar_alpha:g}")
+        seen = []
     if tried >= max(1, rule.abort_min) and len(failed) / tried > rule.abort_rate:
         reasons.append(f"{len(failed)} of {tried} boards tried failed ({100 * len(failed) / tried:.0f}% > "
                        f"{100 * rule.abort_rate:g}%): " + "; ".join(f"{b.device}: {b.why}" for b in failed))
@@ -298,7 +312,9 @@ def judge(rollout: RolloutState, statuses: Mapping[str, Any], telemetry: Mapping
         reasons.append(f"disagreement {d}/{n} = {d / n:.3f}: its {100 * rule.confidence:g}% Wilson lower bound "
                        f"{lo:.3f} is above the limit {rule.max_disagreement:g}")
     if reasons:
-        return Verdict("abort", reasons, boards, figures)
+        return Verdict("abort", reasons + seen, boards, figures)
+    if labelled is not None and labelled.n < max(1, rule.min_labelled):
+        seen = [labelled.describe() + f" (fewer than {rule.min_labelled}: not judged)"]
     waiting = [b for b in boards if b.outcome != "succeeded"]
     if waiting:
         reasons.append(f"{len(waiting)} of {len(boards)} cohort boards not through yet: "
@@ -310,12 +326,12 @@ def judge(rollout: RolloutState, statuses: Mapping[str, Any], telemetry: Mapping
             reasons.append(f"disagreement {d}/{n}: its Wilson upper bound {hi:.3f} is still above "
                            f"{rule.max_disagreement:g}; more inferences will tell")
     if reasons:
-        return Verdict("wait", reasons, boards, figures)
+        return Verdict("wait", reasons + seen, boards, figures)
     why = f"all {len(boards)} cohort boards succeeded"
     if rollout.shadow:
         why += (f"; disagreement {d}/{n} = {d / n:.4f}, {100 * rule.confidence:g}% Wilson upper bound {hi:.4f} <= "
                 f"{rule.max_disagreement:g}")
-    return Verdict("promote", [why], boards, figures)
+    return Verdict("promote", [why] + seen, boards, figures)
 
 
 # -- the broker --------------------------------------------------------------
