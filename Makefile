@@ -48,13 +48,13 @@ demo: install
 test: test-host test-device test-tflite
 
 test-host: install
-	$(VENV)/bin/python -m pytest tests/edgekit tests/test_layout.py tests/test_docs.py
+	$(VENV)/bin/python -m pytest tests/edgekit tests/test_layout.py tests/test_docs.py --durations=15
 
 test-device: device-env
-	EDGEKIT_EXPECT_RUNTIME=ai_edge_litert $(DEVICE)/bin/python -m pytest tests/device_agent
+	EDGEKIT_EXPECT_RUNTIME=ai_edge_litert $(DEVICE)/bin/python -m pytest tests/device_agent --durations=10
 
 test-tflite: tflite-env
-	EDGEKIT_EXPECT_RUNTIME=tflite_runtime $(TFLITE)/bin/python -m pytest tests/device_agent
+	EDGEKIT_EXPECT_RUNTIME=tflite_runtime $(TFLITE)/bin/python -m pytest tests/device_agent --durations=10
 
 # The board side on ARM, emulated (tools/arm/test-root.sh; docs/agent.md, "ARM boards").
 test-arm64:

@@ -32,6 +32,7 @@ import random
 import socket
 import ssl
 import threading
+import time
 from typing import Callable, Dict, Optional, Tuple
 
 import paho.mqtt.client as paho
@@ -91,6 +92,8 @@ class Link:
         self._refusals: Dict[str, int] = {}  # topic -> refusals in a row on this connection
         self._sub_lock = threading.Lock()
         self._connect_lock = threading.RLock()
+        self._taken: set = set()  # topics whose SUBSCRIBE the broker took on the current connection
+        self._taken_changed = threading.Condition(self._sub_lock)
         self._retry: Optional[threading.Timer] = None
         self._endpoints = cfg.endpoints
         self._endpoint = 0
@@ -135,6 +138,18 @@ class Link:
                                       properties=self._connect_properties)
             self.client.loop_start()
         return self
+
+    def wait_subscribed(self, topic: str, timeout: float) -> bool:
+        """True once the broker has taken the subscription to ``topic`` on the current connection (its SUBACK):
+        from then on, what is published there reaches this client."""
+        deadline = time.monotonic() + timeout
+        with self._taken_changed:
+            while topic not in self._taken:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._taken_changed.wait(left)
+            return True
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -210,6 +225,7 @@ class Link:
         with self._sub_lock:
             self._subscribing.clear()
             self._refusals.clear()
+            self._taken.clear()
         if self._handlers:
             self._subscribe(self.generation, list(self._handlers))
         with self._connect_lock:  # close() publishes its last message after the hook's, never before
@@ -270,9 +286,12 @@ class Link:
             for topic, code in zip(topics, reason_codes):
                 if getattr(code, "is_failure", False):
                     refused.append((topic, code))
-                elif self._refusals.pop(topic, 0):
+                    continue
+                self._taken.add(topic)
+                if self._refusals.pop(topic, 0):
                     self.resubscribed += 1
                     log.info("the broker %s took the subscription to %s on a later try", self.where, topic)
+            self._taken_changed.notify_all()
             if not refused:
                 return
             tries = 0

@@ -29,7 +29,7 @@ from device_agent.update.manifest import load_bundle
 from device_agent.update.state import Slot, StateFile
 
 import craft
-from conftest import BUNDLE, DATA, ROOT, wait_for
+from conftest import BUNDLE, DATA, ROOT, TIMEOUT_SCALE, wait_for
 from craft import V2, entry, message, tar_gz
 from test_bad_input import pub
 from test_update import Running, endless, push, results
@@ -56,8 +56,8 @@ class Board:
         self.config = make_config(broker.url, **tables)
         sensor = self.config.source.kind == "mqtt"
         self.run = Running(self.config, None if sensor else endless(digits[0]))
-        if sensor:
-            assert self.agent.link.wait_connected(15)
+        if sensor:  # subscribed, not just connected: a reading published before the SUBACK reaches nobody
+            assert self.agent.link.wait_subscribed(self.config.source.topic, 15 * TIMEOUT_SCALE)
         else:
             assert wait_for(lambda: len(results(self.out)) >= 5, 30), "the agent classified nothing"
 

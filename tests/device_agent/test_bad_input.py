@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from device_agent.errors import BundleError, ConfigError
 from device_agent.delivery.protocol import topic
 from device_agent.sources import ArraySource
 
-from conftest import BUNDLE, ROOT, validate, wait_for
+from conftest import BUNDLE, ROOT, TIMEOUT_SCALE, validate, wait_for
 
 
 def pub(port: int, t: str, payload: str) -> None:
@@ -86,8 +85,7 @@ def test_sensor_readings_over_mqtt_with_one_malformed(broker, make_config, digit
     with Agent(config) as agent:
         stop, th, out = run_in_thread(agent)
         try:
-            assert agent.link.wait_connected(10)
-            time.sleep(0.3)
+            assert agent.link.wait_subscribed(sensor, 10 * TIMEOUT_SCALE)  # a reading before the SUBACK is lost
             pub(broker.port, sensor, json.dumps({"values": x[5].reshape(-1).tolist()}))
             pub(broker.port, sensor, json.dumps({"values": ["a", "b"]}))
             pub(broker.port, sensor, json.dumps({"values": x[6].reshape(-1).tolist()}))
