@@ -99,3 +99,27 @@ def model_bytes() -> bytes:
 
 def manifest_bytes() -> bytes:
     return (V2 / "manifest.json").read_bytes()
+
+
+def exif_block(order: bytes, count: int, tag: int, typ: int, n: int, value: int, junk: bytes) -> bytes:
+    """A TIFF structure as an EXIF block holds it: header, an IFD that declares ``count`` entries and holds one
+    (``tag``, ``typ``, ``n`` values, ``value``), then ``junk``. Any field may lie."""
+    import struct
+
+    e = "<" if order == b"II" else ">"
+    if typ == 3 and n == 1 and order == b"MM" and value < 0x10000:  # a SHORT sits in the field's first two bytes
+        value <<= 16
+    header = order + struct.pack(e + "HI", 42, 8)
+    ifd = struct.pack(e + "H", count) + struct.pack(e + "HHII", tag, typ, n, value) + struct.pack(e + "I", 0)
+    return header + ifd + junk
+
+
+def jpeg_with_exif(block: bytes, size: Tuple[int, int] = (10, 6)) -> bytes:
+    """A small JPEG (``size`` = width, height) whose APP1 segment carries ``block`` after the "Exif" marker."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 90)).save(out, "JPEG")
+    jpeg = out.getvalue()
+    app1 = b"Exif\x00\x00" + block[:65000]
+    return jpeg[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + jpeg[2:]

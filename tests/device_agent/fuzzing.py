@@ -116,6 +116,16 @@ BUNDLE_VALUES = st.one_of(
     EDITS.map(lambda e: mutate(json.dumps(GOOD).encode(), e)),
     MEMBERS.map(lambda m: wrap(archive_of(m))),
     st.fixed_dictionaries({k: st.one_of(st.just(v), JSON) for k, v in GOOD.items()}).map(dumps),
+    JSON.map(lambda v: dumps({**GOOD, "shadow": v})),  # a shadow run asked for in any shape
+)
+
+# EXIF blocks: the TIFF structure Pillow parses for the orientation tag, with hostile counts, offsets, types and
+# values, or plain junk after the "Exif" marker.
+EXIF_BLOCKS = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda order, count, tag, typ, n, value, junk: craft.exif_block(order, count, tag, typ, n, value, junk),
+              st.sampled_from([b"II", b"MM", b"XX"]), st.integers(0, 0xFFFF), st.sampled_from([0x0112, 0x8769, 0x0000]),
+              st.one_of(st.just(3), st.integers(0, 20)), st.integers(0, 2 ** 32 - 1), st.integers(0, 2 ** 32 - 1), st.binary(max_size=64)),
 )
 
 MANIFEST = json.loads(craft.manifest_bytes())

@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,7 +34,9 @@ from device_agent.sources import decode_reading
 from device_agent.update.archive import unpack
 from device_agent.update.manifest import Manifest, load_bundle
 
-from fuzzing import BUNDLE_VALUES, CMD_VALUES, DIGITS, MANIFEST, MANIFEST_EDITS, SENSOR_VALUES, edited, nested
+import craft
+from fuzzing import (BUNDLE_VALUES, CMD_VALUES, DIGITS, EXIF_BLOCKS, MANIFEST, MANIFEST_EDITS, SENSOR_VALUES, edited,
+                     nested)
 
 FUZZ = settings(max_examples=int(os.environ.get("EDGEKIT_FUZZ_EXAMPLES", "300")), deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -98,6 +101,32 @@ def test_fuzz_bundle(payload):
         assert all(p.is_relative_to(into) for p in written)  # nothing outside the staging directory
         assert all(not p.is_symlink() and len(p.relative_to(into).parts) <= 2 for p in written)
         assert len([p for p in written if p.is_file()]) <= 3
+
+
+@FUZZ
+@given(EXIF_BLOCKS)
+def test_fuzz_picture_exif(block):
+    """A camera's picture with a crafted EXIF block decodes upright or is refused in one line."""
+    from device_agent.inference.preprocess import decode_image
+
+    data = craft.jpeg_with_exif(block)
+    try:
+        arr = decode_image(data, "rgb")
+    except InputError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
+        assert sorted(arr.shape[:2]) == [6, 10]  # as stored, or turned a quarter: nothing else
+
+
+@pytest.mark.parametrize("order", [b"II", b"MM"])
+@pytest.mark.parametrize("orientation, shape", [(1, (6, 10)), (3, (6, 10)), (6, (10, 6)), (8, (10, 6)), (9, (6, 10))])
+def test_the_exif_block_of_the_fuzzer_turns_pictures(order, orientation, shape):
+    """The fuzzer's blocks reach the orientation code: a well-formed one turns the 10 x 6 picture as it says."""
+    from device_agent.inference.preprocess import decode_image
+
+    arr = decode_image(craft.jpeg_with_exif(craft.exif_block(order, 1, 0x0112, 3, 1, orientation, b"")), "rgb")
+    assert arr.shape == shape + (3,)
 
 
 @FUZZ
