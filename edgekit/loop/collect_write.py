@@ -1,0 +1,223 @@
+"""The collector's write path: one writer thread takes batches off the queue, validates and stores each in one
+transaction, then acknowledges (PUBACKs to the broker, edgekit.ack/1 to the boards). See edgekit.loop.collect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from device_agent.delivery import protocol as wire
+
+from ..errors import StoreError
+from .validate import Malformed, check_message, sample_id_hint
+
+log = logging.getLogger("edgekit.loop.collect")
+
+_BATCH = 256
+_STOP = object()
+_ACK_CHUNK = 512  # sample ids per edgekit.ack/1 message (MAX_ACK_IDS allows 1024)
+
+
+@dataclass
+class _Msg:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+
+
+class WritePath:
+    """The Collector's writer-thread methods (a mixin: the state lives in Collector)."""
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                self._queue.task_done()
+                self._drain_rest()
+                return
+            batch = [item]
+            while len(batch) < _BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is _STOP:
+                    self._queue.put(_STOP)
+                    self._queue.task_done()
+                    break
+                batch.append(nxt)
+            self._store_batch(batch)
+            for _ in batch:
+                self._queue.task_done()
+
+    def _drain_rest(self) -> None:
+        rest = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            if item is not _STOP:
+                rest.append(item)
+        if rest:
+            self._store_batch(rest, retry=False)
+
+    def _shutdown_writer(self) -> None:
+        self._accepting = False
+        self._queue.put(_STOP)
+        if self._writer is not None:
+            self._writer.join(5)
+
+    def _store_batch(self, batch: List[_Msg], retry: bool = True) -> None:
+        delay = 0.5
+        while True:
+            try:
+                counts, acks = self._apply(batch)
+                break
+            except StoreError as exc:
+                # Per message, so one row the database refuses cannot block the rest.
+                try:
+                    counts, acks = Counter(), _Acks()
+                    for m in batch:
+                        c, a = self._apply_one_or_quarantine(m)
+                        counts += c
+                        acks.merge(a)
+                    break
+                except StoreError:
+                    if not retry or not self._accepting:
+                        log.error("store unavailable (%s); %d message(s) left unacked for redelivery", exc, len(batch))
+                        return
+                    log.error("store unavailable (%s); retrying in %.1fs", exc, delay)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+        self._ack(batch)
+        counts["acked"] += self._send_acks(acks)
+        with self._stats_lock:
+            for key, n in counts.items():
+                if key.startswith("malformed:"):
+                    self._malformed[key.split(":", 1)[1]] += n
+                else:
+                    self._counts[key] += n
+
+    def _apply(self, batch: List[_Msg]) -> "tuple[Counter, _Acks]":
+        counts: Counter = Counter()
+        acks = _Acks()
+        samples: List[Dict[str, Any]] = []
+        topics: List[str] = []
+        with self.store.batch():
+            for m in batch:
+                outcome = self._handle(m)
+                if isinstance(outcome, dict):
+                    samples.append(outcome)
+                    topics.append(m.topic)
+                else:
+                    counts[outcome] += 1
+                    # Quarantined for good: the board may forget it. Over the rate limit: not acknowledged,
+                    # so the board sends it again later, when the bucket has room.
+                    if outcome.startswith("malformed:") and outcome != "malformed:rate_limited":
+                        acks.quarantined(m.topic, m.payload)
+            for topic, payload, new in zip(topics, samples, self.store.put_samples(samples)):  # one INSERT
+                counts["stored" if new else "duplicates"] += 1
+                acks.stored(topic, payload["sample_id"])
+        return counts, acks
+
+    def _apply_one_or_quarantine(self, m: _Msg) -> "tuple[Counter, _Acks]":
+        try:
+            return self._apply([m])
+        except StoreError:
+            pass
+        try:  # twice: the first failure may have been a lost connection, now re-opened
+            return self._apply([m])
+        except StoreError as exc:
+            self.store.quarantine(m.topic, m.payload, "store_error", str(exc).replace("\x00", ""))
+            log.warning("message on %s refused by the store (%s); quarantined", m.topic, exc)
+            acks = _Acks()
+            acks.quarantined(m.topic, m.payload)
+            return Counter({"malformed:store_error": 1}), acks
+
+    def _handle(self, m: _Msg) -> Any:
+        """The counter a message goes to, or a valid sample's payload for the batch INSERT."""
+        if m.topic.endswith("/status") and not m.payload:
+            return "ignored"  # someone cleared the retained status
+        try:
+            if self.gate is not None:
+                self.gate.admit(m.topic)
+            kind, obj = check_message(m.topic, m.payload, self.max_payload_bytes, decode_input=True)
+        except Malformed as bad:
+            self.store.quarantine(m.topic, m.payload, bad.reason, bad.detail.replace("\x00", ""))
+            log.debug("quarantined a payload on %s: %s", m.topic, bad)
+            return f"malformed:{bad.reason}"
+        if kind == "samples":
+            return obj
+        if kind == "telemetry":
+            self.store.put_telemetry(obj)
+            return "telemetry"
+        self.store.put_status(obj)
+        return "status"
+
+    def _send_acks(self, acks: "_Acks") -> int:
+        """After the commit: tell each board which of its samples are stored or quarantined (QoS 1);
+        the number of sample ids named. A lost ack costs a resend, which is stored as a duplicate."""
+        client = self._client
+        if client is None:
+            return 0
+        named = 0
+        for topic, (stored, quarantined) in acks.by_topic.items():
+            ids = [(sid, False) for sid in stored] + [(sid, True) for sid in quarantined]
+            for start in range(0, len(ids), _ACK_CHUNK):
+                chunk = ids[start:start + _ACK_CHUNK]
+                payload = wire.ack_payload([i for i, q in chunk if not q], [i for i, q in chunk if q])
+                self._last_ack_info = client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1)
+                named += len(chunk)
+        return named
+
+    def _ack(self, batch: List[_Msg]) -> None:
+        client = self._client
+        if client is None:
+            return
+        for m in batch:
+            # A message from an earlier connection is redelivered on this one; its old mid means nothing now.
+            if m.qos > 0 and m.generation == self._generation:
+                client.ack(m.mid, m.qos)
+
+
+class _Acks:
+    """Sample ids to acknowledge, by the ack topic of the device that sent them."""
+
+    def __init__(self) -> None:
+        self.by_topic: Dict[str, "tuple[List[str], List[str]]"] = {}
+
+    def _lists(self, sample_topic: str) -> "Optional[tuple[List[str], List[str]]]":
+        try:
+            parts = wire.parse_topic(sample_topic)
+            if parts["kind"] != "samples":
+                return None
+            topic = wire.topic(parts["fleet"], parts["device"], "ack")
+        except wire.ProtocolError:
+            return None  # no board can have sent it: nobody to tell
+        return self.by_topic.setdefault(topic, ([], []))
+
+    def stored(self, sample_topic: str, sample_id: str) -> None:
+        lists = self._lists(sample_topic)
+        if lists is not None:
+            lists[0].append(sample_id)
+
+    def quarantined(self, sample_topic: str, payload: bytes) -> None:
+        lists = self._lists(sample_topic)
+        sid = sample_id_hint(payload) if lists is not None else None
+        if sid is not None:
+            lists[1].append(sid)
+
+    def merge(self, other: "_Acks") -> None:
+        for topic, (stored, quarantined) in other.by_topic.items():
+            mine = self.by_topic.setdefault(topic, ([], []))
+            mine[0].extend(stored)
+            mine[1].extend(quarantined)
