@@ -9,6 +9,8 @@ log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ._bundle_options import add_conversion, add_input_range, add_sign_key
+
     p = subparsers.add_parser(
         "convert",
         help="convert a Keras model to an int8 TFLite bundle (QAT or PTQ) and evaluate it",
@@ -22,26 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="the bundle directory to write")
     p.add_argument("--epochs", type=int, default=3, help="QAT fine-tuning epochs (default 3)")
     p.add_argument("--train-epochs", type=int, default=15, help="epochs to train the 'example' model first (default 15)")
-    p.add_argument("--calibration-samples", type=int, default=200, help="representative inputs for int8 calibration (default 200)")
-    p.add_argument("--name", help="bundle name (default: the model's name)")
-    p.add_argument("--version", default="1", help="bundle version (default 1)")
-    p.add_argument("--labels", help="class names: comma list or a file with one per line (default: from the data)")
-    p.add_argument("--baseline", metavar="OTHER_BUNDLE", help="a previous bundle to compare against (default: majority class)")
-    p.add_argument("--force", action="store_true", help="replace BUNDLE_DIR if it exists")
-    p.add_argument("--fallback", choices=("ptq", "fail"), default="ptq",
-                   help="when QAT cannot handle the model: convert with PTQ (default) or stop with an error")
-    p.add_argument("--runtime", action="append", dest="runtimes", metavar="RUNTIME",
-                   help="time this runtime in the report (repeatable; default: every one installed)")
-    p.add_argument("--no-progress", action="store_true", help="hide the training progress bar")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    g = p.add_argument_group("input range (default: follows the model; docs/cli-convert.md)")
-    g.add_argument("--input-range", choices=("0..1", "-1..1", "0..255"),
-                   help="the model input for raw pixels 0..255 (overrides what the model's own Rescaling/Normalization says)")
-    g.add_argument("--mean", type=float, help="model input = (raw - MEAN) / STD, in raw units (e.g. 127.5)")
-    g.add_argument("--std", type=float, help="see --mean (e.g. 127.5)")
-    p.add_argument("--sign-key", metavar="KEY",
-                   help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
-                        "key's next release; boards with [update] trusted_keys run only signed bundles")
+    add_conversion(p)
+    add_input_range(p.add_argument_group("input range (default: follows the model; docs/cli-convert.md)"))
+    add_sign_key(p)
     g = p.add_argument_group("pruning (docs/shrink.md)")
     g.add_argument("--prune", type=float, metavar="SPARSITY",
                    help="magnitude-prune this fraction of the Conv/Dense weights to zero while fine-tuning, before "
@@ -56,14 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..convert.bundle import check_output
+    from ._bundle_options import output_and_key, sign
 
-    check_output(args.output, args.force)  # before the slow imports
-    key = None
-    if args.sign_key:  # a bad key fails before the slow work
-        from ..fleet.keys import load_signing_key
-
-        key = load_signing_key(args.sign_key)
+    key = output_and_key(args)  # before the slow imports
     prune = None
     if args.prune is not None or args.prune_structure is not None:
         from ..convert.prune import PruneSpec
@@ -118,7 +98,7 @@ def handle(args: argparse.Namespace) -> int:
     for line in (loud, result.report.diagnosis and f"WARNING: {result.report.diagnosis}"):
         if line:  # last, where it is seen after the long report
             print(line)
-    _sign(result.bundle_path, key)
+    sign(result.bundle_path, key)
     return 0
 
 
@@ -129,17 +109,3 @@ def _static_input_shape(model):
     except (AttributeError, RuntimeError, TypeError):
         return None
     return shape if shape and all(isinstance(d, int) for d in shape) else None
-
-
-def _sign(bundle, key) -> None:
-    """Sign what was just written (convert and retrain share this)."""
-    if key is None:
-        return
-    from ..errors import SigningError
-    from ..fleet.keys import sign_bundle
-
-    try:
-        r = sign_bundle(bundle, key)
-    except SigningError as exc:
-        raise SigningError(f"{exc}; the bundle {bundle} is written but not signed: sign it with `edgekit sign`") from exc
-    print(f"signed: release {r.release} with key {r.key_id[:16]}... ({r.path / 'signature.json'})")

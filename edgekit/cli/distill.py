@@ -7,6 +7,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..convert.distill import DEFAULT_ALPHA, DEFAULT_EPOCHS, DEFAULT_TEMPERATURE
+    from ._bundle_options import add_conversion, add_sign_key
 
     p = subparsers.add_parser(
         "distill",
@@ -36,33 +37,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of the student (default 0.001)")
     p.add_argument("--teacher-epochs", type=int, default=15, help="epochs to train the 'example' teacher (default 15)")
     p.add_argument("--qat-epochs", type=int, default=3, help="QAT fine-tuning epochs of the student (default 3)")
-    p.add_argument("--calibration-samples", type=int, default=200, help="representative inputs for int8 calibration (default 200)")
-    p.add_argument("--name", help="bundle name (default: the student's name)")
-    p.add_argument("--version", default="1", help="bundle version (default 1)")
-    p.add_argument("--labels", help="class names: comma list or a file with one per line (default: from the data)")
-    p.add_argument("--baseline", metavar="OTHER_BUNDLE", help="a previous bundle to compare against (default: majority class)")
-    p.add_argument("--force", action="store_true", help="replace BUNDLE_DIR if it exists")
-    p.add_argument("--fallback", choices=("ptq", "fail"), default="ptq",
-                   help="when QAT cannot handle the student: convert with PTQ (default) or stop with an error")
-    p.add_argument("--runtime", action="append", dest="runtimes", metavar="RUNTIME",
-                   help="time this runtime in the report (repeatable; default: every one installed)")
-    p.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--sign-key", metavar="KEY",
-                   help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
-                        "key's next release; boards with [update] trusted_keys run only signed bundles")
+    add_conversion(p, what="student")
+    add_sign_key(p)
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..convert.bundle import check_output
+    from ._bundle_options import output_and_key, sign
 
-    check_output(args.output, args.force)  # before the slow imports
-    key = None
-    if args.sign_key:  # a bad key fails before the slow work
-        from ..fleet.keys import load_signing_key
-
-        key = load_signing_key(args.sign_key)
+    key = output_and_key(args)  # before the slow imports
     from ..convert.distill import distill
     from ..data import load_dataset
 
@@ -84,7 +67,5 @@ def handle(args: argparse.Namespace) -> int:
           f"1/{t.params / max(1, q.params):.1f}; download {q.download_bytes:,} bytes)")
     print("distillation " + ("beats" if result.beats_control else "does NOT beat") + " the student trained alone")
     print(f"bundle: {result.bundle_path}  (report: {result.bundle_path / 'report' / 'report.md'})")
-    from .convert import _sign
-
-    _sign(result.bundle_path, key)
+    sign(result.bundle_path, key)
     return 0

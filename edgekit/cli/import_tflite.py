@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..convert.inputs import INPUT_RANGES
+    from ._bundle_options import add_input_range, add_sign_key
 
     p = subparsers.add_parser(
         "import",
@@ -23,11 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="the bundle directory to write")
     p.add_argument("--data", help="'digits', an .npz, an image folder or photos:DIR (pictures are resized to the model's "
                                        "input) to evaluate on")
-    p.add_argument("--input-range", choices=tuple(INPUT_RANGES), metavar="RANGE",
-                   help=f"the range the model's input expects ({', '.join(INPUT_RANGES)}); raw pixels 0..255 are "
-                        "mapped onto it")
-    p.add_argument("--mean", type=float, help="model_input = (raw - MEAN) / STD, in raw units (with --std)")
-    p.add_argument("--std", type=float, help="see --mean")
+    add_input_range(p, model_says=False)
     p.add_argument("--name", help="bundle name (default: the file's name)")
     p.add_argument("--version", default="1", help="bundle version (default 1)")
     p.add_argument("--baseline", metavar="OTHER_BUNDLE", help="a previous bundle to compare against (with --data)")
@@ -35,23 +31,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="time this runtime in the report (repeatable; default: every one installed)")
     p.add_argument("--force", action="store_true", help="replace BUNDLE_DIR if it exists")
     p.add_argument("--seed", type=int, default=0, help="split seed of --data (default 0)")
-    p.add_argument("--sign-key", metavar="KEY",
-                   help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
-                        "key's next release")
+    add_sign_key(p)
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..convert.bundle import check_output
+    from ._bundle_options import output_and_key, sign
 
-    check_output(args.output, args.force)
-    key = None
-    if args.sign_key:  # a bad key fails before the work
-        from ..fleet.keys import load_signing_key
-
-        key = load_signing_key(args.sign_key)
+    key = output_and_key(args)  # before the work
     from ..convert.importer import import_tflite
-    from .convert import _sign
 
     result = import_tflite(
         args.model, labels=args.labels, output=args.output, data=args.data, input_range=args.input_range,
@@ -65,5 +53,5 @@ def handle(args: argparse.Namespace) -> int:
     m = result.manifest
     print(f"bundle: {result.bundle_path}  ({m.name} v{m.version}, {len(m.labels)} labels, input "
           f"{m.input.dtype} {list(m.input.shape)}, output {m.output_activation}, threshold {m.confidence_threshold})")
-    _sign(result.bundle_path, key)
+    sign(result.bundle_path, key)
     return 0

@@ -6,6 +6,8 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ._bundle_options import add_sign_key
+
     p = subparsers.add_parser(
         "retrain",
         help="fine-tune on the original data plus labeled feedback, convert (QAT, int8) and compare with the current bundle",
@@ -35,21 +37,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed, also for splitting the original data (default 0)")
     p.add_argument("--force", action="store_true", help="replace NEW_BUNDLE if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
-    p.add_argument("--sign-key", metavar="KEY",
-                   help="sign the new bundle with this private key (signing.key of `edgekit keys init`) as the "
-                        "key's next release; boards with [update] trusted_keys run only signed bundles")
+    add_sign_key(p)
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    from ..convert.bundle import check_output
+    from ._bundle_options import output_and_key, sign
 
-    check_output(args.output, args.force)  # before the slow imports
-    key = None
-    if args.sign_key:  # a bad key fails before the slow work
-        from ..fleet.keys import load_signing_key
-
-        key = load_signing_key(args.sign_key)
+    key = output_and_key(args)  # before the slow imports
     from ..loop.retrain import retrain
 
     result = retrain(
@@ -62,7 +57,5 @@ def handle(args: argparse.Namespace) -> int:
     print(f"bundle v{result.version}: {result.bundle_path}  (report: {result.report_path}, "
           f"float model for the next retrain: {result.float_model_path})")
     print(f"verdict: {result.verdict.word}")
-    from .convert import _sign
-
-    _sign(result.bundle_path, key)
+    sign(result.bundle_path, key)
     return 0
