@@ -416,8 +416,9 @@ def test_the_same_model_with_another_manifest_is_installed_not_ignored(board, tm
     assert board.agent.manifest.confidence_threshold != 0.77
     edited = craft.edited_bundle(tmp_path, lambda m: m["confidence"].update(threshold=0.77))  # same name, version, model
     board.push(json.dumps(protocol.bundle_payload(edited)).encode())
-    assert wait_for(lambda: board.agent.manifest.confidence_threshold == 0.77, 60), board.agent.last_update_error
-    assert board.agent.policy.confidence_threshold == 0.77
+    # the agent's thread swaps the manifest, then the policy: wait for both (this thread may look in between)
+    assert wait_for(lambda: board.agent.manifest.confidence_threshold == 0.77
+                    and board.agent.policy.confidence_threshold == 0.77, 60), board.agent.last_update_error
     board.still_fine(V2_SHA)
     assert board.errors("update") == 0
     assert len([p for p in (tmp_path / "bundles").iterdir()]) == 2  # two archives, two directories
