@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 help:
 	@echo "make demo    train, convert (QAT), run an agent, collect, relabel, retrain: the whole loop"
-	@echo "make test    every test: host side, then device side on ai-edge-litert and on tflite-runtime"
+	@echo "make test    every test: host side, device side on ai-edge-litert and on tflite-runtime (side by side)"
 	@echo "make test-arm64  the board side on 64-bit ARM: device tests + check/bench/run in a Debian arm64"
 	@echo "                 root under qemu-user (root, debootstrap, qemu-user-static; root cached in /var/cache)"
 	@echo "make test-armhf  the same on 32-bit ARM with tflite-runtime 2.14 (not in CI; docs/agent.md)"
@@ -45,7 +45,10 @@ tflite-env: $(TFLITE)/.installed
 demo: install
 	$(VENV)/bin/edgekit demo
 
-test: test-host test-device test-tflite
+# The three suites run side by side (each prints when it ends): the device suites mostly wait on brokers
+# and agents, so they cost the host suite little. Every test broker is private, on a free port.
+test: install device-env tflite-env
+	$(MAKE) --no-print-directory -j3 -Otarget test-host test-device test-tflite
 
 test-host: install
 	$(VENV)/bin/python -m pytest tests/edgekit tests/test_layout.py tests/test_docs.py --durations=15

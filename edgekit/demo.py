@@ -1,5 +1,9 @@
 """``edgekit demo``: the whole loop on one machine, in a few minutes (docs/demo.md).
 
+On digits (``make demo``) or, with ``workload="photos"`` (``edgekit demo --workload photos``), on real photographs
+with the transfer-learning tutorial's nested MobileNetV2 and an agent that reads a folder of picture files
+(edgekit.demo_workloads). On digits:
+
 train the example CNN on real digits -> convert with QAT (bundle v1, signed
 with a key made for the run; the agent trusts only that key) -> find or
 start a broker -> start the collector -> an agent streams digits the model has
@@ -43,19 +47,24 @@ MARKER = ".edgekit-demo"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo does; every field is keyword-only and checked."""
+    """What the demo does; every field is keyword-only and checked. An epochs field left None takes the
+    workload's own (edgekit.demo_workloads)."""
 
     output: Path = Path("demo-out")
     seed: int = 0
     broker: str = "auto"  # auto | local | mosquitto | embedded
+    workload: str = "digits"  # digits | photos (edgekit.demo_workloads)
     train_size: int = 900  # digits the first model learns from
     stream_size: int = 500  # digits the agent sees (the rest of the 1,797 are the test sets)
+    photos_per_class: int = 60  # photos: patches per class to train (80%) and check (20%) on
+    photos_stream_per_class: int = 40  # photos: picture files per class in the agent's stream folder
+    photos_test_per_class: int = 100  # photos: patches per class in the held-out test sets
     shifted_fraction: float = 0.6  # share of the stream under the shift
     shift: str = "field"
-    base_epochs: int = 15
-    qat_epochs: int = 3
-    retrain_epochs: int = 10
-    retrain_qat_epochs: int = 3
+    base_epochs: Optional[int] = None
+    qat_epochs: Optional[int] = None
+    retrain_epochs: Optional[int] = None
+    retrain_qat_epochs: Optional[int] = None
     feedback_share: float = 0.5
     random_fraction: float = 0.02  # the policy's unbiased random sample
     fleet: str = "demo"
@@ -63,12 +72,23 @@ class DemoConfig:
     native_log: bool = True  # TensorFlow's and TFLite's own console messages go to OUTPUT/demo.log
 
     def __post_init__(self) -> None:
+        from .demo_workloads import get_workload
+
         object.__setattr__(self, "output", Path(self.output))
+        try:
+            w = get_workload(self.workload)
+        except ValueError as exc:
+            raise EdgekitError(str(exc)) from None
+        for key in ("base", "qat", "retrain", "retrain_qat"):
+            if getattr(self, f"{key}_epochs") is None:
+                object.__setattr__(self, f"{key}_epochs", w.epochs[key])
         if self.train_size < 100 or self.stream_size < 50:
             raise EdgekitError(f"train_size={self.train_size} / stream_size={self.stream_size}: give >= 100 / >= 50")
         if self.train_size + self.stream_size > 1797 - 100:
             raise EdgekitError(f"train_size + stream_size = {self.train_size + self.stream_size} leaves fewer than "
                                "100 of the 1,797 digits to test on")
+        if min(self.photos_per_class, self.photos_stream_per_class, self.photos_test_per_class) < 5:
+            raise EdgekitError("photos_per_class, photos_stream_per_class and photos_test_per_class: give >= 5 each")
         if not 0.0 <= self.shifted_fraction <= 1.0:
             raise EdgekitError(f"shifted_fraction={self.shifted_fraction} must be within [0, 1]")
 
@@ -82,6 +102,11 @@ class DemoResult:
     verdict: str
     stages: Mapping[str, float] = field(default_factory=dict)  # seconds per stage
     seconds: float = 0.0
+
+
+def _coverage(manifest) -> str:
+    cov = (manifest.quantization or {}).get("qat_coverage")
+    return f", QAT over {100 * cov['fraction_parameters']:.1f}% of the parameters" if cov else ""
 
 
 def _prepare_output(out: Path) -> None:
@@ -179,9 +204,9 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     from .data import load_dataset
     from .fleet.keys import init_keys, sign_bundle
     from .fleet.push import bundle_message, push_bundle
-    from .models import digits_cnn, train
+    from .demo_workloads import get_workload
     from .loop.retrain import bundle_accuracy, retrain
-    from .shift import apply_shift, get_shift
+    from .shift import get_shift
     from .loop.store import open_store
 
     t_start = time.perf_counter()
@@ -189,48 +214,20 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     out = c.output
     stages = _Stages(11, say)
     shift = get_shift(c.shift)
+    w = get_workload(c.workload)
 
-    # 1. data: one seeded split of the 1,797 real digits, so no input is used twice.
-    def prepare() -> Dict[str, np.ndarray]:
-        full = load_dataset("digits", seed=c.seed)
-        x = np.concatenate([full.x_train, full.x_test])
-        y = np.concatenate([full.y_train, full.y_test])
-        order = np.random.default_rng(c.seed).permutation(len(x))
-        tr, st, te = np.split(order, [c.train_size, c.train_size + c.stream_size])
-        rng = np.random.default_rng(c.seed + 1)
-        shifted = rng.random(len(st)) < c.shifted_fraction
-        x_stream = x[st].copy()
-        x_stream[shifted] = apply_shift(x[st][shifted], shift, seed=c.seed + 2)
-        d = {
-            "x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te], "labels": np.array(full.labels),
-            "x_stream": np.round(x_stream).astype(np.uint8), "y_stream": y[st], "stream_shifted": shifted,
-            "x_test_shifted": np.round(apply_shift(x[te], shift, seed=c.seed + 3)).astype(np.uint8),
-        }
-        np.savez_compressed(out / "data.npz", x_train=d["x_train"].astype(np.uint8), y_train=d["y_train"],
-                            x_test=d["x_test"].astype(np.uint8), y_test=d["y_test"], labels=d["labels"])
-        np.savez_compressed(out / "stream.npz", x=d["x_stream"], y=d["y_stream"], shifted=shifted,
-                            x_test_shifted=d["x_test_shifted"], y_test_shifted=d["y_test"])
-        return d
-
-    d = stages.run(
-        "split the 1,797 real digits (scikit-learn)", prepare,
-        lambda d: (f"{len(d['y_train'])} to train, {len(d['y_stream'])} for the agent's stream "
-                   f"({int(d['stream_shifted'].sum())} of them shifted: {shift.describe()}), "
-                   f"{len(d['y_test'])} held out as the clean and the shifted test sets -> {out / 'data.npz'}"),
-    )
-    data = load_dataset(str(out / "data.npz"))
+    # 1. data: one seeded split, so no input is used twice.
+    d = stages.run(w.data_title, lambda: w.prepare(c, out, shift), lambda p: p.summary)
+    data = load_dataset(d.data_spec, seed=c.seed, image_shape=d.image_shape)
 
     # 2. the example model
-    model_path = out / "model" / "digits.keras"
+    model_path = out / "model" / f"{w.name}.keras"
 
     def train_model():
-        model = digits_cnn(num_classes=data.num_classes, input_shape=data.input_shape, seed=c.seed)
-        train(model, data, c.base_epochs, seed=c.seed, progress=False)
         model_path.parent.mkdir()
-        model.save(str(model_path))
-        return model
+        return w.train(c, data, model_path)
 
-    model = stages.run(f"train the example CNN for {c.base_epochs} epochs", train_model,
+    model = stages.run(f"{w.model_title} for {c.base_epochs} epochs", train_model,
                        lambda m: f"{m.count_params():,} parameters -> {model_path}")
 
     # 3. QAT + int8, signed with the owner's key: the board runs only bundles that key signed
@@ -238,14 +235,16 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     keys = init_keys(out / "keys")
 
     def convert_and_sign():
-        r = convert(model, data, mode="qat", output=v1, epochs=c.qat_epochs, name="digits", version="1",
+        r = convert(model, data, mode="qat", output=v1, epochs=c.qat_epochs, name=w.name, version="1",
                     progress=False, seed=c.seed)
         return r, sign_bundle(v1, keys.private)
 
     stages.run(
-        f"convert with QAT ({c.qat_epochs} epochs) to an int8 bundle, and sign it",
+        f"convert with QAT ({c.qat_epochs} epoch{'s' if c.qat_epochs != 1 else ''}) to an int8 bundle, and sign it",
         convert_and_sign,
-        lambda rs: (f"int8 top-1 {100 * rs[0].report.int8.accuracy:.1f}% on the clean test split, "
+        lambda rs: (f"int8 top-1 {100 * rs[0].report.int8.accuracy:.1f}% (float "
+                    f"{100 * rs[0].manifest.metrics['accuracy_float']:.1f}%) on the clean test split"
+                    f"{_coverage(rs[0].manifest)}, "
                     f"confidence threshold {rs[0].manifest.confidence_threshold:.2f} -> {v1}; signed as release "
                     f"{rs[1].release} with key {keys.key_id[:12]}... ({keys.private}, new for this run)"),
     )
@@ -285,16 +284,16 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
         agent_cfg = agent_config(broker, "results.jsonl")
         # A bundle left retained on this device's topic by an interrupted earlier run must not replace v1.
         clear_bundle(broker)
-        ids = [int(i) for i in range(len(d["y_stream"]))]
+        n_stream = len(d.y_stream)
 
         def run_agent():
             from device_agent.agent import Agent
 
-            with Agent(agent_cfg, source=ArraySource(d["x_stream"], ids=ids, uri="demo-stream")) as agent:
+            with Agent(agent_cfg, source=d.source()) as agent:
                 return agent.run()
 
         stats = stages.run(
-            f"run the agent as device {c.fleet}/{c.device} over the {len(ids)}-digit stream", run_agent,
+            f"run the agent as device {c.fleet}/{c.device} over the stream of {n_stream} {w.things}", run_agent,
             lambda s: (f"{s.inferences} inferences on {s.runtime}, {s.flagged} flagged, {s.published} stored and "
                        f"acknowledged by the collector, {s.pending} left in the outbox"),
         )
@@ -333,22 +332,23 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
         records = [r for r in store.list_samples(fleet=c.fleet) if r.sample_id in ours]
         mapping, shifted, wrong = {}, 0, 0
         for r in records:
-            i = int(r.source["id"])
-            truth = data.labels[int(d["y_stream"][i])]
+            i = d.position(r.source)
+            truth = data.labels[int(d.y_stream[i])]
             mapping[r.sample_id] = truth
-            shifted += int(d["stream_shifted"][i])
+            shifted += int(d.stream_shifted[i])
             wrong += int(r.label_pred != truth)
         if not mapping:
             raise EdgekitError("the agent flagged nothing, so there is nothing to label; lower the threshold")
         store.set_labels(mapping, by="demo-ground-truth")
         return {"labeled": len(mapping), "shifted": shifted, "wrong": wrong}
 
-    say("      (the next step stands in for a person: the demo knows each streamed digit's true class and labels "
+    say(f"      (the next step stands in for a person: the demo knows the true class of each of the {w.things} it "
+        "streamed and labels "
         "the flagged samples with it, as `edgekit samples label` would)")
     lab = stages.run(
         "label the flagged samples from the known ground truth", label,
         lambda r: (f"{r['labeled']} labeled; {r['shifted']} of them were shifted inputs "
-                   f"({100 * float(d['stream_shifted'].mean()):.0f}% of the stream was), "
+                   f"({100 * float(d.stream_shifted.mean()):.0f}% of the stream was), "
                    f"v1 had {r['wrong']} of them wrong"),
     )
     store.close()
@@ -357,7 +357,8 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     v2 = out / "bundle-v2"
 
     def retrain_and_sign():
-        r = retrain(v1, float_model=model_path, data=str(out / "data.npz"), feedback=store_url, output=v2,
+        r = retrain(v1, float_model=w.retrain_float_model(v1, model_path), data=d.data_spec, feedback=store_url,
+                    output=v2,
                     epochs=c.retrain_epochs, qat_epochs=c.retrain_qat_epochs, feedback_share=c.feedback_share,
                     seed=c.seed, progress=False)
         return r, sign_bundle(v2, keys.private)
@@ -372,8 +373,8 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     # 9. before and after, on test sets no step has seen
     def measure() -> Dict[str, Dict[str, float]]:
         return {
-            name: {"shifted": bundle_accuracy(path, d["x_test_shifted"], d["y_test"]),
-                   "clean": bundle_accuracy(path, d["x_test"].astype(np.uint8), d["y_test"])}
+            name: {"shifted": bundle_accuracy(path, d.x_test_shifted, d.y_test),
+                   "clean": bundle_accuracy(path, d.x_test, d.y_test)}
             for name, path in (("v1", v1), ("v2", v2))
         }
 
@@ -392,8 +393,8 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
                     raise EdgekitError(f"pushing v2 to {r.topic} failed: {r.detail}")
             from device_agent.agent import Agent
 
-            n = min(100, len(d["y_test"]))
-            source = _AfterUpdate(d["x_test_shifted"][:n], uri="demo-after-update")
+            n = min(100, len(d.y_test))
+            source = _AfterUpdate(d.x_test_shifted[:n], uri="demo-after-update")
             # No collector runs in this step: a sample leaves the outbox on the broker's PUBACK.
             with Agent(agent_config(b, "results-after-update.jsonl", ack="broker"), source=source) as agent:
                 source.ready = lambda: agent.manifest.sha256 == res_sha
@@ -416,9 +417,9 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
                    f"{sum(v.values())} new shifted inputs on it ({', '.join(f'v{k}: {n}' for k, n in sorted(v.items()))})"
                    if v else f"not shipped: the retrain verdict was '{res.verdict.word}'"),
     )
-    n_test = len(d["y_test"])
+    n_test = len(d.y_test)
     say("")
-    say(f"accuracy of the int8 bundles on {n_test} held-out digits that no step trained on")
+    say(f"accuracy of the int8 bundles on {n_test} held-out {w.things} that no step trained on")
     say(f"(shifted: {shift.describe()}, drawn afresh)")
     say(f"  {'test set':<10} {'before (v1)':>12} {'after (v2)':>12} {'change':>14}")
     for part in ("shifted", "clean"):
@@ -434,10 +435,10 @@ def _run(config: DemoConfig, say: Callable[[str], None]) -> DemoResult:
     say("Look around:")
     say(f"  edgekit samples list --store {store_url} --fleet {c.fleet}")
     say(f"  edgekit fleet status --store {store_url} --stale-after 3600")
-    say(f"  edgekit evaluate {v2} --data {out / 'data.npz'} --baseline {v1}")
+    say(f"  edgekit evaluate {v2} --data {d.data_spec} --baseline {v1}")
     say(f"  edgekit retrain {v2} --float-model {res.float_model_path} "
-        f"--data {out / 'data.npz'} --feedback {store_url} -o {out / 'bundle-v3'}")
-    counts = {"stream": len(ids), "stream_shifted": int(d["stream_shifted"].sum()), "inferences": stats.inferences,
+        f"--data {d.data_spec} --feedback {store_url} -o {out / 'bundle-v3'}")
+    counts = {"stream": n_stream, "stream_shifted": int(d.stream_shifted.sum()), "inferences": stats.inferences,
               "flagged": stats.flagged, "published": stats.published, "stored": n_stored, **lab,
               "after_update": dict(shipped)}
     return DemoResult(output=out, broker=broker.kind, accuracy=acc, counts=counts, verdict=res.verdict.word,

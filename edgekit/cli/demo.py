@@ -18,10 +18,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "board).",
     )
     p.add_argument("-o", "--output", help="the demo's directory, replaced on each run (default demo-out; "
-                                           "demo-rollout-out with --rollout)")
+                                           "demo-photos-out with --workload photos; demo-rollout-out with --rollout)")
     p.add_argument("--broker", choices=("auto", "local", "mosquitto", "embedded"), default="auto",
                    help="auto: the broker at 127.0.0.1:1883 if it answers, else mosquitto on a free port if installed, "
                         "else an embedded one in this process (default auto)")
+    p.add_argument("--workload", choices=("digits", "photos"), default="digits",
+                   help="digits: the example CNN on 8x8 digits (make demo); photos: the transfer-learning tutorial's "
+                        "nested MobileNetV2 on real photographs, the agent reading a folder of picture files "
+                        "(a few minutes more; default digits)")
     p.add_argument("--shift", default="field", help="the distribution shift of the stream (edgekit.shift; default field)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--rollout", action="store_true",
@@ -51,9 +55,17 @@ def handle(args: argparse.Namespace) -> int:
                                                     boards=args.boards, bundle=args.bundle, candidate=args.candidate))
         ok = result.bad.get("decision") == "aborted" and result.good.get("decision") == "promoted"
         return 0 if ok else 1
-    if args.bundle or args.candidate:
-        from ..errors import EdgekitError
+    from ..errors import EdgekitError
 
+    if args.bundle or args.candidate:
         raise EdgekitError("--bundle and --candidate go with --rollout; the main demo trains its own bundles")
-    run_demo(DemoConfig(output=args.output or "demo-out", broker=args.broker, shift=args.shift, seed=args.seed))
+    default_out = "demo-out" if args.workload == "digits" else f"demo-{args.workload}-out"
+    try:
+        from ..shift import get_shift
+
+        get_shift(args.shift)
+    except ValueError as exc:
+        raise EdgekitError(f"--shift: {exc}") from None
+    run_demo(DemoConfig(output=args.output or default_out, broker=args.broker, shift=args.shift, seed=args.seed,
+                        workload=args.workload))
     return 0

@@ -6,6 +6,14 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def keras():
+    """tf_keras (TF_USE_LEGACY_KERAS=1), the Keras the converter and tfmot use."""
+    from edgekit._keras import keras
+
+    return keras
+
+
+@pytest.fixture(scope="session")
 def digits():
     from edgekit.data import load_dataset
 

@@ -11,13 +11,6 @@ from edgekit.convert.flatten import flatten_model, nested_models
 from edgekit.errors import ModelError
 
 
-@pytest.fixture(scope="module")
-def keras():
-    from edgekit._keras import keras
-
-    return keras
-
-
 def _x(shape, n=5, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, (n,) + tuple(shape)).astype(np.float32)
 

@@ -20,12 +20,6 @@ from edgekit.photos import write_photo_folder
 PIXELS = Preprocessing(kind="image", shape=(16, 16, 3), color="rgb", resize="bilinear", scale=1 / 255, raw_dtype="uint8")
 
 
-@pytest.fixture(scope="module")
-def keras():
-    from edgekit._keras import keras
-
-    return keras
-
 
 @pytest.mark.parametrize("option, lo, hi", [("0..1", 0.0, 1.0), ("-1..1", -1.0, 1.0), ("0..255", 0.0, 255.0)])
 def test_input_range_maps_raw_pixels_onto_the_range(option, lo, hi):
