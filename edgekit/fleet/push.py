@@ -127,14 +127,11 @@ def push_bundle(
 
     ``protocol_version`` is ``"5"`` or ``"3.1.1"`` (for brokers without MQTT 5).
     """
-    import paho.mqtt.client as mqtt
+    from paho.mqtt.client import error_string
 
-    from ..mqtt_url import parse_broker_url
+    from .client import start_client
 
-    if protocol_version not in ("5", "3.1.1"):
-        raise BrokerError(f"protocol_version={protocol_version!r} must be \"5\" or \"3.1.1\"")
     topics = [(d, protocol.topic(fleet, d, "bundle")) for d in devices]  # names checked before connecting
-    broker = parse_broker_url(broker_url)
     connected = threading.Event()
     acks: Dict[int, Any] = {}
     lock = threading.Condition()
@@ -150,18 +147,8 @@ def push_bundle(
             acks[mid] = reason_code
             lock.notify_all()
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-push-{time.time_ns() % 10**12}",
-                         protocol=mqtt.MQTTv5 if protocol_version == "5" else mqtt.MQTTv311)
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password)
-    if broker.tls or ca_file:
-        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
-    client.on_connect, client.on_publish = on_connect, on_publish
-    try:
-        client.connect(broker.host, broker.port, keepalive=60)
-    except (OSError, ValueError) as exc:
-        raise BrokerError(f"cannot connect to {broker.redacted()}: {exc}; is the broker running?") from exc
-    client.loop_start()
+    client, broker = start_client(broker_url, "push", protocol_version=protocol_version, ca_file=ca_file,
+                                  cert_file=cert_file, key_file=key_file, on_connect=on_connect, on_publish=on_publish)
     try:
         if not connected.wait(timeout) or refused:
             why = refused[0] if refused else f"no CONNACK within {timeout:g}s"
@@ -175,7 +162,7 @@ def push_bundle(
         for device, topic, info in sent:
             code = acks.get(info.mid)
             if code is None:
-                detail = f"no PUBACK within {timeout:g}s" if info.rc == 0 else mqtt.error_string(info.rc)
+                detail = f"no PUBACK within {timeout:g}s" if info.rc == 0 else error_string(info.rc)
                 results.append(PushResult(fleet, device, topic, False, detail))
             elif getattr(code, "is_failure", False):
                 results.append(PushResult(fleet, device, topic, False, f"the broker refused it: {code}"))

@@ -343,13 +343,10 @@ def observe(broker_url: str, fleet: str, devices: Sequence[str], *, wait_s: floa
     With ``ask``, each board is sent ``send_telemetry`` first; returns once every device has answered
     with telemetry (and its status is in) or after ``wait_s``.
     """
-    import paho.mqtt.client as mqtt
-
-    from ..mqtt_url import parse_broker_url
+    from .client import start_client
 
     wanted = set(devices)
     topics = {k: protocol.subscription(fleet, k) for k in ("status", "telemetry")}
-    broker = parse_broker_url(broker_url)
     statuses: Dict[str, Any] = {}
     tele: Dict[str, Any] = {}
     lock = threading.Lock()
@@ -376,19 +373,9 @@ def observe(broker_url: str, fleet: str, devices: Sequence[str], *, wait_s: floa
         with lock:
             (statuses if where["kind"] == "status" else tele)[where["device"]] = obj
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edgekit-rollout-{time.time_ns() % 10**12}",
-                         protocol=mqtt.MQTTv5 if protocol_version == "5" else mqtt.MQTTv311)
-    if broker.username:
-        client.username_pw_set(broker.username, broker.password)
-    if broker.tls or ca_file:
-        client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file)
-    client.on_connect, client.on_message = on_connect, on_message
-    client.on_subscribe = lambda *a: subscribed.set()
-    try:
-        client.connect(broker.host, broker.port, keepalive=60)
-    except (OSError, ValueError) as exc:
-        raise BrokerError(f"cannot connect to {broker.redacted()}: {exc}; is the broker running?") from exc
-    client.loop_start()
+    client, broker = start_client(broker_url, "rollout", protocol_version=protocol_version, ca_file=ca_file,
+                                  cert_file=cert_file, key_file=key_file, on_connect=on_connect,
+                                  on_message=on_message, on_subscribe=lambda *a: subscribed.set())
     try:
         if not subscribed.wait(timeout) or refused:
             raise BrokerError(f"broker {broker.redacted()} refused the rollout's subscription: "
