@@ -166,7 +166,8 @@ def pruning(data, model, args, work: Path) -> dict:
     from edgekit._keras import tf
     from edgekit.convert import convert
     from edgekit.convert.load import load_model
-    from edgekit.convert.prune import PruneSpec, tflite_weights
+    from edgekit.convert.prune import PruneSpec
+    from edgekit.convert.prune_measure import tflite_weights
 
     variants = {"unpruned": None, "prune 50%": PruneSpec(0.5, epochs=args.prune_epochs),
                 "prune 75%": PruneSpec(0.75, epochs=args.prune_epochs),

@@ -315,7 +315,7 @@ def _evaluate_arms(
     """Float arms (role, precision "float", Keras model) through their float TFLite, and the bundle's int8,
     on the board's interpreter: accuracy, F1, bytes, and latency timed side by side per runtime."""
     from .evaluate import _latency, _metrics, _open
-    from .prune import download_bytes
+    from .prune_measure import download_bytes
     from .quantize import to_tflite_float
 
     x = data.model_inputs(data.x_test)

@@ -206,7 +206,7 @@ def convert(
             log.warning("%s", loud)
     pruned_layers = None
     if pruned is not None:
-        from .prune import manifest_entry, measure
+        from .prune_measure import manifest_entry, measure
 
         pruned_layers = measure(pruned, int8_bytes)
         quantization["pruning"] = manifest_entry(pruned, pruned_layers, used)
@@ -234,7 +234,7 @@ def convert(
             _save_float(model, tmp / FLOAT_MODEL_NAME)
         extra = []
         if pruned is not None:
-            from .prune import report_section
+            from .prune_measure import report_section
 
             extra.append(report_section(pruned, pruned_layers, tmp, output.name, rep, data, runtimes, baseline))
         if sections is not None:

@@ -11,7 +11,8 @@ import pytest
 from device_agent.delivery.protocol import pack_bundle
 from device_agent.update.manifest import load_bundle
 from edgekit.cli import main
-from edgekit.convert.prune import PruneSpec, has_m_by_n, parse_structure
+from edgekit.convert.prune import PruneSpec, parse_structure
+from edgekit.convert.prune_measure import has_m_by_n
 from edgekit.errors import ConversionError
 
 # Accuracy margin of a pruned bundle against the unpruned QAT bundle: the digits test split has 360 inputs, so one
