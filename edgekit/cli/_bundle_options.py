@@ -14,11 +14,11 @@ def add_sign_key(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sign-key", metavar="KEY", help=SIGN_KEY_HELP)
 
 
-def add_input_range(p: Any, *, model_says: bool = True) -> None:
-    """--input-range / --mean / --std on a parser or an argument group."""
+def add_input_range(p: Any, *, whose: Optional[str] = "model") -> None:
+    """--input-range / --mean / --std on a parser or an argument group; ``whose`` own normalization they override."""
     from ..convert.inputs import INPUT_RANGES
 
-    over = " (overrides what the model's own Rescaling/Normalization says)" if model_says else ""
+    over = f" (overrides what the {whose}'s own Rescaling/Normalization says)" if whose else ""
     p.add_argument("--input-range", choices=tuple(INPUT_RANGES), metavar="RANGE",
                    help=f"the model input for raw pixels 0..255: {', '.join(INPUT_RANGES)}{over}")
     p.add_argument("--mean", type=float, help="model input = (raw - MEAN) / STD, in raw units (e.g. 127.5; with --std)")

@@ -7,7 +7,7 @@ import argparse
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..convert.distill import DEFAULT_ALPHA, DEFAULT_EPOCHS, DEFAULT_TEMPERATURE
-    from ._bundle_options import add_conversion, add_sign_key
+    from ._bundle_options import add_conversion, add_input_range, add_sign_key
 
     p = subparsers.add_parser(
         "distill",
@@ -38,6 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-epochs", type=int, default=15, help="epochs to train the 'example' teacher (default 15)")
     p.add_argument("--qat-epochs", type=int, default=3, help="QAT fine-tuning epochs of the student (default 3)")
     add_conversion(p, what="student")
+    add_input_range(p.add_argument_group("input range (default: follows the teacher; docs/cli-convert.md)"),
+                    whose="teacher")
     add_sign_key(p)
     p.set_defaults(func=handle)
 
@@ -47,15 +49,27 @@ def handle(args: argparse.Namespace) -> int:
 
     key = output_and_key(args)  # before the slow imports
     from ..convert.distill import distill
-    from ..data import load_dataset
+    from ..data import is_image_folder, load_dataset
+    from .convert import _static_input_shape
 
-    data = load_dataset(args.data, seed=args.seed)
+    teacher, image_shape = args.teacher, None
+    if teacher != "example" and is_image_folder(args.data):  # pictures are resized to the teacher's input
+        from ..convert.load import load_model
+        from ..errors import ModelError
+
+        try:
+            teacher = load_model(teacher)
+        except ModelError as exc:
+            raise ModelError(f"teacher: {exc}") from exc
+        image_shape = _static_input_shape(teacher)
+    data = load_dataset(args.data, seed=args.seed, image_shape=image_shape)
     result = distill(
-        args.teacher, data, output=args.output, student=args.student, mode=args.mode, temperature=args.temperature,
+        teacher, data, output=args.output, student=args.student, mode=args.mode, temperature=args.temperature,
         alpha=args.alpha, epochs=args.epochs, learning_rate=args.learning_rate, teacher_epochs=args.teacher_epochs,
         qat_epochs=args.qat_epochs, calibration_samples=args.calibration_samples, name=args.name, version=args.version,
         labels=args.labels, baseline=args.baseline, force=args.force, fallback=args.fallback,
-        progress=not args.no_progress, runtimes=args.runtimes, seed=args.seed,
+        progress=not args.no_progress, runtimes=args.runtimes, seed=args.seed, input_range=args.input_range,
+        mean=args.mean, std=args.std,
     )
     for layer, action in result.fallbacks:
         print(f"fallback: {layer}: {action}")

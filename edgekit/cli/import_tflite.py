@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="BUNDLE_DIR", help="the bundle directory to write")
     p.add_argument("--data", help="'digits', an .npz, an image folder or photos:DIR (pictures are resized to the model's "
                                        "input) to evaluate on")
-    add_input_range(p, model_says=False)
+    add_input_range(p, whose=None)
     p.add_argument("--name", help="bundle name (default: the file's name)")
     p.add_argument("--version", default="1", help="bundle version (default 1)")
     p.add_argument("--baseline", metavar="OTHER_BUNDLE", help="a previous bundle to compare against (with --data)")

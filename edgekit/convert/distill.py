@@ -370,9 +370,17 @@ def distill(
     progress: bool = True,
     runtimes: Optional[Sequence[str]] = None,
     seed: int = 0,
+    input_range: Optional[str] = None,
+    mean: Optional[float] = None,
+    std: Optional[float] = None,
 ) -> DistillResult:
     """Distill ``teacher`` (a Keras model, a model file, or ``"example"``) into ``student`` (``"example"``,
-    ``"tiny"``, a model file or a Keras model) on ``data``, and convert the student to an int8 bundle at ``output``."""
+    ``"tiny"``, a model file or a Keras model) on ``data``, and convert the student to an int8 bundle at ``output``.
+
+    Inputs follow the teacher (edgekit.convert.inputs): a teacher that normalizes its own input (the tutorials'
+    Rescaling at the start) has it moved out and everyone, teacher, control and student, is fed raw pixels mapped as
+    it did; ``input_range`` or ``mean``/``std`` override that, as in `edgekit convert`. The student's bundle keeps
+    that recipe."""
     from device_agent.inference.interpreter import available_runtimes
     from device_agent.update.manifest import load_bundle, read_labels
 
@@ -416,6 +424,13 @@ def distill(
     else:
         teacher_model, train_teacher = teacher, False
     _check_teacher(teacher_model, data)
+    from dataclasses import replace
+
+    from .pipeline import _inputs
+
+    teacher_model, choice = _inputs(teacher_model, data, input_range, mean, std, follow_model=True)
+    data = replace(data, preprocessing=choice.preprocessing)
+    log.info("input (from the teacher): %s", choice.detail)
     try:
         init = student_model.get_weights()
         control = keras.models.clone_model(student_model)
@@ -461,7 +476,7 @@ def distill(
     result = convert(
         student_model, data, mode=mode, output=output, epochs=qat_epochs, calibration_samples=calibration_samples,
         name=name or student_model.name, version=version, baseline=baseline, force=force, fallback=fallback,
-        progress=progress, runtimes=rts, seed=seed, sections=sections,
+        progress=progress, runtimes=rts, seed=seed, sections=sections, follow_model=False,
     )
     log.info("distilled in %.1fs", time.perf_counter() - started)
     return DistillResult(result.bundle_path, result.manifest, result.report, found["arms"], found["beats"], result.fallbacks,
