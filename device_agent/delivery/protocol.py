@@ -119,10 +119,16 @@ def encode_array(x: np.ndarray) -> Dict[str, Any]:
     }
 
 
+_DTYPE_OF = {name: np.dtype(name) for name in _DTYPES}
+
+
 def decode_input(obj: Mapping[str, Any]) -> "tuple[bytes, np.dtype, tuple]":
     """The ``input`` object of a sample to its raw bytes, dtype and shape; checks size against shape."""
     try:
-        dtype = np.dtype(str(obj["dtype"]))
+        name = obj["dtype"]
+        dtype = _DTYPE_OF.get(name) if isinstance(name, str) else None
+        if dtype is None:
+            dtype = np.dtype(str(name))
         shape = tuple(int(d) for d in obj["shape"])
         if obj.get("encoding", "base64") != "base64":
             raise ProtocolError(f"input.encoding={obj.get('encoding')!r}, expected 'base64'")

@@ -194,8 +194,15 @@ class _Acks:
 
     def __init__(self) -> None:
         self.by_topic: Dict[str, "tuple[List[str], List[str]]"] = {}
+        self._of: Dict[str, "Optional[tuple[List[str], List[str]]]"] = {}  # sample topic -> its ack lists
 
     def _lists(self, sample_topic: str) -> "Optional[tuple[List[str], List[str]]]":
+        if sample_topic in self._of:
+            return self._of[sample_topic]
+        self._of[sample_topic] = lists = self._find(sample_topic)
+        return lists
+
+    def _find(self, sample_topic: str) -> "Optional[tuple[List[str], List[str]]]":
         try:
             parts = wire.parse_topic(sample_topic)
             if parts["kind"] != "samples":

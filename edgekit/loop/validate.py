@@ -64,6 +64,32 @@ def _schema_error(schema_id: str, obj: Any) -> Any:
     return next(iter(_validator(schema_id).iter_errors(obj)), None)
 
 
+_TOPICS: Dict[str, Dict[str, str]] = {}  # topics seen valid: a fleet's boards repeat theirs on every message
+_MAX_TOPICS = 65536
+
+
+def _topic_parts(topic: str) -> Dict[str, str]:
+    """A sample/telemetry/status topic's parts, or Malformed("bad_topic"); valid ones are remembered."""
+    parts = _TOPICS.get(topic)
+    if parts is not None:
+        return parts
+    try:
+        parts = wire.parse_topic(topic)
+    except wire.ProtocolError as exc:
+        raise Malformed("bad_topic", str(exc)) from None
+    try:  # the topic is the identity (the broker's ACL pins it to the certificate): exact names only
+        wire.check_name(parts["fleet"], "topic fleet")
+        wire.check_name(parts["device"], "topic device")
+    except wire.ProtocolError as exc:
+        raise Malformed("bad_topic", str(exc)) from None
+    if parts["kind"] not in KIND_SCHEMAS:
+        raise Malformed("bad_topic", f"topic kind={parts['kind']!r}, the collector takes {sorted(KIND_SCHEMAS)}")
+    if len(_TOPICS) >= _MAX_TOPICS:  # bounded: a flood of new names costs the parse, never memory
+        _TOPICS.clear()
+    _TOPICS[topic] = parts
+    return parts
+
+
 def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES, *,
                   decode_input: bool = False) -> Tuple[str, Dict[str, Any]]:
     """Validate one MQTT message; returns ``(kind, payload_dict)`` or raises :class:`Malformed`.
@@ -75,18 +101,8 @@ def check_message(topic: str, payload: bytes, max_bytes: int = DEFAULT_MAX_PAYLO
     """
     if len(payload) > max_bytes:
         raise Malformed("oversized", f"payload has {len(payload)} bytes, limit={max_bytes}")
-    try:
-        parts = wire.parse_topic(topic)
-    except wire.ProtocolError as exc:
-        raise Malformed("bad_topic", str(exc)) from None
+    parts = _topic_parts(topic)
     kind = parts["kind"]
-    try:  # the topic is the identity (the broker's ACL pins it to the certificate): exact names only
-        wire.check_name(parts["fleet"], "topic fleet")
-        wire.check_name(parts["device"], "topic device")
-    except wire.ProtocolError as exc:
-        raise Malformed("bad_topic", str(exc)) from None
-    if kind not in KIND_SCHEMAS:
-        raise Malformed("bad_topic", f"topic kind={kind!r}, the collector takes {sorted(KIND_SCHEMAS)}")
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

@@ -148,3 +148,24 @@ def test_postgresql_dropping_the_connection_loses_nothing(broker):
             assert {r.sample_id for r in store.list_samples()} == {p["sample_id"] for p in first + second}
         finally:
             store.drop()
+
+
+def test_the_topics_remembered_as_valid_stay_bounded_and_a_bad_one_is_never_remembered():
+    """check_message remembers valid topics (a board repeats its own); a flood of new board names may cost the
+    parse each time but never memory, and a refused topic is refused every time."""
+    import pytest
+
+    from edgekit.loop import validate
+
+    payload = json.dumps(sample(1)).encode()
+    for i in range(validate._MAX_TOPICS + 10):
+        try:
+            validate.check_message(protocol.topic("lab", f"pi-{i}", "samples"), payload)
+        except validate.Malformed as bad:
+            assert bad.reason == "topic_mismatch"  # the payload names pi-1: only the topic's parse is exercised
+        assert len(validate._TOPICS) <= validate._MAX_TOPICS
+    for _ in range(2):
+        with pytest.raises(validate.Malformed) as bad:
+            validate.check_message("edgekit/v1/lab/pi 1/samples", payload)
+        assert bad.value.reason == "bad_topic"
+    assert "edgekit/v1/lab/pi 1/samples" not in validate._TOPICS
