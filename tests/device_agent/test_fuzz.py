@@ -103,6 +103,7 @@ def test_fuzz_bundle(payload):
         assert len([p for p in written if p.is_file()]) <= 3
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # Pillow's notes on the bad blocks it reads
 @FUZZ
 @given(EXIF_BLOCKS)
 def test_fuzz_picture_exif(block):
