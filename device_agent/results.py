@@ -3,11 +3,11 @@
 A flagged prediction's line carries its ``sample_id``, so one input can be
 traced from the board to the sample store.
 
-Lines are encoded as they come and written in blocks, at most ``flush_every_s`` apart (and at
-:meth:`ResultsWriter.flush` / :meth:`~ResultsWriter.close`); ``before_flush`` runs first, so the agent
-commits the flagged samples a block names before the block reaches the file. A ``kill -9`` loses
-the lines of the block being gathered (up to ``flush_every_s`` of them), never a line whose sample
-is not in the outbox.
+Lines are encoded as they come and written in blocks, at most ``flush_every_s`` apart (the first
+line of a run at once; and at :meth:`ResultsWriter.flush` / :meth:`~ResultsWriter.close`);
+``before_flush`` runs first, so the agent commits the flagged samples a block names before the block
+reaches the file. A ``kill -9`` loses the lines of the block being gathered (up to ``flush_every_s``
+of them), never leaves a line on disk whose sample is not in the outbox.
 
 A write that fails (a full disk, a closed pipe) never stops the agent: the file is
 closed, lines are counted as lost (``on_error``) and dropped, and the file is opened
@@ -53,6 +53,7 @@ class ResultsWriter:
         self.path = path
         self._before_flush = before_flush
         self._block: List[str] = []  # encoded lines not yet handed to the file
+        self._started = False
         self.flush_every_s = flush_every_s
         self.lost = 0  # lines not written because the file could not be written
         self._on_error = on_error
@@ -75,6 +76,9 @@ class ResultsWriter:
             if not self._retry_at or not self._reopen():
                 return
         self._block.append(_encode(line) + "\n")
+        if not self._started:  # the first line goes out at the next tick: whoever watches sees the agent work
+            self._started = True
+            self._last_flush = 0.0
 
     def tick(self) -> None:
         """Write the block if its oldest line has waited ``flush_every_s`` (called while the loop idles, too)."""
