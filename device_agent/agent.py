@@ -65,6 +65,7 @@ __all__ = ["RunStats", "Agent"]
 
 log = logging.getLogger(__name__)
 _DUMPS = json.JSONEncoder(separators=(",", ":")).encode
+_X80 = np.uint8(128)
 _SERVICE_EVERY_S = 0.002  # service() after an inference at most this often (always while the source idles)
 
 
@@ -203,6 +204,9 @@ class Agent(FleetControl, LiveUpdates):
         self._check = InputCheck(self.manifest.preprocessing, self.manifest.reference)
         self._fits = self._check.expected if self._check.integer else None  # a dtype that needs no look at the values
         self._lut, self._lut_shape = self._lookup_table()
+        if self._lut is not None:
+            self._qbuf = np.empty(self._lut_shape, dtype=self._lut.dtype)
+            self._qbuf_u8 = self._qbuf.view(np.uint8)
         small = int(np.prod(self.model.output_spec.shape)) <= 64  # classify()'s arithmetic on Python floats
         self._scores = self.model.score_table() if small else None
         self._lut_kind = "take"
@@ -270,12 +274,13 @@ class Agent(FleetControl, LiveUpdates):
             lut = self._lut
             if lut is not None and raw.dtype == np.uint8 and raw.shape == self._lut_shape:
                 # Same values as preprocess + quantize, in one lookup (or a bit flip / nothing at all).
-                if self._lut_kind == "xor":
-                    q = (raw ^ np.uint8(128)).view(np.int8)
+                if self._lut_kind == "xor":  # into a buffer of its own: set_tensor copies it
+                    np.bitwise_xor(raw, _X80, out=self._qbuf_u8)
+                    q = self._qbuf
                 elif self._lut_kind == "identity":
                     q = raw
-                else:
-                    q = np.take(lut, raw)
+                else:  # mode="wrap": no bounds check (a uint8 cannot leave the table) and no hidden copy
+                    q = np.take(lut, raw, out=self._qbuf, mode="wrap")
                 self.model.set_raw_input(q)
             else:
                 x = preprocess(raw, self.manifest.preprocessing)
@@ -310,6 +315,7 @@ class Agent(FleetControl, LiveUpdates):
             pred = classify(dequantize(out, self.model.output_spec), m.labels, m.output_activation)
         if self.drift is not None:
             self._feed_drift(raw, x, pred.confidence)
+        wall = time.time()
         digests: list = []
 
         def dig() -> str:  # only hashed when the prediction is a candidate to send
@@ -318,14 +324,14 @@ class Agent(FleetControl, LiveUpdates):
             return digests[0]
 
         if mismatch is None:
-            decision = self.policy.decide(pred, dig, time.time())
+            decision = self.policy.decide(pred, dig, wall)
         else:  # a prediction on an input in the wrong units is not worth a person's label: kept out of the outbox
             reasons = self.policy.reasons(pred)
             decision = Decision(False, reasons, "input_mismatch" if reasons else "")
         self.stats.record(latency, decision.low_confidence)
         if self.shadow is not None:
             self._shadow_record(early if ran_early else self._shadow_run(raw), pred, decision.low_confidence, latency)
-        ts = protocol.now()
+        ts = round(wall, 3)  # protocol.now()
         sample_id = None
         if decision.flagged:
             sample_id = str(uuid.uuid4())

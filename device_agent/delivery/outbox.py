@@ -75,7 +75,7 @@ class Outbox(DiskSpace):
     """``with Outbox(path, max_bytes=...) as box: box.put(...); box.pending(); box.ack(ids)``."""
 
     def __init__(self, path: os.PathLike | str, *, max_bytes: int = 64 << 20, sync: str = "normal",
-                 batch: int = 32, batch_wait_s: float = 0.05, batch_bytes: int = 1 << 20):
+                 batch: int = 32, batch_wait_s: float = 0.05, batch_bytes: int = 256 << 10):
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
         self.batch = max(1, int(batch))  # samples per transaction of add()/commit()

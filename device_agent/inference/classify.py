@@ -133,12 +133,7 @@ def _predict(p: List[float], labels: Sequence[str], k: int) -> Prediction:
 
 def _prediction(p: Any, order: List[int], entropy: float, labels: Sequence[str], k: int) -> Prediction:
     n = len(labels)
-
-    def name(i: int) -> str:
-        return labels[i] if i < n else str(i)
-
-    first = order[0]
-    conf = float(p[first])
+    top = tuple([Class(i, labels[i] if i < n else str(i), float(p[i])) for i in order[:k]])
+    conf = top[0].score
     second = float(p[order[1]]) if len(order) > 1 else 0.0
-    top = tuple([Class(i, name(i), float(p[i])) for i in order[:k]])
-    return Prediction(first, name(first), conf, conf - second, entropy + 0.0, top)
+    return Prediction(order[0], top[0].label, conf, conf - second, entropy + 0.0, top)

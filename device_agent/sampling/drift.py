@@ -123,13 +123,14 @@ class DriftMonitor:
         self._conf = np.zeros(window, dtype=np.float64)
         self._bins = np.zeros(window, dtype=np.intp)
         self._n = 0  # inferences seen since the last reset (written to the arrays)
+        self._channels = None if self._mean is None else int(self._mean.size)
         self._pending_means: list = []  # inferences since the last write to the arrays: they go in a block
         self._pending_conf: list = []
 
     @property
     def channels(self) -> Optional[int]:
         """How many per-channel means :meth:`update` expects (None when the reference has no input stats)."""
-        return None if self._mean is None else int(self._mean.size)
+        return self._channels
 
     def reset(self) -> None:
         self._n = 0
