@@ -193,3 +193,20 @@ def test_sample_message_is_byte_for_byte_the_json_of_sample_payload():
                 rng.normal(size=5), np.zeros((0,), np.uint8), np.asfortranarray(rng.normal(size=(4, 3)))):
         want = dumps(protocol.sample_payload(raw=raw, **fields)).encode()
         assert protocol.sample_message(raw=raw, **fields) == want
+
+
+def test_result_lines_go_out_in_blocks_the_first_at_once_after_their_samples(tmp_path):
+    from device_agent.results import ResultsWriter
+
+    committed = []
+    path = tmp_path / "r.jsonl"
+    with ResultsWriter(str(path), flush_every_s=60.0, before_flush=lambda: committed.append(len(_lines(path)))) as w:
+        w.write({"seq": 0})
+        w.tick()
+        assert _lines(path) == [{"seq": 0}] and committed == [0]  # the first line at once, the outbox first
+        w.write({"seq": 1})
+        w.write({"seq": 2, "x": float("nan")})
+        w.tick()
+        assert len(_lines(path)) == 1  # the block waits for flush_every_s ...
+    assert path.read_text().splitlines()[1:] == ['{"seq":1}', '{"seq":2,"x":NaN}']  # ... or the close
+    assert committed == [0, 1]
