@@ -15,12 +15,10 @@ off the loop, and swapped in by :meth:`Agent.service` between two inferences
 (:class:`~device_agent.update.live.LiveUpdates`). Status, telemetry and commands:
 :class:`~device_agent.delivery.control.FleetControl`.
 
-Bookkeeping in blocks: flagged samples are gathered and committed to the outbox in one
-transaction per block (``[outbox].batch`` samples or ``batch_wait_s``, whichever comes first),
-result lines are written every half second, and :meth:`Agent.service` runs at most every
-2 ms between inferences (always while the source idles). Nothing reports a sample (its
-result line, telemetry, a publish) before its block is committed; a ``kill -9`` loses at most
-the block being gathered, samples nothing has reported yet (docs/agent.md, "Crash safety").
+Bookkeeping in blocks: flagged samples are committed one transaction per block (``[outbox].batch``,
+``batch_wait_s``), result lines written every 0.5 s, :meth:`Agent.service` run at most every 2 ms while
+inputs flow. Nothing reports a sample (result line, telemetry, publish) before its block is committed;
+``kill -9`` loses at most the open block, unreported (docs/agent.md, "Crash safety").
 """
 
 from __future__ import annotations

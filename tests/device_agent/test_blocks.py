@@ -27,7 +27,8 @@ from device_agent.update.manifest import TensorSpec
 
 
 def _lines(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    # Only whole lines: the agent may be appending while this reads.
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
 def _outbox_ids(path: Path) -> set:
