@@ -271,8 +271,8 @@ class Outbox(DiskSpace):
         self._block_bytes += len(payload)
         if digest:
             self._block_digests.add(digest)
-        if len(self._block) >= self.batch or self._block_bytes >= self.batch_bytes:
-            self.commit()
+        if len(self._block) >= self.batch or self._block_bytes >= self.batch_bytes or self._full_since:
+            self.commit()  # while the disk is full: each sample at once, through put(), as before blocks
 
     def commit_due(self) -> bool:
         """True when a block waits and its oldest sample has waited ``batch_wait_s``."""
