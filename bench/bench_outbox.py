@@ -2,8 +2,9 @@
 
 N payloads of --size bytes go to the local Mosquitto (127.0.0.1:1883) three ways, interleaved
 --repeat times so drift in machine load hits all alike: a bare paho client publishing QoS 1 with
---window messages in flight (the ceiling), and the agent's path: ``Outbox.put`` (one committed
-SQLite transaction per sample, as the agent does per flagged input) followed by ``Publisher.pump``,
+--window messages in flight (the ceiling), and the board's path: ``Outbox.put`` (one committed
+SQLite transaction per sample) or ``Outbox.add`` (the agent's loop: one transaction per block of
+``[outbox].batch`` = 32 samples), each followed by ``Publisher.pump``,
 until every row is acknowledged and deleted, with ``[mqtt].ack = "broker"`` and ``[outbox].sync``
 normal and full. Needs only the board side (.venv-device is enough):
 
@@ -55,8 +56,10 @@ def raw(cfg: MqttConfig, payload: bytes, n: int, window: int) -> float:
     return n / elapsed
 
 
-def through_outbox(cfg: MqttConfig, payload: bytes, n: int, window: int, sync: str, profile=None) -> float:
+def through_outbox(cfg: MqttConfig, payload: bytes, n: int, window: int, sync: str, profile=None,
+                   blocks: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp, Outbox(Path(tmp) / "o.sqlite", sync=sync) as box:
+        put = box.add if blocks else box.put  # blocks: the agent's path, one transaction per [outbox].batch
         link = Link(cfg, client_id=f"bench-outbox-{uuid.uuid4().hex[:8]}").start()
         link.wait_connected(10)
         pub = Publisher(box, link, window=window)
@@ -64,8 +67,11 @@ def through_outbox(cfg: MqttConfig, payload: bytes, n: int, window: int, sync: s
             profile.enable()
         t0 = time.perf_counter()
         for i in range(n):
-            box.put("bench/outbox", payload, f"id-{i}", seq=box.next_seq())
+            put("bench/outbox", payload, f"id-{i}", seq=box.next_seq())
+            if box.commit_due():
+                box.commit()
             pub.pump()
+        box.commit()
         deadline = time.monotonic() + 120
         while box.depth:
             pub.pump(0.005)
@@ -89,7 +95,8 @@ def main() -> int:
     args = ap.parse_args()
     cfg = MqttConfig(broker=args.broker, max_inflight=args.window)
     payload = os.urandom(args.size // 2 + 1).hex().encode()[:args.size]
-    rates = {"raw paho QoS 1": [], "outbox + publisher (sync=normal)": [], "outbox + publisher (sync=full)": []}
+    rates = {"raw paho QoS 1": [], "outbox + publisher (sync=normal)": [], "outbox + publisher (sync=full)": [],
+             "blocks of 32 + publisher (normal)": [], "blocks of 32 + publisher (full)": []}
     prof = None
     for r in range(args.repeat):
         rates["raw paho QoS 1"].append(raw(cfg, payload, args.n, args.window))
@@ -99,6 +106,10 @@ def main() -> int:
         rates["outbox + publisher (sync=normal)"].append(
             through_outbox(cfg, payload, args.n, args.window, "normal", prof))
         rates["outbox + publisher (sync=full)"].append(through_outbox(cfg, payload, args.n, args.window, "full"))
+        rates["blocks of 32 + publisher (normal)"].append(
+            through_outbox(cfg, payload, args.n, args.window, "normal", blocks=True))
+        rates["blocks of 32 + publisher (full)"].append(
+            through_outbox(cfg, payload, args.n, args.window, "full", blocks=True))
     print(f"{args.n} QoS-1 messages of {args.size} bytes via {args.broker}, {args.window} in flight, "
           f"best of {args.repeat}")
     ceiling = max(rates["raw paho QoS 1"])

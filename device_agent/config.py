@@ -215,10 +215,14 @@ class OutboxConfig:
     max_bytes: int = 64 * 1024 * 1024
     drain_timeout_s: float = 30.0
     sync: str = "normal"  # normal: survives kill -9; full: survives power loss too (slower)
+    batch: int = 32  # flagged samples per transaction; 1: each one committed before the next input
+    batch_wait_s: float = 0.05  # the longest a flagged sample waits in memory for its transaction
 
     def __post_init__(self) -> None:
         _within("outbox", "max_bytes", self.max_bytes, 1024)
         _within("outbox", "drain_timeout_s", self.drain_timeout_s, 0)
+        _within("outbox", "batch", self.batch, 1, 10000)
+        _within("outbox", "batch_wait_s", self.batch_wait_s, 0, 60)
         if self.sync not in ("normal", "full"):
             raise _err("outbox", "sync", self.sync, "must be \"normal\" or \"full\"")
 

@@ -9,8 +9,15 @@ number dropped is kept in the database (it survives restarts) and reported in
 telemetry. The same database keeps the per-device sample sequence number and
 the digests of inputs already sent (for the policy's dedupe).
 
+Samples go in one at a time (:meth:`Outbox.put`, committed on return) or in blocks: the
+agent's loop gathers them with :meth:`Outbox.add` and :meth:`Outbox.commit` stores a block in
+one transaction (each sample under the same byte cap, dedupe and sequence rules as ``put``).
+A gathered sample lives in memory only until its block is committed, and nothing publishes,
+counts or reports it before that; a ``kill -9`` loses at most the block being gathered.
+
 One connection, used from one thread (the agent loop); acknowledgements from
-the MQTT thread reach it through the publisher's queue.
+the MQTT thread reach it through the publisher's queue (:mod:`.publisher`). The full-disk
+machinery and the WAL checkpoints live in :mod:`.space`.
 
 A full disk (``database or disk is full``, ENOSPC) never ends the loop: :meth:`Outbox.put`
 drops the oldest samples to make room (counted in ``dropped`` exactly, like the byte cap)
@@ -23,22 +30,19 @@ WAL): it is given up to do that, and taken again when space returns. New databas
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import queue
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from collections import OrderedDict
-from typing import Callable, Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence, Tuple
 
-from ..errors import ConfigError, ProtocolError
-from .protocol import MAX_ACK_BYTES, parse_ack
+from ..errors import ConfigError
+from .space import RESERVE_BYTES, WAL_PAGES_BACKSTOP, Checkpointer, DiskSpace
+from .space import disk_full as _disk_full
 
-__all__ = ["Row", "Outbox", "Publisher"]
+__all__ = ["Row", "Outbox", "Publisher", "RESERVE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +60,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, ts REAL NOT NULL);
 """
 _SEEN_MAX = 100_000
-RESERVE_BYTES = 512 * 1024
-_WAL_PAGES = 64  # checkpoint the WAL every 64 pages (256 KiB), so a checkpoint never needs more than the reserve
-# The checkpoints run in a thread of their own (each one syncs the disk, some 10-30 ms, which the loop must not
-# wait for); should that thread fall behind, the loop's own connection checkpoints at this size, still well
-# under the reserve (384 KiB of 512).
-_WAL_PAGES_BACKSTOP = 96
-_PAGE = 4096
-_RESERVE_RETRY_S = 5.0
-_CALM_S = 60.0
-_ROOM_BATCH = 16  # rows deleted per transaction when making room (each one grows the WAL by about a page a row)
-
-
-def _disk_full(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
-    return getattr(exc, "sqlite_errorcode", None) == 13 or "disk is full" in str(exc)  # SQLITE_FULL
+_Item = Tuple[str, bytes, str, Optional[str], Optional[int]]  # topic, payload, sample_id, digest, seq
 
 
 @dataclass(frozen=True)
@@ -82,12 +71,20 @@ class Row:
     payload: bytes
 
 
-class Outbox:
+class Outbox(DiskSpace):
     """``with Outbox(path, max_bytes=...) as box: box.put(...); box.pending(); box.ack(ids)``."""
 
-    def __init__(self, path: os.PathLike | str, *, max_bytes: int = 64 << 20, sync: str = "normal"):
+    def __init__(self, path: os.PathLike | str, *, max_bytes: int = 64 << 20, sync: str = "normal",
+                 batch: int = 32, batch_wait_s: float = 0.05, batch_bytes: int = 256 << 10):
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
+        self.batch = max(1, int(batch))  # samples per transaction of add()/commit()
+        self.batch_wait_s = float(batch_wait_s)
+        self.batch_bytes = int(batch_bytes)
+        self._block: List[_Item] = []
+        self._block_bytes = 0
+        self._block_digests: set = set()
+        self._block_since = 0.0
         self.reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._unsaved_drops = 0  # dropped while nothing could be written; saved with the next write
         self._reserve_retry_at = 0.0
@@ -112,15 +109,8 @@ class Outbox:
         self._seq = self._meta("seq")
         self.last_id = int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0])
         self._take_reserve()
-        self._checkpointer = _Checkpointer(self.path)
+        self._checkpointer = Checkpointer(self.path)
         self._wal_pages = 0  # an estimate of the pages written to the WAL since the last checkpoint was asked for
-
-    def _wrote(self, nbytes: int) -> None:
-        """After a commit: ask the checkpointer thread for a checkpoint every ~_WAL_PAGES pages written."""
-        self._wal_pages += nbytes // _PAGE + 4  # the rows' pages, the index's, sqlite_sequence's, the meta row's
-        if self._wal_pages >= _WAL_PAGES // 2:
-            self._wal_pages = 0
-            self._checkpointer.request()
 
     def _open(self, sync: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,41 +121,11 @@ class Outbox:
                 self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-            self._db.execute(f"PRAGMA wal_autocheckpoint={_WAL_PAGES_BACKSTOP}")
+            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES_BACKSTOP}")
             self._db.executescript(_SCHEMA)
         except BaseException:
             self._db.close()
             raise
-
-    # -- a full disk ---------------------------------------------------------
-    def _take_reserve(self) -> bool:
-        """Keep RESERVE_BYTES on the disk for a rainy day (a full disk); False when there is no room now."""
-        try:
-            if self.reserve_path.exists() and self.reserve_path.stat().st_size >= RESERVE_BYTES:
-                return True
-            with open(self.reserve_path, "wb") as fh:
-                if hasattr(os, "posix_fallocate"):
-                    os.posix_fallocate(fh.fileno(), 0, RESERVE_BYTES)
-                else:  # pragma: no cover - not Linux
-                    fh.write(b"\0" * RESERVE_BYTES)
-            return True
-        except OSError:
-            self._release_reserve()
-            self._reserve_retry_at = time.monotonic() + _RESERVE_RETRY_S
-            return False
-
-    def _release_reserve(self) -> bool:
-        try:
-            self.reserve_path.unlink()
-            return True
-        except OSError:
-            return False
-
-    def _checkpoint(self) -> None:
-        try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-        except sqlite3.Error:
-            pass
 
     def _rollback(self) -> None:
         if self._db.in_transaction:
@@ -175,42 +135,6 @@ class Outbox:
                 pass
         self._reload_counts()
 
-    def _make_room(self, size: int) -> List[int]:
-        """The disk is full: give up the reserve, then drop the oldest samples (counted, in the same
-        transactions) until about ``max(4 * size, RESERVE_BYTES / 2)`` bytes are free again."""
-        self._release_reserve()
-        self._checkpoint()
-        need = max(4 * size, RESERVE_BYTES // 2)
-        dropped: List[int] = []
-        freed = 0
-        while freed < need:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute("SELECT id, size FROM samples ORDER BY id LIMIT ?", (_ROOM_BATCH,)).fetchall()
-                if rows:
-                    self._db.executemany("DELETE FROM samples WHERE id=?", [(r[0],) for r in rows])
-                elif self._seen_count:  # no sample left: the digests of inputs already sent go first
-                    n = max(1, self._seen_count // 10)
-                    self._db.execute("DELETE FROM seen WHERE digest IN (SELECT digest FROM seen ORDER BY ts LIMIT ?)",
-                                     (n,))
-                    self._seen_count -= n
-                self._bump("dropped", len(rows) + self._unsaved_drops)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._rollback()
-                raise
-            self._unsaved_drops = 0
-            dropped.extend(r[0] for r in rows)
-            self._depth -= len(rows)
-            self._bytes -= sum(r[1] for r in rows)
-            freed += sum(r[1] for r in rows) + (0 if rows else 1 << 30)
-            self._checkpoint()
-        try:
-            self._db.executescript("PRAGMA incremental_vacuum;")  # freed pages back to the disk (new databases)
-        except sqlite3.Error:
-            pass
-        self._checkpoint()
-        return dropped
     # -- counters kept in the database -------------------------------------
     def _meta(self, key: str) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -275,71 +199,106 @@ class Outbox:
             self._after_full()
         return dropped
 
-    def _after_full(self) -> None:
-        """After a full disk: take the reserve back as soon as there is room; say so once it stayed calm a minute."""
-        now = time.monotonic()
-        if now >= self._vacuum_at:  # pages of samples acknowledged since go back to the disk (new databases)
-            self._vacuum_at = now + 1.0
-            try:
-                if self._db.execute("PRAGMA freelist_count").fetchone()[0] > 16:
-                    self._db.executescript("PRAGMA incremental_vacuum;")
-                    self._checkpoint()
-            except sqlite3.Error:
-                pass
-        if not self.reserve_path.exists() and now >= self._reserve_retry_at:
-            self._reserve_retry_at = 0.0
-            self._take_reserve()
-        if self._full_since and now - self._last_full >= _CALM_S and self.reserve_path.exists():
-            log.info("outbox %s: the disk has room again (it was full on and off for %.0f s)", self.path,
-                     self._last_full - self._full_since)
-            self._full_since = 0.0
-
     def _put(self, topic: str, payload: bytes, sample_id: str, digest: Optional[str], seq: Optional[int]) -> List[int]:
-        size = len(payload)
+        return self._put_rows([(topic, payload, sample_id, digest, seq)])
+
+    def _put_rows(self, items: Sequence[_Item]) -> List[int]:
+        """Store ``items`` in one transaction, each as :meth:`put` would (the byte cap applied sample by sample)."""
         dropped: List[int] = []
+        total = 0
+        new_id = 0
+        seqs = [int(it[4]) for it in items if it[4] is not None]
         self._db.execute("BEGIN IMMEDIATE")
         try:
             if self._unsaved_drops:
                 self._bump("dropped", self._unsaved_drops)
-            if size > self.max_bytes:
-                self._bump("dropped", 1)
-                log.warning("sample %s has %d bytes, more than [outbox].max_bytes=%d; dropped", sample_id, size, self.max_bytes)
-            else:
-                freed = 0
-                if self._bytes + size > self.max_bytes:
-                    need = self._bytes + size - self.max_bytes
-                    for rid, rsize in self._db.execute("SELECT id, size FROM samples ORDER BY id"):
-                        dropped.append(rid)
-                        freed += rsize
-                        if freed >= need:
-                            break
-                    self._db.executemany("DELETE FROM samples WHERE id=?", [(r,) for r in dropped])
-                    self._bump("dropped", len(dropped))
-                cur = self._db.execute(
-                    "INSERT INTO samples(sample_id, topic, payload, size, created) VALUES(?, ?, ?, ?, ?)",
-                    (sample_id, topic, payload, size, time.time()),
-                )
-                new_id = int(cur.lastrowid)
-                self._depth += 1 - len(dropped)
-                self._bytes += size - freed
-            if digest:
-                self._remember(digest)
-            if seq is not None:
+            for topic, payload, sample_id, digest, _ in items:
+                size = len(payload)
+                total += size
+                if size > self.max_bytes:
+                    self._bump("dropped", 1)
+                    log.warning("sample %s has %d bytes, more than [outbox].max_bytes=%d; dropped", sample_id, size,
+                                self.max_bytes)
+                else:
+                    freed = 0
+                    gone: List[int] = []
+                    if self._bytes + size > self.max_bytes:
+                        need = self._bytes + size - self.max_bytes
+                        for rid, rsize in self._db.execute("SELECT id, size FROM samples ORDER BY id"):
+                            gone.append(rid)
+                            freed += rsize
+                            if freed >= need:
+                                break
+                        self._db.executemany("DELETE FROM samples WHERE id=?", [(r,) for r in gone])
+                        self._bump("dropped", len(gone))
+                        dropped.extend(gone)
+                    cur = self._db.execute(
+                        "INSERT INTO samples(sample_id, topic, payload, size, created) VALUES(?, ?, ?, ?, ?)",
+                        (sample_id, topic, payload, size, time.time()),
+                    )
+                    new_id = int(cur.lastrowid)
+                    self._depth += 1 - len(gone)
+                    self._bytes += size - freed
+                if digest:
+                    self._remember(digest)
+            if seqs:
                 self._db.execute(
                     "INSERT INTO meta(key, value) VALUES('seq', ?) "
                     "ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
-                    (int(seq) + 1,),
+                    (max(seqs) + 1,),
                 )
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
-        self._wrote(size)
+        self._wrote(total)
         self._unsaved_drops = 0
-        if size <= self.max_bytes:
+        if new_id:
             self.last_id = new_id
         if dropped:
             log.warning("outbox full (%d bytes max): dropped the %d oldest samples", self.max_bytes, len(dropped))
+        return dropped
+
+    # -- samples gathered in a block (the agent's loop) ----------------------
+    def add(self, topic: str, payload: bytes, sample_id: str, digest: Optional[str] = None,
+            seq: Optional[int] = None) -> None:
+        """Gather one sample for the next :meth:`commit` (one transaction for the block); commits at once when
+        the block holds ``batch`` samples or ``batch_bytes``. Until then the sample is in memory only: a
+        ``kill -9`` loses it; nothing has been published, counted in the outbox or reported for it yet."""
+        if not self._block:
+            self._block_since = time.monotonic()
+        self._block.append((topic, payload, sample_id, digest, seq))
+        self._block_bytes += len(payload)
+        if digest:
+            self._block_digests.add(digest)
+        if len(self._block) >= self.batch or self._block_bytes >= self.batch_bytes or self._full_since:
+            self.commit()  # while the disk is full: each sample at once, through put(), as before blocks
+
+    def commit_due(self) -> bool:
+        """True when a block waits and its oldest sample has waited ``batch_wait_s``."""
+        return bool(self._block) and time.monotonic() - self._block_since >= self.batch_wait_s
+
+    @property
+    def gathered(self) -> int:
+        """Samples in the block, not yet committed."""
+        return len(self._block)
+
+    def commit(self) -> List[int]:
+        """Store the gathered block in one transaction; the ids dropped to make room. Like :meth:`put` it never
+        raises on a database or disk error: when the block cannot be written whole (a full disk, ...), its
+        samples go one by one through :meth:`put`, with everything :meth:`put` does about it."""
+        block = self._block
+        if not block:
+            return []
+        self._block, self._block_bytes, self._block_digests = [], 0, set()
+        if len(block) > 1 and not (self._full_since or self._reserve_retry_at):
+            try:
+                return self._put_rows(block)
+            except (sqlite3.Error, OSError):
+                pass  # rolled back: each sample again, the slow and careful way
+        dropped: List[int] = []
+        for item in block:
+            dropped.extend(self.put(*item))
         return dropped
 
     def _remember(self, digest: str) -> None:
@@ -351,6 +310,8 @@ class Outbox:
             self._seen_count -= extra
 
     def seen(self, digest: str) -> bool:
+        if digest in self._block_digests:
+            return True
         return self._db.execute("SELECT 1 FROM seen WHERE digest=?", (digest,)).fetchone() is not None
 
     def pending(self, after_id: int = 0, limit: int = 100) -> List[Row]:
@@ -456,6 +417,7 @@ class Outbox:
 
     def close(self) -> None:
         if self._db is not None:
+            self.commit()
             self._checkpointer.close()
             self._db.close()
             self._db = None  # type: ignore[assignment]
@@ -467,297 +429,4 @@ class Outbox:
         self.close()
 
 
-class _Checkpointer:
-    """Checkpoints the outbox's WAL (PASSIVE: never blocks the writer) in a thread, on request.
-
-    Its own connection; the disk syncs a checkpoint makes (the only ones under ``synchronous=NORMAL``)
-    happen here, off the agent's loop. Errors (a full disk) are ignored: the outbox handles those itself,
-    and the loop's connection checkpoints at _WAL_PAGES_BACKSTOP pages whatever this thread does."""
-
-    def __init__(self, path: Path) -> None:
-        self._wake = threading.Event()
-        self._stop = False
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._thread = threading.Thread(target=self._run, name="outbox-checkpoint", daemon=True)
-        self._thread.start()
-
-    def request(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._stop:
-                return
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except sqlite3.Error:
-                pass
-
-    def close(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self._thread.join(10)
-        try:
-            self._db.close()
-        except sqlite3.Error:  # pragma: no cover
-            pass
-
-
-class Publisher:
-    """Drains the outbox through a :class:`~device_agent.delivery.mqtt.Link`, in order, at most ``window``
-    publishes awaiting their PUBACK.
-
-    Runs in the agent's thread (:meth:`pump` after each inference and while
-    idle). On every new connection it forgets what was in flight and replays
-    the outbox from its oldest sample: paho's in-memory retries may be lost
-    with a clean session, and a duplicate is harmless (the collector stores by
-    ``sample_id``).
-
-    ``ack="broker"``: a row is deleted when its PUBACK says success.
-
-    ``ack="collector"`` (end to end): a PUBACK only marks a row sent; it is
-    deleted when an ``edgekit.ack/1`` from the collector names its sample id
-    (:meth:`offer_ack`, from the MQTT thread). A sent row that no ack names
-    ``ack_timeout_s`` after its PUBACK is published again, oldest first; at
-    most ``max_unacked`` rows are out (sent or in flight, not acknowledged) at
-    once, which is also how a slow collector slows the board down instead of
-    overflowing the broker's queue. While nothing at all is acknowledged the
-    timeout doubles on each round of resends (up to ``MAX_ACK_TIMEOUT_S``), so
-    a collector that is down, or too old to acknowledge, is not flooded. When
-    the link gets a subscription the broker had refused (the ack topic's, as
-    while a NATS cluster elects new leaders), what waits for an ack goes again
-    at once: the acks published meanwhile reached nobody.
-    """
-
-    ACK_BATCH = 32
-    ACK_DELAY_S = 0.05
-    MAX_ACK_TIMEOUT_S = 600.0
-    ACK_BACKLOG = 256  # ack messages waiting for the agent's thread; more are dropped (their samples go again)
-
-    def __init__(self, outbox: Outbox, link, window: int = 50, *, ack: str = "broker", ack_timeout_s: float = 30.0,
-                 max_unacked: int = 500, on_error: Optional[Callable[[str], None]] = None):
-        if ack not in ("broker", "collector"):
-            raise ConfigError(f"config [mqtt].ack={ack!r} must be \"collector\" or \"broker\"")
-        self.outbox = outbox
-        self.link = link
-        self.window = max(1, int(window))
-        self.end_to_end = ack == "collector"
-        self.ack_timeout_s = float(ack_timeout_s)
-        self.max_unacked = max(1, int(max_unacked))
-        self._on_error = on_error or (lambda kind: None)
-        self.published = 0  # rows delivered and deleted (by the collector's ack, or by the PUBACK)
-        self.sent = 0  # publishes the broker accepted, resends included
-        self.resent = 0  # publishes of a row sent before (ack timeout, reconnect)
-        self.acked = 0  # rows a collector's ack named as stored
-        self.refused = 0  # rows a collector's ack named as quarantined
-        self.rejected = 0  # samples the broker answered with a failure reason; they stay in the outbox
-        self._refused_logged = -1
-        self.bad_acks = 0  # ack messages that were malformed or too big
-        self.unknown_acks = 0  # ids in acks that are not (any more) in the outbox
-        self.ack_overflow = 0  # ack messages dropped because ACK_BACKLOG were waiting
-        self._generation = -1
-        self._resubscribed = 0
-        self._inflight: dict = {}  # mid -> (row id, sample id)
-        self._cursor = 0
-        self._high = 0  # the newest row id published by this process: a row at or below it is a resend
-        self._acked: list = []  # acknowledged, deleted in batches (a duplicate after a crash is harmless)
-        self._acked_since = 0.0
-        self._sent: "OrderedDict[str, tuple]" = OrderedDict()  # sample id -> (row id, resend at), by PUBACK time
-        self._acks: "queue.Queue[Optional[bytes]]" = queue.Queue(self.ACK_BACKLOG)
-        self._ack_stored: list = []  # ids acknowledged by the collector, deleted in batches
-        self._ack_quarantined: list = []
-        self._ack_since = 0.0
-        self._timeout = self.ack_timeout_s
-        self._last_ack = self._backoff_at = time.monotonic()
-        self._warned_silence = False
-
-    # -- the MQTT thread ----------------------------------------------------
-    def offer_ack(self, topic: str, payload: bytes) -> None:
-        """Queue an ``edgekit.ack/1`` for :meth:`pump` (called in the MQTT thread; never parses here)."""
-        item = bytes(payload) if len(payload) <= MAX_ACK_BYTES else None  # None: too big, counted in pump()
-        try:
-            self._acks.put_nowait(item)
-        except queue.Full:
-            self.ack_overflow += 1  # only this thread writes it
-
-    # -- the agent's thread -------------------------------------------------
-    def pump(self, wait_s: float = 0.0) -> int:
-        """Process acknowledgements (waiting up to ``wait_s`` for the first), resend what timed out, then
-        publish what fits the windows; returns rows deleted."""
-        link = self.link
-        if link.generation != self._generation:
-            self._generation = link.generation
-            self._inflight.clear()
-            self._sent.clear()
-            self._cursor = 0
-        resubscribed = getattr(link, "resubscribed", 0)
-        if resubscribed != self._resubscribed:  # a subscription the broker had refused is in place at last:
-            self._resubscribed = resubscribed  # acks sent meanwhile went nowhere, so what waits for one goes now
-            now = time.monotonic()
-            for sid in list(self._sent):
-                self._sent[sid] = (self._sent[sid][0], now)
-        acked = []
-        block = wait_s > 0 and bool(self._inflight)
-        while block or not link.acks.empty():  # empty(): no exception raised on the common path
-            try:
-                mid, ok = link.acks.get(timeout=wait_s) if block else link.acks.get_nowait()
-            except queue.Empty:
-                break
-            block = False
-            entry = self._inflight.pop(mid, None)
-            if entry is None:
-                continue
-            if not ok:
-                self._refused(entry[0])  # stays in the outbox, offered again after a reconnect (not on a timer)
-                continue
-            self.sent += 1
-            if self.end_to_end:
-                self._sent[entry[1]] = (entry[0], time.monotonic() + self._timeout)
-                self._sent.move_to_end(entry[1])
-            else:
-                acked.append(entry[0])
-        removed = 0
-        if self.end_to_end:
-            removed = self._take_acks(wait_s if wait_s > 0 and not self._inflight and self._sent else 0.0)
-            if link.connected.is_set():
-                self._resend_due()
-        else:
-            if acked:
-                if not self._acked:
-                    self._acked_since = time.monotonic()
-                self._acked.extend(acked)
-            if self._acked and (wait_s > 0 or len(self._acked) >= self.ACK_BATCH or not self._inflight
-                                or time.monotonic() - self._acked_since >= self.ACK_DELAY_S):
-                removed = self.outbox.ack(self._acked)
-                self._acked = []
-            self.published += removed
-        room = self.window - len(self._inflight)
-        if self.end_to_end:
-            room = min(room, self.max_unacked - len(self._inflight) - len(self._sent))
-        if room > 0 and self.outbox.last_id > self._cursor and link.connected.is_set():
-            for row in self.outbox.pending(self._cursor, room):
-                if not self._publish(row):
-                    break
-                self._cursor = row.id
-        return removed
-
-    def _publish(self, row: Row) -> bool:
-        mid = self.link.publish(row.topic, row.payload, qos=1)
-        if mid is None:
-            return False
-        self._inflight[mid] = (row.id, row.sample_id)
-        if row.id <= self._high:
-            self.resent += 1
-        else:
-            self._high = row.id
-        return True
-
-    def _take_acks(self, wait_s: float) -> int:
-        """Delete what the queued ``edgekit.ack/1`` messages name, in batches (one transaction per
-        ACK_BATCH ids or ACK_DELAY_S, at once when waiting, when the window is full or when every sample
-        out is acknowledged: a crash in between costs a resend, which the collector acks again); rows deleted."""
-        messages = []
-        try:
-            if wait_s > 0:
-                messages.append(self._acks.get(timeout=wait_s))
-            while not self._acks.empty():
-                messages.append(self._acks.get_nowait())
-        except queue.Empty:
-            pass
-        for payload in messages:
-            try:
-                if payload is None:
-                    raise ProtocolError(f"ack message is over MAX_ACK_BYTES={MAX_ACK_BYTES}")
-                s, q = parse_ack(payload)
-            except ProtocolError as exc:
-                self.bad_acks += 1
-                self._on_error("ack")
-                (log.warning if self.bad_acks <= 10 else log.debug)("ack ignored: %s", exc)
-                continue
-            if not self._ack_stored and not self._ack_quarantined:
-                self._ack_since = time.monotonic()
-            self._ack_stored.extend(s)
-            self._ack_quarantined.extend(q)
-        named = len(self._ack_stored) + len(self._ack_quarantined)
-        out = len(self._inflight) + len(self._sent)
-        if not named or not (wait_s > 0 or named >= self.ACK_BATCH or named >= out or out >= self.max_unacked
-                             or time.monotonic() - self._ack_since >= self.ACK_DELAY_S):
-            return 0
-        stored, quarantined = self._ack_stored, self._ack_quarantined
-        self._ack_stored, self._ack_quarantined = [], []
-        gone = set(self.outbox.remove_samples(stored + quarantined))
-        for sid in gone:
-            self._sent.pop(sid, None)
-        n_stored = sum(1 for sid in dict.fromkeys(stored) if sid in gone)
-        n_refused = len(gone) - n_stored
-        self.unknown_acks += len(set(stored) | set(quarantined)) - len(gone)
-        self.acked += n_stored
-        self.refused += n_refused
-        self.published += len(gone)
-        if n_refused:
-            for _ in range(n_refused):
-                self._on_error("refused")
-            log.warning("the collector refused %d sample(s) as malformed and quarantined them; they are not sent "
-                        "again (see the store's quarantine table)", n_refused)
-        if gone:
-            self._last_ack = time.monotonic()
-            self._timeout = self.ack_timeout_s
-            self._warned_silence = False
-        return len(gone)
-
-    def _resend_due(self) -> None:
-        """Publish again, oldest first, the sent rows no ack named in time (within the PUBACK window)."""
-        now = time.monotonic()
-        resent = False
-        while self._sent and len(self._inflight) < self.window:
-            sid, (rid, due) = next(iter(self._sent.items()))
-            if due > now:
-                break
-            del self._sent[sid]
-            row = self.outbox.get(rid)
-            if row is None:
-                continue  # dropped for room, or deleted meanwhile
-            if not self._publish(row):
-                self._sent[sid] = (rid, due)
-                self._sent.move_to_end(sid, last=False)
-                break
-            resent = True
-        if resent and now - self._last_ack >= self._timeout and now >= self._backoff_at:  # once per round
-            if not self._warned_silence:
-                self._warned_silence = True
-                log.warning("no collector acknowledged a sample for %.0f s although the broker takes them; samples "
-                            "wait in the outbox and go again with a growing timeout. Is `edgekit collect` running? "
-                            "A collector without end-to-end acks needs [mqtt].ack = \"broker\"", now - self._last_ack)
-            self._timeout = min(self._timeout * 2, self.MAX_ACK_TIMEOUT_S)
-            self._backoff_at = now + self._timeout
-
-    def _refused(self, rid: int) -> None:
-        """The broker answered a sample with a failure reason (MQTT 5, e.g. "Not authorized" from an ACL).
-
-        The sample stays in the outbox and is offered again only after the next reconnect, never in a
-        loop; each refusal is counted (telemetry ``rejected``) and the first of each connection logged
-        with the fix. (MQTT 3.1.1 has no such reason: Mosquitto acks a refused message as if delivered.)
-        """
-        self.rejected += 1
-        if self._refused_logged != self._generation:
-            self._refused_logged = self._generation
-            log.error("the broker refuses the samples of this board (first refusal on this connection: outbox row "
-                      "%d); they stay in the outbox and are offered again after a reconnect. If the broker said "
-                      "'Not authorized', its ACL does not let this certificate write this topic: the certificate's "
-                      "CN must equal [device].id and the broker must serve [device].fleet (docs/identity.md)", rid)
-
-    @property
-    def inflight(self) -> int:
-        return len(self._inflight)
-
-    @property
-    def ack_timeout_now_s(self) -> float:
-        """The resend timeout in force: ``ack_timeout_s``, doubled per round while no ack comes."""
-        return self._timeout
-
-    @property
-    def unacked(self) -> int:
-        """Rows out and not yet deleted: awaiting their PUBACK, or (end to end) the collector's ack."""
-        return len(self._inflight) + len(self._sent)
+from .publisher import Publisher  # noqa: E402  (its home since the split; imported from here as before)

@@ -54,6 +54,7 @@ __all__ = [
     "decode_array",
     "decode_input",
     "sample_payload",
+    "sample_message",
     "status_payload",
     "telemetry_payload",
     "prediction_payload",
@@ -182,6 +183,25 @@ def sample_payload(
         "input": encode_array(raw),
         "source": dict(source or {}),
     }
+
+
+_JSON = json.JSONEncoder(separators=(",", ":")).encode
+_MARK = "\x00" + uuid.uuid4().hex  # stands in for the base64 data while the rest is encoded (no string holds it)
+
+
+def sample_message(*, raw: np.ndarray, **fields: Any) -> bytes:
+    """``sample_payload(raw=raw, **fields)`` as the compact JSON bytes the board publishes.
+
+    The same bytes as ``json.dumps(..., separators=(",", ":")).encode()``, built cheaper for big inputs:
+    the base64 text (which holds nothing JSON escapes) is spliced in as bytes rather than scanned by the
+    encoder and copied twice more."""
+    x = np.ascontiguousarray(raw)
+    if x.dtype.name not in _DTYPES:
+        x = x.astype(np.float32)
+    payload = sample_payload(raw=x[:0].reshape(0), **fields)
+    payload["input"] = {"dtype": x.dtype.name, "shape": list(x.shape), "encoding": "base64", "data": _MARK}
+    head, tail = _JSON(payload).encode().split(_JSON(_MARK).encode()[1:-1], 1)
+    return b"".join((head, base64.b64encode(x.tobytes()), tail))
 
 
 def status_payload(*, device: str, fleet: str, state: str, model: Optional[Mapping[str, str]] = None,

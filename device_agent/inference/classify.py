@@ -16,11 +16,11 @@ numpy calls on a tiny array (the agent pays this on every inference).
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Sequence, Tuple
+from typing import Any, List, NamedTuple, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["Class", "Prediction", "probabilities", "probabilities_batch", "classify"]
+__all__ = ["Class", "Prediction", "probabilities", "probabilities_batch", "classify", "classify_table"]
 
 _SMALL = 64
 
@@ -107,24 +107,33 @@ def classify(
 ) -> Prediction:
     """One vector of scores to a :class:`Prediction`."""
     flat = np.asarray(scores).reshape(-1)
-    n = len(labels)
-
-    def name(i: int) -> str:
-        return labels[i] if i < n else str(i)
-
     k = max(1, top_k)
     if flat.size <= _SMALL:
-        p = _probs_list(flat.astype(np.float64).tolist(), activation)
-        order = sorted(range(len(p)), key=p.__getitem__, reverse=True)  # stable: ties keep index order
-        entropy = -math.fsum(v * math.log(v) for v in p if v > 0.0)
-    else:
-        arr = probabilities(flat, activation)
-        order = np.argsort(-arr, kind="stable")[: max(k, 2)].tolist()
-        nz = arr[arr > 0]
-        entropy = float(-(nz * np.log(nz)).sum())
-        p = arr
-    first = order[0]
-    conf = float(p[first])
+        return _predict(_probs_list(flat.astype(np.float64).tolist(), activation), labels, k)
+    arr = probabilities(flat, activation)
+    order = np.argsort(-arr, kind="stable")[: max(k, 2)].tolist()
+    nz = arr[arr > 0]
+    entropy = float(-(nz * np.log(nz)).sum())
+    return _prediction(arr, order, entropy, labels, k)
+
+
+def classify_table(raw: np.ndarray, table: Sequence[float], labels: Sequence[str], activation: str = "softmax",
+                   top_k: int = 3) -> Prediction:
+    """:func:`classify` of an 8-bit output read through ``table`` (raw byte -> its dequantized score,
+    ``TFLiteModel.score_table()``): the same floats, hence the same prediction, without numpy arithmetic."""
+    return _predict(_probs_list([table[b] for b in raw.view(np.uint8).ravel().tolist()], activation), labels,
+                    max(1, top_k))
+
+
+def _predict(p: List[float], labels: Sequence[str], k: int) -> Prediction:
+    order = sorted(range(len(p)), key=p.__getitem__, reverse=True)  # stable: ties keep index order
+    entropy = -math.fsum([v * math.log(v) for v in p if v > 0.0])
+    return _prediction(p, order, entropy, labels, k)
+
+
+def _prediction(p: Any, order: List[int], entropy: float, labels: Sequence[str], k: int) -> Prediction:
+    n = len(labels)
+    top = tuple([Class(i, labels[i] if i < n else str(i), float(p[i])) for i in order[:k]])
+    conf = top[0].score
     second = float(p[order[1]]) if len(order) > 1 else 0.0
-    top = tuple(Class(i, name(i), float(p[i])) for i in order[:k])
-    return Prediction(first, name(first), conf, conf - second, entropy + 0.0, top)
+    return Prediction(order[0], top[0].label, conf, conf - second, entropy + 0.0, top)

@@ -227,6 +227,15 @@ class TFLiteModel:
         """The dequantized output of the last invoke, without the batch axis."""
         return dequantize(self.raw_output(), self.output_spec).reshape(-1)
 
+    def score_table(self) -> Optional[List[float]]:
+        """For an 8-bit quantized output: raw byte -> the score :meth:`output` gives for it, as Python floats
+        (``inference.classify.classify_table`` reads :meth:`raw_output` through it); None for other outputs."""
+        spec = self.output_spec
+        if not spec.quantized or np.dtype(spec.dtype).itemsize != 1:
+            return None
+        codes = np.arange(256, dtype=np.uint8).view(np.dtype(spec.dtype))
+        return dequantize(codes, spec).astype(np.float64).tolist()
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """One float input to one vector of float scores."""
         self.set_input(x)

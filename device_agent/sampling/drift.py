@@ -4,8 +4,9 @@ The converter writes, for the training inputs, the per-channel mean and std in
 model-input units and a histogram of the int8 model's top-1 confidence. The
 agent feeds :class:`DriftMonitor` once per inference with the per-channel mean
 of that input (model-input units) and the prediction's confidence; it keeps the
-last ``window`` inferences in two ring buffers, so an update is an array store
-and a :func:`bisect.bisect_right` on the reference's bin edges.
+last ``window`` inferences in ring buffers; an update appends to a list, and the
+list reaches the buffers in blocks (every 256 inferences and at each snapshot), with
+one ``searchsorted`` on the reference's bin edges.
 
 :meth:`DriftMonitor.snapshot` gives, over the window:
 
@@ -30,7 +31,6 @@ A bundle without a usable ``reference`` (older bundles) gives no monitor
 from __future__ import annotations
 
 import math
-from bisect import bisect_right
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -122,26 +122,50 @@ class DriftMonitor:
         self._means = np.zeros((window, channels), dtype=np.float64)
         self._conf = np.zeros(window, dtype=np.float64)
         self._bins = np.zeros(window, dtype=np.intp)
-        self._n = 0  # inferences seen since the last reset
+        self._n = 0  # inferences seen since the last reset (written to the arrays)
+        self._channels = None if self._mean is None else int(self._mean.size)
+        self._pending_means: list = []  # inferences since the last write to the arrays: they go in a block
+        self._pending_conf: list = []
 
     @property
     def channels(self) -> Optional[int]:
         """How many per-channel means :meth:`update` expects (None when the reference has no input stats)."""
-        return None if self._mean is None else int(self._mean.size)
+        return self._channels
 
     def reset(self) -> None:
         self._n = 0
+        self._pending_means, self._pending_conf = [], []
 
     def update(self, channel_mean: Any, confidence: float) -> None:
-        """One inference: the per-channel mean of its model input, and its top-1 confidence."""
-        i = self._n % self.window
+        """One inference: the per-channel mean of its model input, and its top-1 confidence (kept in a list,
+        written to the window in a block: two appends here instead of three numpy item writes)."""
         if self._mean is not None:
-            self._means[i] = channel_mean
-        self._conf[i] = confidence
-        self._bins[i] = bisect_right(self._inner_edges, confidence)
-        self._n += 1
+            self._pending_means.append(channel_mean)
+        self._pending_conf.append(confidence)
+        if len(self._pending_conf) >= 256:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Write the pending inferences into the window, in order (the same values :meth:`update` once wrote)."""
+        conf = self._pending_conf
+        if not conf:
+            return
+        means = self._pending_means
+        self._pending_means, self._pending_conf = [], []
+        if len(conf) > self.window:  # only the newest window's worth can still be in it
+            skip = len(conf) - self.window
+            self._n += skip
+            conf, means = conf[skip:], means[skip:]
+        idx = (self._n + np.arange(len(conf))) % self.window
+        c = np.asarray(conf, dtype=np.float64)
+        if self._mean is not None:
+            self._means[idx] = np.asarray(means, dtype=np.float64).reshape(len(conf), -1)
+        self._conf[idx] = c
+        self._bins[idx] = np.searchsorted(self._inner_edges, c, side="right")  # = bisect_right, item by item
+        self._n += len(conf)
 
     def snapshot(self) -> Drift:
+        self._settle()
         n = min(self._n, self.window)
         z = z_max = c_mean = value = None
         if n:

@@ -35,6 +35,9 @@ class Decision:
         return "low_confidence" in self.reasons
 
 
+_PASS = Decision(False)  # the common answer, one shared instance (Decision is immutable)
+
+
 class Policy:
     """Stateful: remembers what it flagged to apply the caps (``seen`` answers dedupe)."""
 
@@ -103,7 +106,7 @@ class Policy:
         """
         reasons = self.reasons(pred)
         if not reasons:
-            return Decision(False)
+            return _PASS
         if self.cfg.dedupe and self._seen(digest() if callable(digest) else digest):
             self.skipped["duplicate"] += 1
             return Decision(False, reasons, "duplicate")

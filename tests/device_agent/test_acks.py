@@ -46,7 +46,8 @@ def publish(port: int, topic: str, payloads) -> None:
 
 
 def flagged_ids(path) -> list:
-    return [json.loads(line)["sample_id"] for line in path.read_text().splitlines() if '"sample_id":"' in line]
+    lines = path.read_text().split("\n")[:-1]  # whole lines only: the agent may be appending
+    return [json.loads(line)["sample_id"] for line in lines if '"sample_id":"' in line]
 
 
 class ThenIdle(ArraySource):

@@ -52,7 +52,8 @@ def push(port: int, payload: bytes, retain: bool = True) -> None:
 def results(path: Path) -> list:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Only whole lines: the agent appends while this reads, and a read can end inside a write.
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line.strip()]
 
 
 class Running:
