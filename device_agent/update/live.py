@@ -96,13 +96,14 @@ class LiveUpdates:
             log.error("%s", self.last_update_error)
             self._publish_status()
             return
-        self._install(bundle, model)
+        # why, first: another thread that sees the previous manifest back (set by _install) sees the reason too
         self.rollbacks += 1
         self.last_update_archive = (self.updater.state.refused[-1].archive_sha256 if self.updater.state.refused
                                     else None)
         self.last_update_error = (f"bundle {failed.name} v{failed.version} (sha256 {failed.sha256[:12]}...) failed its "
                                   f"probation: {why}; back to {bundle.manifest.name} v{bundle.manifest.version}")
         self.stats.error("update")
+        self._install(bundle, model)
         log.warning("%s", self.last_update_error)
         self._announce()
 
@@ -161,8 +162,9 @@ class LiveUpdates:
     def _swap(self, staged: Staged) -> None:
         old = self.manifest
         baseline = self.stats.latency()["p95"]  # the model being replaced, on this board, just now
-        self._install(staged.bundle, staged.model)
+        # cleared first: another thread that sees the new manifest (set last by _install) sees no stale error
         self.last_update_error = self.last_update_archive = None
+        self._install(staged.bundle, staged.model)
         self.updater.installed(staged)  # a restart runs it; uncommitted until its probation passes
         self.probation = self._probation_for_current(baseline_p95_ms=baseline)
         m = self.manifest
@@ -173,16 +175,17 @@ class LiveUpdates:
     def _install(self, bundle: Bundle, model: TFLiteModel) -> None:
         """Run ``model`` of ``bundle`` from the next inference on (the one running is closed)."""
         old_model = self.model
+        m, cfg = bundle.manifest, self.config.policy
+        # the thresholds before the manifest: another thread that sees the new manifest sees its policy too
+        self.policy.set_thresholds(
+            cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold,
+            cfg.margin_threshold if cfg.margin_threshold is not None else m.margin_threshold,
+        )
         self.model, self.bundle, self.manifest = model, bundle, bundle.manifest
         old_model.close()
         self.stats.latencies_ms.clear()  # telemetry latency_ms describes the model that runs
         self._prepare_fast_path()
         self._prepare_drift()  # the window describes one model: start afresh against the new reference
-        m, cfg = self.manifest, self.config.policy
-        self.policy.set_thresholds(
-            cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold,
-            cfg.margin_threshold if cfg.margin_threshold is not None else m.margin_threshold,
-        )
 
     # -- shadow runs (update/shadow.py) -------------------------------------
     def _start_shadow(self, staged: Staged) -> None:
