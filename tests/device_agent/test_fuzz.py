@@ -155,3 +155,53 @@ def test_json_depth_agrees_with_the_json_module():
             return 1 + max([depth(x) for x in (v.values() if isinstance(v, dict) else v)] or [0]) \
                 if isinstance(v, (dict, list)) else 0
         assert limits.json_depth(s) == depth(json.loads(s)), s
+
+
+def _layouts(x: np.ndarray):
+    """The same picture as a source may hand it over: contiguous, Fortran-ordered, or a strided copy-free view."""
+    return st.sampled_from([x, np.asfortranarray(x), np.flip(np.flip(x, 0).copy(), 0), x[:, :, :]])
+
+
+# What a sensor, a camera or a file may feed the loop: uint8 pictures of the bundle's shape (any values, any memory
+# layout: the lookup-table fast path), and everything else (other shapes, dtypes, NaN/inf: the general path).
+_SHAPE = tuple(DIGITS.shape)
+LOOP_INPUTS = st.lists(st.one_of(
+    st.binary(min_size=int(np.prod(_SHAPE)), max_size=int(np.prod(_SHAPE))).map(
+        lambda b: np.frombuffer(b, np.uint8).reshape(_SHAPE)).flatmap(_layouts),
+    st.tuples(st.integers(1, 12), st.integers(1, 12), st.sampled_from([1, 3])).map(
+        lambda s: np.zeros(s, np.uint8)),
+    st.sampled_from([np.float32, np.float64, np.int8, np.uint16]).flatmap(
+        lambda t: st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=64, max_size=64).map(
+            lambda v: np.asarray(v, np.float64).astype(t, casting="unsafe").reshape(_SHAPE))),
+), min_size=1, max_size=6)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # casting NaN/inf to integers, as a hostile source does
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 60))
+@given(LOOP_INPUTS)
+def test_fuzz_the_loop_inputs(make_config, inputs):
+    """Every input is classified or counted as refused, the loop goes on; a uint8 picture of the bundle's shape gets
+    exactly the label of the general path (preprocess + float input), whatever its memory layout."""
+    from device_agent.agent import Agent
+    from device_agent.inference.classify import classify
+    from device_agent.inference.interpreter import TFLiteModel
+    from device_agent.sources import ArraySource
+
+    from conftest import BUNDLE
+
+    bundle = load_bundle(BUNDLE)
+    m = bundle.manifest
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_config("", outbox={"path": f"{tmp}/outbox.sqlite"}, results={"path": f"{tmp}/results.jsonl"})
+        with Agent(cfg, source=ArraySource(list(inputs))) as agent:
+            stats = agent.run()
+        lines = [json.loads(ln) for ln in Path(f"{tmp}/results.jsonl").read_text().splitlines()]
+    assert stats.inferences == len(lines)
+    assert stats.inferences + stats.errors.get("input", 0) + stats.errors.get("inference", 0) == len(inputs)
+    with TFLiteModel.open(bundle.model_path, cfg.runtime.name) as model:
+        for line in lines:
+            x = inputs[line["source"]["index"]]
+            if x.dtype == np.uint8 and x.shape == _SHAPE:
+                ref = classify(model(preprocess(np.ascontiguousarray(x), m.preprocessing)), m.labels,
+                               m.output_activation)
+                assert line["label"] == ref.label
