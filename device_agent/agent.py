@@ -437,7 +437,10 @@ class Agent(FleetControl, LiveUpdates):
             self.link.connected.wait(self.config.outbox.drain_timeout_s)
         self.drain(self.config.outbox.drain_timeout_s)
         if self.link is not None and self.link.connected.is_set():
-            self.send_telemetry()
+            try:
+                self.send_telemetry()
+            except Exception as exc:  # noqa: BLE001
+                self._failed("telemetry", "sending telemetry", exc)
         self.results.flush()
         if self.updater is not None:
             self.updater.stopped()  # a clean stop: this start does not count against an uncommitted bundle
@@ -450,7 +453,11 @@ class Agent(FleetControl, LiveUpdates):
             return self.outbox.depth == 0
         deadline = time.monotonic() + timeout
         while self.outbox.depth and time.monotonic() < deadline:
-            self.publisher.pump(wait_s=0.02)
+            try:
+                self.publisher.pump(wait_s=0.02)
+            except Exception as exc:  # noqa: BLE001 - e.g. deleting what was acknowledged on a full disk: the run
+                self._failed("outbox", "publishing from the outbox", exc)  # still ends normally, the rows stay
+                time.sleep(0.05)
             self.service()
             if not self.link.connected.is_set():
                 time.sleep(0.05)

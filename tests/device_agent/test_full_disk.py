@@ -118,3 +118,32 @@ def test_a_full_disk_drops_the_oldest_samples_counted_and_recovers_by_itself(sma
     # every sample is accounted for: the ones run 1 left, plus the new ones, were published, stayed or were dropped
     assert first.pending + second.flagged == second.published + second.pending + second.dropped
     assert set(second.errors) <= {"results"}
+
+
+def test_a_drain_that_fails_on_the_outbox_ends_the_run_normally_and_keeps_the_samples(make_config, digits):
+    """The stop's drain deletes what was acknowledged; on a full disk that DELETE fails ("database or disk is
+    full", seen in the test above on a busy machine). The run must still end with its stats, the failure counted
+    and the samples kept for the next start, not end in an exception out of Agent.run."""
+    import socket
+    import sqlite3
+
+    from device_agent.agent import Agent
+    from device_agent.sources import ArraySource
+
+    with socket.socket() as s:  # a port nothing listens on: the publisher exists, the link never connects
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    x, _ = digits
+    config = make_config(f"mqtt://127.0.0.1:{port}", policy=FLAG_ALL, outbox={"drain_timeout_s": 0.3})
+    with Agent(config, source=ArraySource(x[:20])) as agent:
+        pumped = agent.publisher.pump
+
+        def pump(wait_s=0.0):
+            if wait_s > 0:  # the drain's pumps
+                raise sqlite3.OperationalError("database or disk is full")
+            return pumped(wait_s)
+
+        agent.publisher.pump = pump
+        stats = agent.run()
+    assert stats.inferences == stats.flagged == stats.pending == 20
+    assert stats.errors.get("outbox", 0) >= 1
