@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import queue
 import threading
 import time
@@ -43,13 +42,11 @@ from .delivery import protocol
 from .delivery.control import FleetControl
 from .delivery.outbox import Outbox, Publisher
 from .errors import ConfigError, InputError
-from .inference.classify import classify, classify_table
-from .inference.inputcheck import InputCheck
+from .inference.classify import classify
+from .inference.fastpath import FastPath, classified
 from .inference.interpreter import TFLiteModel, dequantize
-from .inference.lut import lookup_table
 from .inference.preprocess import preprocess
 from .results import ResultsWriter
-from .sampling.drift import DriftMonitor, channel_means, monitor_for
 from .sampling.policy import Decision, Policy
 from .sources import MqttSource, Source, open_source
 from .telemetry import Stats, Watchdog
@@ -93,7 +90,7 @@ def digest(raw: np.ndarray) -> str:
     return h.hexdigest()
 
 
-class Agent(FleetControl, LiveUpdates):
+class Agent(FleetControl, LiveUpdates, FastPath):
     """One bundle, one source, one outbox, one broker connection. Use as a context manager."""
 
     def __init__(self, config: AgentConfig, *, source: Optional[Source] = None):
@@ -198,61 +195,6 @@ class Agent(FleetControl, LiveUpdates):
             self.outbox.path, self.outbox.depth,
         )
 
-    def _prepare_fast_path(self) -> None:
-        self._check = InputCheck(self.manifest.preprocessing, self.manifest.reference)
-        self._fits = self._check.expected if self._check.integer else None  # a dtype that needs no look at the values
-        self._lut, self._lut_shape = self._lookup_table()
-        if self._lut is not None:
-            self._qbuf = np.empty(self._lut_shape, dtype=self._lut.dtype)
-            self._qbuf_u8 = self._qbuf.view(np.uint8)
-        small = int(np.prod(self.model.output_spec.shape)) <= 64  # classify()'s arithmetic on Python floats
-        self._scores = self.model.score_table() if small else None
-        self._lut_kind = "take"
-        if self._lut is not None:
-            every = np.arange(256, dtype=np.uint8)
-            if self._lut.dtype == np.uint8 and np.array_equal(self._lut, every):
-                self._lut_kind = "identity"
-            elif self._lut.dtype == np.int8 and np.array_equal(self._lut, (every ^ np.uint8(128)).view(np.int8)):
-                self._lut_kind = "xor"
-
-    def _prepare_drift(self) -> None:
-        """A fresh drift window against this bundle's ``reference`` (None for bundles without one)."""
-        self.drift: Optional[DriftMonitor] = monitor_for(self.manifest.reference)
-        c = self.drift.channels if self.drift is not None else None
-        last = int(self.model.input_spec.shape[-1]) if len(self.model.input_spec.shape) else 1
-        if c is not None and c != 1 and c != last:
-            log.warning("bundle %s v%s: reference has %d input channels but the model input %s; drift is off",
-                        self.manifest.name, self.manifest.version, c, list(self.model.input_spec.shape))
-            self.drift = None
-        self._drift_k = self._drift_offset = 0.0
-        self._drift_step = 1
-        if self._lut is not None:  # the fast path: model input = raw * scale + offset, value by value
-            pre, (h, w, _) = self.manifest.preprocessing, self._lut_shape
-            # Big images: the mean of every s-th row and column (<= 1024 pixels) costs a few us, all of them 100+.
-            s = self._drift_step = max(1, math.ceil(math.sqrt(h * w / 1024)))
-            pixels = len(range(0, h, s)) * len(range(0, w, s))
-            self._drift_k, self._drift_offset = float(pre.scale) / pixels, float(pre.offset)
-
-    def _feed_drift(self, raw: np.ndarray, x: Optional[np.ndarray], confidence: float) -> None:
-        """Per-channel mean of the model input (from the raw bytes on the fast path) and the confidence."""
-        drift = self.drift
-        c = drift.channels
-        if c is None:
-            mean: Any = 0.0
-        elif x is not None:
-            mean = channel_means(x, c)
-        else:
-            s, k, offset = self._drift_step, self._drift_k, self._drift_offset
-            sub = raw[::s, ::s] if s > 1 else raw
-            if c == 1:  # up to 256 bytes, Python's sum over the bytes beats a numpy reduction in the loop
-                mean = (sum(sub.tobytes()) if sub.size <= 256 else float(sub.sum())) * k + offset
-            else:  # one strided sum per channel: far cheaper than a sum over axis 0 of (pixels, c)
-                mean = [float(sub[:, :, j].sum()) * k + offset for j in range(c)]
-        drift.update(mean, confidence)
-
-    def _lookup_table(self):
-        return lookup_table(self.manifest.preprocessing, self.model.input_spec)
-
     # -- the loop -----------------------------------------------------------
     def step(self, info: Dict[str, Any], raw: Any) -> Optional[Dict[str, Any]]:
         """Classify one input; flag it into the outbox if the policy says so. Returns the result line."""
@@ -274,17 +216,17 @@ class Agent(FleetControl, LiveUpdates):
                 # Same values as preprocess + quantize, in one lookup (or a bit flip / nothing at all).
                 if self._lut_kind == "xor":  # into a buffer of its own: set_tensor copies it
                     np.bitwise_xor(raw, _X80, out=self._qbuf_u8)
-                    q = self._qbuf
+                    self._set_input(self._qin)
                 elif self._lut_kind == "identity":
-                    q = raw
+                    self.model.set_raw_input(raw)
                 else:  # mode="wrap": no bounds check (a uint8 cannot leave the table) and no hidden copy
-                    q = np.take(lut, raw, out=self._qbuf, mode="wrap")
-                self.model.set_raw_input(q)
+                    np.take(lut, raw, out=self._qbuf, mode="wrap")
+                    self._set_input(self._qin)
             else:
                 x = preprocess(raw, self.manifest.preprocessing)
                 self.model.set_input(x)
-            self.model.invoke()
-            out = self.model.raw_output()
+            self._invoke()
+            out = self._output()
         except InputError as exc:  # the bundle's preprocessing refused what the source produced
             self.stats.error("input")
             log.warning("input %s#%s skipped: %s", info.get("uri"), info.get("index"), exc)
@@ -308,9 +250,10 @@ class Agent(FleetControl, LiveUpdates):
             self._mismatched(mismatch, raw, info)
         m = self.manifest
         if self._scores is not None:  # 8-bit output: each byte's score looked up (the same floats as output())
-            pred = classify_table(out, self._scores, m.labels, m.output_activation)
+            pred, confidence, margin, entropy = self._known(out, self._scores, m.labels, m.output_activation)
         else:
-            pred = classify(dequantize(out, self.model.output_spec), m.labels, m.output_activation)
+            pred, confidence, margin, entropy = classified(
+                classify(dequantize(out, self.model.output_spec), m.labels, m.output_activation))
         if self.drift is not None:
             self._feed_drift(raw, x, pred.confidence)
         wall = time.time()
@@ -347,9 +290,9 @@ class Agent(FleetControl, LiveUpdates):
             "ts": ts,
             "source": info,
             "label": pred.label,
-            "confidence": round(pred.confidence, 6),
-            "margin": round(pred.margin, 6),
-            "entropy": round(pred.entropy, 6) + 0.0,
+            "confidence": confidence,
+            "margin": margin,
+            "entropy": entropy,
             "flagged": decision.flagged,
             "reasons": list(decision.reasons),
             "sample_id": sample_id,

@@ -17,13 +17,14 @@ picked one:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -219,6 +220,14 @@ class TFLiteModel:
 
     def invoke(self) -> None:
         self.interpreter.invoke()
+
+    def calls(self) -> Tuple[Callable[[np.ndarray], None], Callable[[], None], Callable[[], np.ndarray]]:
+        """``(set_input, invoke, output)``: the interpreter's own methods bound to this model's tensors, for a
+        loop that calls them on every inference (set_input takes an array of the tensor's exact shape and dtype;
+        output returns :meth:`raw_output`)."""
+        it = self.interpreter
+        return functools.partial(it.set_tensor, self._in_index), it.invoke, functools.partial(it.get_tensor,
+                                                                                               self._out_index)
 
     def raw_output(self) -> np.ndarray:
         return self.interpreter.get_tensor(self._out_index)

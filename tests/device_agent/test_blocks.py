@@ -211,3 +211,29 @@ def test_result_lines_go_out_in_blocks_the_first_at_once_after_their_samples(tmp
         assert len(_lines(path)) == 1  # the block waits for flush_every_s ...
     assert path.read_text().splitlines()[1:] == ['{"seq":1}', '{"seq":2,"x":NaN}']  # ... or the close
     assert committed == [0, 1]
+
+
+def test_kept_predictions_give_every_line_what_the_general_path_gives(make_config, digits, monkeypatch):
+    """A prediction is computed once per distinct 8-bit output and kept: every result line still carries what
+    dequantize + classify give for that input's output, through a kept entry or a new one, and the number
+    kept stays within its bound."""
+    import device_agent.inference.fastpath as fastpath
+
+    monkeypatch.setattr(fastpath, "_MEMO_MAX", 7)  # far fewer than the digits' distinct outputs: it fills and empties
+    x, _ = digits
+    xs = np.concatenate([x, x[::-1]])  # every output seen at least twice
+    config = make_config(policy={"random_fraction": 0.0, "dedupe": False})
+    with Agent(config, source=ArraySource(xs)) as agent:
+        model, m = agent.model, agent.manifest
+        assert agent._scores is not None  # the digits model's int8 output: the table path is the one under test
+        sizes = set()
+        for i, raw in enumerate(xs):
+            line = agent.step({"uri": "t", "index": i}, raw)
+            want = classify(dequantize(model.raw_output(), model.output_spec).reshape(-1), m.labels,
+                            m.output_activation)
+            assert (line["label"], line["confidence"], line["margin"], line["entropy"]) == (
+                want.label, round(want.confidence, 6), round(want.margin, 6), round(want.entropy, 6) + 0.0), i
+            assert line["flagged"] == (want.confidence < agent.policy.confidence_threshold
+                                       or want.margin < agent.policy.margin_threshold)
+            sizes.add(len(agent._memo))
+    assert max(sizes) <= 7 and len(sizes) > 3  # bounded, and it did fill and empty
