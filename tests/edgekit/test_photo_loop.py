@@ -36,6 +36,14 @@ def tests_npz(demo):
         return {k: z[k] for k in z.files}
 
 
+@pytest.fixture(scope="module")
+def float_accuracy(demo, tests_npz, keras) -> float:
+    """Top-1 of the model as the user made it (raw pixels in) on the 300 held-out photos, computed once."""
+    model = keras.models.load_model(demo[0].output / "model" / "photos.keras")
+    x, y = tests_npz["x_test"], tests_npz["y_test"]
+    return float(np.mean(model.predict(x.astype(np.float32), verbose=0).argmax(axis=1) == y))
+
+
 def test_qat_reaches_the_whole_nested_base_and_the_rescaling_moves_to_the_bundle(demo, keras):
     result, lines = demo
     out = result.output
@@ -51,14 +59,13 @@ def test_qat_reaches_the_whole_nested_base_and_the_rescaling_moves_to_the_bundle
     assert any("QAT over 100.0% of the parameters" in ln for ln in lines)
 
 
-def test_qat_int8_is_within_a_point_of_float_on_the_held_out_photos(demo, tests_npz, keras):
+def test_qat_int8_is_within_a_point_of_float_on_the_held_out_photos(demo, tests_npz, float_accuracy):
     from edgekit.loop.retrain import bundle_accuracy
 
     out = demo[0].output
     x, y = tests_npz["x_test"], tests_npz["y_test"]
     assert len(y) == 300  # a point is 3 photos
-    model = keras.models.load_model(out / "model" / "photos.keras")  # the model as the user made it: raw pixels in
-    float_acc = float(np.mean(model.predict(x.astype(np.float32), verbose=0).argmax(axis=1) == y))
+    float_acc = float_accuracy
     int8_acc = bundle_accuracy(out / "bundle-v1", x, y)
     assert float_acc >= 0.8, float_acc
     assert int8_acc >= float_acc - 0.01, (float_acc, int8_acc)
@@ -117,7 +124,8 @@ def test_flagged_photos_go_to_the_collector_are_labelled_retrained_and_shipped(d
     assert [ln.split("]")[0] for ln in lines if ln.startswith("[")] == [f"[{i}/11" for i in range(1, 12)]
 
 
-def test_the_same_model_converts_with_ptq_from_the_folder_of_pictures(demo, tests_npz, keras, tmp_path, capsys):
+def test_the_same_model_converts_with_ptq_from_the_folder_of_pictures(demo, tests_npz, float_accuracy, tmp_path,
+                                                                     capsys):
     """`edgekit convert --mode ptq` on the user's nested model and their folder of JPEG/PNG files."""
     from edgekit.cli import main
     from edgekit.loop.retrain import bundle_accuracy
@@ -131,6 +139,4 @@ def test_the_same_model_converts_with_ptq_from_the_folder_of_pictures(demo, test
     m = load_bundle(bundle).manifest
     assert m.quantization["mode"] == "ptq" and m.preprocessing == load_bundle(out / "bundle-v1").manifest.preprocessing
     x, y = tests_npz["x_test"], tests_npz["y_test"]
-    model = keras.models.load_model(out / "model" / "photos.keras")
-    float_acc = float(np.mean(model.predict(x.astype(np.float32), verbose=0).argmax(axis=1) == y))
-    assert bundle_accuracy(bundle, x, y) >= float_acc - 0.03  # calibration only: no training to recover a loss
+    assert bundle_accuracy(bundle, x, y) >= float_accuracy - 0.03  # calibration only: no training to recover a loss
