@@ -329,17 +329,35 @@ class Store(LabelingMixin):
         return f"{type(self).__name__}({self.url!r})"
 
 
+_JSON_LISTS: Dict[tuple, str] = {}  # the JSON text of a list of strings or ints: reasons and shapes repeat
+
+
+def _json_list(items: Any) -> str:
+    """``json.dumps(list(items))``, remembered for short lists of plain strings and ints (only: 1.0 and True
+    equal 1 as keys, and must keep their own text), bounded."""
+    key = tuple(items)
+    if len(key) > 8 or not all(type(v) is str or type(v) is int for v in key):
+        return json.dumps(list(key))
+    text = _JSON_LISTS.get(key)
+    if text is None:
+        if len(_JSON_LISTS) >= 1024:
+            _JSON_LISTS.clear()
+        text = _JSON_LISTS[key] = json.dumps(list(key))
+    return text
+
+
 def _row(payload: Mapping[str, Any], now: float) -> tuple:
     model = payload.get("model") or {}
     pred = payload.get("prediction") or {}
     inp = payload["input"]
+    source = payload.get("source")
     return (
         payload["sample_id"], payload["device"], payload["fleet"], int(payload["seq"]), float(payload["ts"]),
         now, model.get("name", ""), model.get("version", ""), model.get("sha256", ""),
         str(pred.get("label", "")), int(pred.get("index", -1)), float(pred.get("confidence", 0.0)),
         float(pred.get("margin", 0.0)), float(pred.get("entropy", 0.0)),
-        json.dumps(list(payload.get("reasons", []))), json.dumps(list(pred.get("top_k", []))),
-        json.dumps(dict(payload.get("source") or {})), str(inp["dtype"]), json.dumps(list(inp["shape"])),
+        _json_list(payload.get("reasons", ())), json.dumps(list(pred.get("top_k", []))),
+        json.dumps(dict(source)) if source else "{}", str(inp["dtype"]), _json_list(inp["shape"]),
         # bytes: decoded already (the collector's validation decodes once); str: the wire's base64
         inp["data"] if isinstance(inp["data"], (bytes, bytearray)) else base64.b64decode(inp["data"]),
     )
