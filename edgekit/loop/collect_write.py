@@ -8,7 +8,6 @@ import logging
 import queue
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from device_agent.delivery import protocol as wire
@@ -19,43 +18,66 @@ from .validate import Malformed, check_message, sample_id_hint
 log = logging.getLogger("edgekit.loop.collect")
 
 _BATCH = 256
+_LINGER_S = 0.002  # a batch smaller than _LINGER_UNDER waits this long (at most) for more messages
+_LINGER_UNDER = 64
 _STOP = object()
 _ACK_CHUNK = 512  # sample ids per edgekit.ack/1 message (MAX_ACK_IDS allows 1024)
 
 
-@dataclass
 class _Msg:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    generation: int
+    __slots__ = ("topic", "payload", "mid", "qos", "generation")
+
+    def __init__(self, topic: str, payload: bytes, mid: int, qos: int, generation: int) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.mid = mid
+        self.qos = qos
+        self.generation = generation
 
 
 class WritePath:
     """The Collector's writer-thread methods (a mixin: the state lives in Collector)."""
 
     def _write_loop(self) -> None:
+        get = self._queue.get
         while True:
-            item = self._queue.get()
+            item = get()
             if item is _STOP:
-                self._queue.task_done()
                 self._drain_rest()
                 return
             batch = [item]
-            while len(batch) < _BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    self._queue.put(_STOP)
-                    self._queue.task_done()
-                    break
-                batch.append(nxt)
+            stopping = self._fill(batch)
             self._store_batch(batch)
-            for _ in batch:
-                self._queue.task_done()
+            self._done += len(batch)
+            if stopping:
+                self._drain_rest()
+                return
+
+    def _fill(self, batch: List[_Msg]) -> bool:
+        """Add what is queued to ``batch``, up to _BATCH; True when the stop marker came. A small batch
+        waits up to _LINGER_S for more: a transaction and its acks cost about as much as dozens of
+        messages, and a writer woken by every message would pay them for one or two at a time."""
+        q = self._queue
+        deadline = 0.0
+        while len(batch) < _BATCH:
+            try:
+                nxt = q.get_nowait()
+            except queue.Empty:
+                if len(batch) >= _LINGER_UNDER or not self._accepting:
+                    return False
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + _LINGER_S
+                if now >= deadline:
+                    return False
+                try:
+                    nxt = q.get(timeout=deadline - now)
+                except queue.Empty:
+                    return False
+            if nxt is _STOP:
+                return True
+            batch.append(nxt)
+        return False
 
     def _drain_rest(self) -> None:
         rest = []
@@ -64,11 +86,11 @@ class WritePath:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            self._queue.task_done()
             if item is not _STOP:
                 rest.append(item)
         if rest:
             self._store_batch(rest, retry=False)
+            self._done += len(rest)
 
     def _shutdown_writer(self) -> None:
         self._accepting = False
