@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import struct
 import time
 from collections import Counter
 from typing import Any, Dict, List, Optional
@@ -205,10 +206,31 @@ class WritePath:
         client = self._client
         if client is None:
             return
+        # A message from an earlier connection is redelivered on this one; its old mid means nothing now.
+        generation = self._generation
+        mids = [m.mid for m in batch if m.qos == 1 and m.generation == generation]
+        if mids:
+            puback(client, mids)
         for m in batch:
-            # A message from an earlier connection is redelivered on this one; its old mid means nothing now.
-            if m.qos > 0 and m.generation == self._generation:
+            if m.qos == 2 and m.generation == generation:  # not subscribed for; paho's own handshake if it comes
                 client.ack(m.mid, m.qos)
+
+
+_PUBACK = 0x40
+_PUBACK_PACKET = struct.Struct("!BBH").pack  # what paho's ack(mid, 1) queues: type, remaining length 2, mid
+
+
+def puback(client: Any, mids: List[int]) -> None:
+    """PUBACK each of ``mids`` (QoS 1, manual acks): the bytes ``client.ack(mid, 1)`` sends for each, queued as
+    one write. One by one, every PUBACK was a queued packet, a byte to wake paho's network thread and a send
+    of 4 bytes from it, on the thread that reads the next messages. Through paho's private packet queue (its
+    ``ack`` does the same per message); a paho without it gets ``ack`` per message."""
+    queue_packet = getattr(client, "_packet_queue", None)
+    if queue_packet is None or len(mids) == 1:
+        for mid in mids:
+            client.ack(mid, 1)
+        return
+    queue_packet(_PUBACK, b"".join([_PUBACK_PACKET(_PUBACK, 2, mid) for mid in mids]), 0, 1)
 
 
 class _Acks:

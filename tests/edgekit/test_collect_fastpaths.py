@@ -62,3 +62,17 @@ def test_a_sample_stores_the_same_columns_as_the_general_encoding():
         payload["input"]["shape"] = [8.0, 8, 1]
     assert base._json_list([True, 1]) == "[true, 1]" and base._json_list([1, 1]) == "[1, 1]"
     assert base._json_list(()) == "[]" and base._row(dict(obj, source={}), 1.0)[16] == "{}"
+
+
+def test_a_batch_of_pubacks_is_the_bytes_paho_sends_one_by_one():
+    import paho.mqtt.client as mqtt
+
+    from edgekit.loop.collect_write import puback
+
+    mids = [1, 2, 255, 256, 4097, 65535]
+    sent = []
+    for ack in (lambda c: [c.ack(mid, 1) for mid in mids], lambda c: puback(c, mids), lambda c: puback(c, mids[:1])):
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
+        ack(client)  # not connected: paho keeps the packets queued
+        sent.append(b"".join(bytes(p["packet"]) for p in client._out_packet))
+    assert sent[0] == sent[1] and sent[2] == sent[0][:4] and len(sent[0]) == 4 * len(mids)
