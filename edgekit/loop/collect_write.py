@@ -19,8 +19,8 @@ from .validate import Malformed, check_message, sample_id_hint
 log = logging.getLogger("edgekit.loop.collect")
 
 _BATCH = 256
-_LINGER_S = 0.002  # a batch smaller than _LINGER_UNDER waits this long (at most) for more messages
-_LINGER_UNDER = 64
+_LINGER_S = 0.005  # a batch waits this long at most for more messages (see _fill)
+_LINGER_GAP_S = 0.001
 _STOP = object()
 _ACK_CHUNK = 512  # sample ids per edgekit.ack/1 message (MAX_ACK_IDS allows 1024)
 
@@ -55,16 +55,17 @@ class WritePath:
                 return
 
     def _fill(self, batch: List[_Msg]) -> bool:
-        """Add what is queued to ``batch``, up to _BATCH; True when the stop marker came. A small batch
-        waits up to _LINGER_S for more: a transaction and its acks cost about as much as dozens of
-        messages, and a writer woken by every message would pay them for one or two at a time."""
+        """Add what is queued to ``batch``, up to _BATCH; True when the stop marker came. While messages keep
+        coming (each within _LINGER_GAP_S of the last), wait for them, up to _LINGER_S in all: a transaction
+        and its acks cost about as much as dozens of messages, and a writer woken by every message would pay
+        them for one or two at a time. A pause in the flow (e.g. boards waiting for acks) ends the wait."""
         q = self._queue
         deadline = 0.0
         while len(batch) < _BATCH:
             try:
                 nxt = q.get_nowait()
             except queue.Empty:
-                if len(batch) >= _LINGER_UNDER or not self._accepting:
+                if not self._accepting:
                     return False
                 now = time.monotonic()
                 if not deadline:
@@ -72,7 +73,7 @@ class WritePath:
                 if now >= deadline:
                     return False
                 try:
-                    nxt = q.get(timeout=deadline - now)
+                    nxt = q.get(timeout=min(_LINGER_GAP_S, deadline - now))
                 except queue.Empty:
                     return False
             if nxt is _STOP:
