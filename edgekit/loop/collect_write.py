@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import struct
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from device_agent.delivery import protocol as wire
@@ -19,43 +19,67 @@ from .validate import Malformed, check_message, sample_id_hint
 log = logging.getLogger("edgekit.loop.collect")
 
 _BATCH = 256
+_LINGER_S = 0.005  # a batch waits this long at most for more messages (see _fill)
+_LINGER_GAP_S = 0.001
 _STOP = object()
 _ACK_CHUNK = 512  # sample ids per edgekit.ack/1 message (MAX_ACK_IDS allows 1024)
 
 
-@dataclass
 class _Msg:
-    topic: str
-    payload: bytes
-    mid: int
-    qos: int
-    generation: int
+    __slots__ = ("topic", "payload", "mid", "qos", "generation")
+
+    def __init__(self, topic: str, payload: bytes, mid: int, qos: int, generation: int) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.mid = mid
+        self.qos = qos
+        self.generation = generation
 
 
 class WritePath:
     """The Collector's writer-thread methods (a mixin: the state lives in Collector)."""
 
     def _write_loop(self) -> None:
+        get = self._queue.get
         while True:
-            item = self._queue.get()
+            item = get()
             if item is _STOP:
-                self._queue.task_done()
                 self._drain_rest()
                 return
             batch = [item]
-            while len(batch) < _BATCH:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    self._queue.put(_STOP)
-                    self._queue.task_done()
-                    break
-                batch.append(nxt)
+            stopping = self._fill(batch)
             self._store_batch(batch)
-            for _ in batch:
-                self._queue.task_done()
+            self._done += len(batch)
+            if stopping:
+                self._drain_rest()
+                return
+
+    def _fill(self, batch: List[_Msg]) -> bool:
+        """Add what is queued to ``batch``, up to _BATCH; True when the stop marker came. While messages keep
+        coming (each within _LINGER_GAP_S of the last), wait for them, up to _LINGER_S in all: a transaction
+        and its acks cost about as much as dozens of messages, and a writer woken by every message would pay
+        them for one or two at a time. A pause in the flow (e.g. boards waiting for acks) ends the wait."""
+        q = self._queue
+        deadline = 0.0
+        while len(batch) < _BATCH:
+            try:
+                nxt = q.get_nowait()
+            except queue.Empty:
+                if not self._accepting:
+                    return False
+                now = time.monotonic()
+                if not deadline:
+                    deadline = now + _LINGER_S
+                if now >= deadline:
+                    return False
+                try:
+                    nxt = q.get(timeout=min(_LINGER_GAP_S, deadline - now))
+                except queue.Empty:
+                    return False
+            if nxt is _STOP:
+                return True
+            batch.append(nxt)
+        return False
 
     def _drain_rest(self) -> None:
         rest = []
@@ -64,11 +88,11 @@ class WritePath:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            self._queue.task_done()
             if item is not _STOP:
                 rest.append(item)
         if rest:
             self._store_batch(rest, retry=False)
+            self._done += len(rest)
 
     def _shutdown_writer(self) -> None:
         self._accepting = False
@@ -183,10 +207,31 @@ class WritePath:
         client = self._client
         if client is None:
             return
+        # A message from an earlier connection is redelivered on this one; its old mid means nothing now.
+        generation = self._generation
+        mids = [m.mid for m in batch if m.qos == 1 and m.generation == generation]
+        if mids:
+            puback(client, mids)
         for m in batch:
-            # A message from an earlier connection is redelivered on this one; its old mid means nothing now.
-            if m.qos > 0 and m.generation == self._generation:
+            if m.qos == 2 and m.generation == generation:  # not subscribed for; paho's own handshake if it comes
                 client.ack(m.mid, m.qos)
+
+
+_PUBACK = 0x40
+_PUBACK_PACKET = struct.Struct("!BBH").pack  # what paho's ack(mid, 1) queues: type, remaining length 2, mid
+
+
+def puback(client: Any, mids: List[int]) -> None:
+    """PUBACK each of ``mids`` (QoS 1, manual acks): the bytes ``client.ack(mid, 1)`` sends for each, queued as
+    one write. One by one, every PUBACK was a queued packet, a byte to wake paho's network thread and a send
+    of 4 bytes from it, on the thread that reads the next messages. Through paho's private packet queue (its
+    ``ack`` does the same per message); a paho without it gets ``ack`` per message."""
+    queue_packet = getattr(client, "_packet_queue", None)
+    if queue_packet is None or len(mids) == 1:
+        for mid in mids:
+            client.ack(mid, 1)
+        return
+    queue_packet(_PUBACK, b"".join([_PUBACK_PACKET(_PUBACK, 2, mid) for mid in mids]), 0, 1)
 
 
 class _Acks:

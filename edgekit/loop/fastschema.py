@@ -68,6 +68,11 @@ _TYPE_EXPR = {
 }
 
 
+def _when(guard: str) -> str:
+    """A guard in front of a test in generated source: nothing when it is known to hold."""
+    return "" if guard == "True" else f"{guard} and "
+
+
 def compile_schema(schema: Any) -> Check:
     """A function ``instance -> bool`` equal to ``jsonschema.Draft202012Validator(schema).is_valid``.
 
@@ -88,6 +93,12 @@ def compile_schema(schema: Any) -> Check:
         if sch is False:
             lines.append(f"{ind}return False")
             return
+        # After a single "type", later keywords need not ask the type again (their guards become True).
+        known = sch.get("type") if isinstance(sch.get("type"), str) else None
+        is_num = "True" if known in ("number", "integer") else _NUM.format(v=v)
+        is_str = "True" if known == "string" else f"isinstance({v}, str)"
+        is_list = "True" if known == "array" else f"isinstance({v}, list)"
+        is_dict = "True" if known == "object" else f"isinstance({v}, dict)"
         if "type" in sch:
             names = [sch["type"]] if isinstance(sch["type"], str) else list(sch["type"])
             lines.append(f"{ind}if not ({' or '.join(_TYPE_EXPR[n].format(v=v) for n in names)}): return False")
@@ -104,30 +115,29 @@ def compile_schema(schema: Any) -> Check:
             else:
                 lines.append(f"{ind}if not any(_equal({v}, o) for o in {const(options)}): return False")
         if "pattern" in sch:
-            lines.append(f"{ind}if isinstance({v}, str) and {const(re.compile(sch['pattern']))}.search({v}) is None: "
-                         "return False")
+            lines.append(f"{ind}if {_when(is_str)}{const(re.compile(sch['pattern']))}.search({v}) is None: return False")
         if "minimum" in sch:
-            lines.append(f"{ind}if {_NUM.format(v=v)} and {v} < {const(sch['minimum'])}: return False")
+            lines.append(f"{ind}if {_when(is_num)}{v} < {const(sch['minimum'])}: return False")
         if "maximum" in sch:
-            lines.append(f"{ind}if {_NUM.format(v=v)} and {v} > {const(sch['maximum'])}: return False")
+            lines.append(f"{ind}if {_when(is_num)}{v} > {const(sch['maximum'])}: return False")
         if "minItems" in sch:
-            lines.append(f"{ind}if isinstance({v}, list) and len({v}) < {const(sch['minItems'])}: return False")
+            lines.append(f"{ind}if {_when(is_list)}len({v}) < {const(sch['minItems'])}: return False")
         if "maxItems" in sch:
-            lines.append(f"{ind}if isinstance({v}, list) and len({v}) > {const(sch['maxItems'])}: return False")
+            lines.append(f"{ind}if {_when(is_list)}len({v}) > {const(sch['maxItems'])}: return False")
         if "items" in sch and sch["items"] is not True and sch["items"] != {}:
             counter[0] += 1
             x = f"v{counter[0]}"
-            lines.append(f"{ind}if isinstance({v}, list):")
+            lines.append(f"{ind}if {is_list}:")
             lines.append(f"{ind}    for {x} in {v}:")
             gen(sch["items"], x, ind + "        ")
         props = sch.get("properties") or {}
         if "required" in sch and sch["required"]:
             present = " and ".join(f"{const(k)} in {v}" for k in sch["required"])
-            lines.append(f"{ind}if isinstance({v}, dict) and not ({present}): return False")
+            lines.append(f"{ind}if {_when(is_dict)}not ({present}): return False")
         extra = sch.get("additionalProperties", True)
         todo = [(k, sub) for k, sub in props.items() if not (sub is True or sub == {})]
         if todo or not (extra is True or extra == {}):
-            lines.append(f"{ind}if isinstance({v}, dict):")
+            lines.append(f"{ind}if {is_dict}:")
             for k, sub in todo:
                 counter[0] += 1
                 x = f"v{counter[0]}"

@@ -129,3 +129,15 @@ def test_a_batch_over_one_statement_reads_back_exactly(store):
         assert got.input_data == base64.b64decode(p["input"]["data"])
         assert (got.input_dtype, got.input_shape, got.seq) == ("float32", (2, 3), p["seq"])
         assert got.confidence == p["prediction"]["confidence"] and got.device == p["device"]
+
+
+def test_a_batch_updates_each_of_its_devices_once_with_its_last_model(store):
+    store.put_status(protocol.status_payload(device="pi-2", fleet="lab", state="online", model={"version": "0.9.0"}))
+    (before,) = store.devices()
+    with store.batch():
+        store.put_samples([sample(1, device="pi-1"), sample(2, device="pi-2", version="1.1.0")])
+        store.put_samples([sample(3, device="pi-3"), sample(4, device="pi-1", version="2.0.0")])
+    devices = {d.device: d for d in store.devices()}
+    assert {k: (d.model_version, d.samples, d.state) for k, d in devices.items()} == {
+        "pi-1": ("2.0.0", 2, None), "pi-2": ("1.1.0", 1, "online"), "pi-3": ("1.0.0", 1, None)}
+    assert all(d.last_seen >= before.last_seen for d in devices.values())

@@ -179,19 +179,28 @@ class Store(LabelingMixin):
             self._commit()
 
     def _flush_touches(self) -> None:
+        """The batch's device rows in one statement per 100 (a round trip each to PostgreSQL), in key order,
+        so that collectors sharing a database lock them in the same order."""
         touches, self._touches = self._touches, {}
-        for (fleet, device), (now, model) in touches.items():
-            self._touch_device(fleet, device, now, model)
+        rows = [(fleet, device, now, model.get("name") or None, model.get("version") or None)
+                for (fleet, device), (now, model) in sorted(touches.items(), key=lambda kv: kv[0])]
+        for i in range(0, len(rows), 100):
+            self._upsert_devices(rows[i:i + 100])
 
     def _touch_device(self, fleet: str, device: str, now: float, model: Mapping[str, Any], seen: bool = True) -> None:
-        name, version = model.get("name") or None, model.get("version") or None
+        self._upsert_devices([(fleet, device, now if seen else None, model.get("name") or None,
+                               model.get("version") or None)])
+
+    def _upsert_devices(self, rows: List[tuple]) -> None:
+        """(fleet, device, last_seen, model_name, model_version) rows; a None keeps what the row had."""
         self._exec(
-            "INSERT INTO devices (fleet, device, last_seen, model_name, model_version) VALUES (?, ?, ?, ?, ?) "
+            "INSERT INTO devices (fleet, device, last_seen, model_name, model_version) VALUES "
+            + ", ".join(["(?, ?, ?, ?, ?)"] * len(rows)) + " "
             "ON CONFLICT (fleet, device) DO UPDATE SET "
             "last_seen = COALESCE(excluded.last_seen, devices.last_seen), "
             "model_name = COALESCE(excluded.model_name, devices.model_name), "
             "model_version = COALESCE(excluded.model_version, devices.model_version)",
-            (fleet, device, now if seen else None, name, version),
+            [v for row in rows for v in row],
         )
 
     def quarantine(self, topic: str, payload: bytes, reason: str, detail: str = "") -> None:
@@ -329,17 +338,35 @@ class Store(LabelingMixin):
         return f"{type(self).__name__}({self.url!r})"
 
 
+_JSON_LISTS: Dict[tuple, str] = {}  # the JSON text of a list of strings or ints: reasons and shapes repeat
+
+
+def _json_list(items: Any) -> str:
+    """``json.dumps(list(items))``, remembered for short lists of plain strings and ints (only: 1.0 and True
+    equal 1 as keys, and must keep their own text), bounded."""
+    key = tuple(items)
+    if len(key) > 8 or not all(type(v) is str or type(v) is int for v in key):
+        return json.dumps(list(key))
+    text = _JSON_LISTS.get(key)
+    if text is None:
+        if len(_JSON_LISTS) >= 1024:
+            _JSON_LISTS.clear()
+        text = _JSON_LISTS[key] = json.dumps(list(key))
+    return text
+
+
 def _row(payload: Mapping[str, Any], now: float) -> tuple:
     model = payload.get("model") or {}
     pred = payload.get("prediction") or {}
     inp = payload["input"]
+    source = payload.get("source")
     return (
         payload["sample_id"], payload["device"], payload["fleet"], int(payload["seq"]), float(payload["ts"]),
         now, model.get("name", ""), model.get("version", ""), model.get("sha256", ""),
         str(pred.get("label", "")), int(pred.get("index", -1)), float(pred.get("confidence", 0.0)),
         float(pred.get("margin", 0.0)), float(pred.get("entropy", 0.0)),
-        json.dumps(list(payload.get("reasons", []))), json.dumps(list(pred.get("top_k", []))),
-        json.dumps(dict(payload.get("source") or {})), str(inp["dtype"]), json.dumps(list(inp["shape"])),
+        _json_list(payload.get("reasons", ())), json.dumps(list(pred.get("top_k", []))),
+        json.dumps(dict(source)) if source else "{}", str(inp["dtype"]), _json_list(inp["shape"]),
         # bytes: decoded already (the collector's validation decodes once); str: the wire's base64
         inp["data"] if isinstance(inp["data"], (bytes, bytearray)) else base64.b64decode(inp["data"]),
     )
