@@ -34,7 +34,7 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -55,6 +55,8 @@ __all__ = [
     "decode_input",
     "sample_payload",
     "sample_message",
+    "sample_parts",
+    "SampleParts",
     "status_payload",
     "telemetry_payload",
     "prediction_payload",
@@ -189,19 +191,43 @@ _JSON = json.JSONEncoder(separators=(",", ":")).encode
 _MARK = "\x00" + uuid.uuid4().hex  # stands in for the base64 data while the rest is encoded (no string holds it)
 
 
-def sample_message(*, raw: np.ndarray, **fields: Any) -> bytes:
-    """``sample_payload(raw=raw, **fields)`` as the compact JSON bytes the board publishes.
+class SampleParts(NamedTuple):
+    """A sample message in the parts it is made of: its JSON up to the input's base64 text (``head``), the
+    input's raw bytes (``data``) and its JSON after them (``tail``). The outbox stores these (the raw bytes,
+    a quarter fewer than their base64) and :meth:`message` makes the bytes published."""
 
-    The same bytes as ``json.dumps(..., separators=(",", ":")).encode()``, built cheaper for big inputs:
-    the base64 text (which holds nothing JSON escapes) is spliced in as bytes rather than scanned by the
-    encoder and copied twice more."""
+    head: bytes
+    data: bytes
+    tail: bytes
+
+    def message(self) -> bytes:
+        """The ``edgekit.sample/1`` JSON: the same bytes as :func:`sample_message`."""
+        return b"".join((self.head, base64.b64encode(self.data), self.tail))
+
+    @property
+    def size(self) -> int:
+        """Bytes stored: the parts, not the message."""
+        return len(self.head) + len(self.data) + len(self.tail)
+
+
+def sample_parts(*, raw: np.ndarray, **fields: Any) -> SampleParts:
+    """``sample_message(raw=raw, **fields)`` in its parts (:class:`SampleParts`), base64 not yet made."""
     x = np.ascontiguousarray(raw)
     if x.dtype.name not in _DTYPES:
         x = x.astype(np.float32)
     payload = sample_payload(raw=x[:0].reshape(0), **fields)
     payload["input"] = {"dtype": x.dtype.name, "shape": list(x.shape), "encoding": "base64", "data": _MARK}
     head, tail = _JSON(payload).encode().split(_JSON(_MARK).encode()[1:-1], 1)
-    return b"".join((head, base64.b64encode(x.tobytes()), tail))
+    return SampleParts(head, x.tobytes(), tail)
+
+
+def sample_message(*, raw: np.ndarray, **fields: Any) -> bytes:
+    """``sample_payload(raw=raw, **fields)`` as the compact JSON bytes the board publishes.
+
+    The same bytes as ``json.dumps(..., separators=(",", ":")).encode()``, built cheaper for big inputs:
+    the base64 text (which holds nothing JSON escapes) is spliced in as bytes rather than scanned by the
+    encoder and copied twice more (:func:`sample_parts`)."""
+    return sample_parts(raw=raw, **fields).message()
 
 
 def status_payload(*, device: str, fleet: str, state: str, model: Optional[Mapping[str, str]] = None,
