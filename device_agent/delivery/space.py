@@ -115,6 +115,7 @@ class DiskSpace:
                 self._rollback()
                 raise
             self._unsaved_drops = 0
+            self._recent.forget(r[0] for r in rows)
             dropped.extend(r[0] for r in rows)
             self._depth -= len(rows)
             self._bytes -= sum(r[1] for r in rows)
