@@ -210,15 +210,34 @@ class SampleParts(NamedTuple):
         return len(self.head) + len(self.data) + len(self.tail)
 
 
-def sample_parts(*, raw: np.ndarray, **fields: Any) -> SampleParts:
-    """``sample_message(raw=raw, **fields)`` in its parts (:class:`SampleParts`), base64 not yet made."""
-    x = np.ascontiguousarray(raw)
-    if x.dtype.name not in _DTYPES:
+_MARK_JSON = _JSON(_MARK)[1:-1]  # the marker as the encoder writes it (escaped)
+
+
+def sample_parts(*, device: str, fleet: str, seq: int, model: Mapping[str, str], prediction: Mapping[str, Any],
+                 reasons: Sequence[str], raw: np.ndarray, source: Optional[Mapping[str, Any]] = None,
+                 sample_id: Optional[str] = None, ts: Optional[float] = None) -> SampleParts:
+    """``sample_message(...)`` in its parts (:class:`SampleParts`), base64 not yet made. The fields of
+    :func:`sample_payload`, in its order, built here without its detour through :func:`encode_array`."""
+    x = raw if type(raw) is np.ndarray and raw.flags.c_contiguous else np.ascontiguousarray(raw)
+    name = x.dtype.name
+    if name not in _DTYPES:
         x = x.astype(np.float32)
-    payload = sample_payload(raw=x[:0].reshape(0), **fields)
-    payload["input"] = {"dtype": x.dtype.name, "shape": list(x.shape), "encoding": "base64", "data": _MARK}
-    head, tail = _JSON(payload).encode().split(_JSON(_MARK).encode()[1:-1], 1)
-    return SampleParts(head, x.tobytes(), tail)
+        name = "float32"
+    payload = {
+        "schema": "edgekit.sample/1",
+        "sample_id": sample_id or str(uuid.uuid4()),
+        "device": device,
+        "fleet": fleet,
+        "seq": int(seq),
+        "ts": ts if ts is not None else now(),
+        "model": dict(model),
+        "prediction": dict(prediction),
+        "reasons": list(reasons),
+        "input": {"dtype": name, "shape": list(x.shape), "encoding": "base64", "data": _MARK},
+        "source": dict(source or {}),
+    }
+    head, tail = _JSON(payload).split(_MARK_JSON, 1)  # ASCII only (ensure_ascii): the same split as bytes
+    return SampleParts(head.encode(), x.tobytes(), tail.encode())
 
 
 def sample_message(*, raw: np.ndarray, **fields: Any) -> bytes:

@@ -13,6 +13,7 @@ sequence number and its dedupe digests, and they go out byte for byte as they we
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import uuid
@@ -47,6 +48,18 @@ def test_parts_make_the_same_message_and_store_fewer_bytes():
     _, parts, message = _sample(1, raw)
     assert parts.message() == message
     assert parts.data == raw.tobytes() and parts.size < 0.8 * len(message)
+
+
+def test_parts_are_the_json_of_sample_payload_for_any_input():
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    rng = np.random.default_rng(4)
+    big = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    fields = dict(FIELDS, seq=np.int64(9), sample_id="s", ts=2.25, prediction={"label": "\u00e9\n", "k": [1, 2.5]})
+    for raw in (big[::2, ::3], big.astype(np.int64), big > 9, rng.normal(size=(3, 2)).astype(np.float16),
+                [[1.5, 2.0]], np.float32(3.0), np.ones((2, 2), np.int8).T):
+        want = dumps(protocol.sample_payload(raw=raw, **fields)).encode()
+        parts = protocol.sample_parts(raw=raw, **fields)
+        assert parts.message() == want == protocol.sample_message(raw=raw, **fields)
 
 
 def test_an_outbox_from_before_parts_keeps_its_pending_samples(tmp_path, digits):
