@@ -214,7 +214,7 @@ def worker_throughput(bundle, runtime, threads, n, broker, policy, rounds=3) -> 
             "cpu_ratio": raw_cpu / agent_cpu, "cpu_overhead_us": (agent_cpu - raw_cpu) / n * 1e6,
             # the same without the end of the run (drain, last telemetry): what each inference costs
             "loop_overhead_us": (loop_best - raw_best) / n * 1e6, "loop_cpu_overhead_us": (loop_cpu - raw_cpu) / n * 1e6,
-            "end_ms": end_best * 1e3, "distinct_inputs": int(len(np.unique(xs.reshape(n, -1), axis=0))),
+            "end_ms": end_best * 1e3, "loop_ratio": raw_best / loop_best, "distinct_inputs": int(len(np.unique(xs.reshape(n, -1), axis=0))),
             "kept_predictions": kept}
 
 
@@ -363,13 +363,14 @@ def main() -> int:
 def _throughput(args, bundle, venvs, report) -> None:
     print(f"== 1. agent vs raw invoke loop: int8 MobileNetV2 0.35 96x96, {args.n} inputs, {args.threads} threads")
     print(f"{'runtime':<16}{'policy':<9}{'raw/s':>9}{'agent/s':>9}{'ratio':>8}{'flagged':>9}{'overhead us':>13}"
-          f"{'cpu ratio':>11}")
+          f"{'cpu ratio':>11}{'loop ratio':>12}{'end ms':>8}")
     for rt, py in venvs.items():
         for policy in ("typical", "all"):
             r = run_worker(py, "throughput", bundle, rt, args.threads, args.n, args.broker, policy)
             report["throughput"].append(r)
             print(f"{rt:<16}{policy:<9}{r['raw_per_s']:>9.1f}{r['agent_per_s']:>9.1f}{r['ratio']:>7.2f}x"
-                  f"{r['flagged']:>9}{r['overhead_us']:>13.0f}{r['cpu_ratio']:>10.2f}x")
+                  f"{r['flagged']:>9}{r['overhead_us']:>13.0f}{r['cpu_ratio']:>10.2f}x{r['loop_ratio']:>11.2f}x"
+                  f"{r['end_ms']:>8.0f}")
 
 
 def _overhead(args, venvs, report) -> None:

@@ -396,6 +396,7 @@ class Agent(FleetControl, LiveUpdates, FastPath):
             return self.outbox.depth == 0
         deadline = time.monotonic() + timeout
         while self.outbox.depth and time.monotonic() < deadline:
+            self.link.ack_now()  # the last PUBACKs: not held up by the broker's Nagle and this kernel's delayed ACK
             try:
                 self.publisher.pump(wait_s=0.02)
             except Exception as exc:  # noqa: BLE001 - e.g. deleting what was acknowledged on a full disk: the run

@@ -42,6 +42,7 @@ from ..errors import ConfigError
 
 __all__ = ["Link", "move_to"]
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux only
 log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes], None]
@@ -150,6 +151,18 @@ class Link:
                     return False
                 self._taken_changed.wait(left)
             return True
+
+    def ack_now(self) -> None:
+        """Acknowledge at once (TCP) what the broker has sent (Linux's TCP_QUICKACK, set again before each wait:
+        the kernel clears it). A broker with Nagle on (Mosquitto's default) holds each small PUBACK until the
+        previous one is acknowledged, and with nothing to send the board's kernel delays that for up to 40 ms:
+        a drain with the last PUBACKs queued waited about that long for them. Elsewhere a no-op."""
+        sock = self.client.socket() if _QUICKACK is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except (OSError, ValueError):
+                pass
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
