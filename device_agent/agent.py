@@ -217,6 +217,9 @@ class Agent(FleetControl, LiveUpdates, FastPath):
                 if self._lut_kind == "xor":  # into a buffer of its own: set_tensor copies it
                     np.bitwise_xor(raw, _X80, out=self._qbuf_u8)
                     self._set_input(self._qin)
+                elif self._lut_kind == "translate":  # tobytes(): the values in C order whatever the layout
+                    self._set_input(np.frombuffer(raw.tobytes().translate(self._lut_bytes),
+                                                  self._lut.dtype).reshape(self._qin.shape))
                 elif self._lut_kind == "identity":
                     self.model.set_raw_input(raw)
                 else:  # mode="wrap": no bounds check (a uint8 cannot leave the table) and no hidden copy

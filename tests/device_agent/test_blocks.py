@@ -237,3 +237,29 @@ def test_kept_predictions_give_every_line_what_the_general_path_gives(make_confi
                                        or want.margin < agent.policy.margin_threshold)
             sizes.add(len(agent._memo))
     assert max(sizes) <= 7 and len(sizes) > 3  # bounded, and it did fill and empty
+
+
+def test_every_lookup_kind_gives_the_general_paths_prediction_in_any_memory_layout(make_config, digits):
+    """The 8-bit fast path has four forms (nothing to do, a bit flip, bytes.translate, np.take), picked per bundle
+    by what its table is; each must give what preprocess + the float input give, whatever the picture's memory
+    layout (C order, Fortran order, a strided view). The digits bundle's table allows all but "identity"."""
+    from device_agent.inference.preprocess import preprocess
+
+    x, _ = digits
+    layouts = {
+        "C": lambda a: np.ascontiguousarray(a),
+        "F": lambda a: np.asfortranarray(a),
+        "strided": lambda a: np.repeat(np.repeat(a, 2, axis=0), 2, axis=1)[::2, ::2],
+    }
+    config = make_config(policy={"random_fraction": 0.0, "dedupe": False})
+    with Agent(config, source=ArraySource(x[:1])) as agent:
+        model, m = agent.model, agent.manifest
+        want = [classify(model(preprocess(raw, m.preprocessing)), m.labels, m.output_activation) for raw in x[:60]]
+        agent._lut_bytes = agent._lut.view(np.uint8).tobytes()
+        for kind in ("xor", "translate", "take"):
+            agent._lut_kind = kind
+            for name, layout in layouts.items():
+                for i, raw in enumerate(x[:60]):
+                    line = agent.step({"uri": kind, "index": i}, layout(raw))
+                    assert (line["label"], line["confidence"]) == (want[i].label, round(want[i].confidence, 6)), \
+                        (kind, name, i)
