@@ -76,9 +76,19 @@ def test_the_loop_feeds_the_systemd_watchdog(tmp_path, monkeypatch, make_config,
         except OSError:
             pass
 
+    class UntilFed(ArraySource):
+        """Digits until the agent has fed the watchdog three times (a fast loop can classify 300 of them within
+        one 5 ms half-period): the run lasts as long as the test needs, whatever the machine's speed."""
+
+        def items(self, stop):
+            i = 0
+            while agent.watchdog.sent < 4 and i < 10_000_000:  # READY=1 + three WATCHDOG=1
+                yield {"uri": self.uri, "index": i}, self.x[i % len(self.x)]
+                i += 1
+
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    with Agent(make_config(""), source=ArraySource(x)) as agent:
+    with Agent(make_config(""), source=UntilFed(x)) as agent:
         agent.run()
         watchdog = agent.watchdog
         # All that was sent has arrived, so the queue has room for STOPPING=1 (a reader starved of CPU, as
