@@ -337,10 +337,9 @@ class Outbox(DiskSpace):
         try:
             return self._remove_samples(sample_ids)
         except (sqlite3.Error, OSError) as exc:
-            if not (_disk_full(exc) and self._release_reserve()):
+            if not _disk_full(exc):
                 raise
-            self._checkpoint()
-            return self._remove_samples(sample_ids)
+            return self._on_full_disk(self._remove_samples, sample_ids)
 
     def _remove_samples(self, sample_ids: List[str]) -> List[str]:
         found: List[str] = []
@@ -367,7 +366,7 @@ class Outbox(DiskSpace):
         self._recent.forget(gone)
         self._depth -= len(found)
         self._bytes -= freed
-        self._deleted(len(gone))
+        self._wrote(freed)  # a checkpoint asked for as often as before a full disk could need it
         return found
 
     def ack(self, ids: Iterable[int]) -> int:
@@ -376,16 +375,15 @@ class Outbox(DiskSpace):
         On a full disk the reserve is given up to make the delete possible; if it still fails the
         rows stay and are published again later (a duplicate, which the collector ignores).
         """
-        ids = list(ids)
+        ids = list(dict.fromkeys(ids))
         if not ids:
             return 0
         try:
             return self._ack(ids)
         except (sqlite3.Error, OSError) as exc:
-            if _disk_full(exc) and self._release_reserve():
-                self._checkpoint()
+            if _disk_full(exc):
                 try:
-                    return self._ack(ids)
+                    return sum(self._on_full_disk(lambda chunk: [self._ack(chunk)], ids))
                 except (sqlite3.Error, OSError) as exc2:
                     exc = exc2
             log.warning("outbox %s: %d acknowledged samples cannot be deleted (%s); they are sent again later",
@@ -416,7 +414,7 @@ class Outbox(DiskSpace):
         recent.forget(ids)
         self._depth -= removed
         self._bytes -= freed
-        self._deleted(removed)
+        self._wrote(freed)
         return removed
 
     def _reload_counts(self) -> None:

@@ -51,16 +51,6 @@ class DiskSpace:
             self._wal_pages = 0
             self._checkpointer.request()
 
-    def _deleted(self, rows: int) -> None:
-        """After a commit that deleted ``rows`` samples: with ``secure_delete=FAST`` (see the outbox) their freed
-        pages are not written, only the b-tree, freelist and pointer-map pages (9 rows of 28 KB: 7 pages in the
-        WAL, 67 with secure_delete on); counted as a page a row. The loop's own connection checkpoints at
-        WAL_PAGES_BACKSTOP pages whatever this estimate says."""
-        self._wal_pages += rows + 4
-        if self._wal_pages >= _WAL_PAGES // 2:
-            self._wal_pages = 0
-            self._checkpointer.request()
-
     def _take_reserve(self) -> bool:
         """Keep RESERVE_BYTES on the disk for a rainy day (a full disk); False when there is no room now."""
         try:
@@ -89,6 +79,26 @@ class DiskSpace:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         except sqlite3.Error:
             pass
+
+    def _on_full_disk(self, delete, keys: list) -> list:
+        """A delete of delivered samples failed on a full disk: without the reserve, the WAL emptied, in
+        transactions of _ROOM_BATCH rows with the WAL emptied between them (a small transaction needs a few
+        pages, which is what a full disk may still have; one for every acknowledged sample at once may not,
+        and then nothing would ever leave the outbox). ``delete(chunk)`` returns a list; the lists joined.
+        A chunk that still fails ends it: what was deleted before is returned (the rest stays, is sent again
+        and acknowledged again); raises when nothing could be deleted."""
+        self._release_reserve()
+        self._checkpoint()
+        out: list = []
+        for start in range(0, len(keys), _ROOM_BATCH):
+            try:
+                out.extend(delete(keys[start:start + _ROOM_BATCH]))
+            except (sqlite3.Error, OSError):
+                if start == 0:
+                    raise
+                break
+            self._checkpoint()
+        return out
 
     def _make_room(self, size: int) -> List[int]:
         """The disk is full: give up the reserve, then drop the oldest samples (counted, in the same
