@@ -44,7 +44,13 @@ def test_samples_arrive_with_the_documented_schema(broker, sub_factory, make_con
     sub = sub_factory(broker.port)
     config = make_config(broker.url, policy=FLAG_ALL, mqtt={"publish_predictions": True})
     ids = [f"digit-{i}" for i in range(40)]
-    with Agent(config, source=ArraySource(x[:40], ids)) as agent:
+
+    class Connected(ArraySource):  # predictions are QoS 0, dropped while offline: classify once connected
+        def items(self, stop):
+            agent.link.connected.wait(30)
+            yield from super().items(stop)
+
+    with Agent(config, source=Connected(x[:40], ids)) as agent:
         stats = agent.run()
     assert stats.runtime == expected_runtime
     assert (stats.inferences, stats.flagged, stats.published, stats.pending, stats.dropped) == (40, 40, 40, 0, 0)

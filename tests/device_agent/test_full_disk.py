@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,9 @@ def small_disk(tmp_path):
 
 
 class Forever(Source):
-    """Real digits, over and over, as fast as the agent takes them."""
+    """Real digits, over and over, at most ~2,500 a second (every one flagged: a camera's rate, not the loop's
+    ceiling; unthrottled, the agent flagged 5-10k samples a second into the 2 MiB disk while the broker drained
+    it, and on a loaded machine the test measured that race rather than the recovery)."""
 
     finite = False
 
@@ -54,6 +57,8 @@ class Forever(Source):
         for i in itertools.count():
             if stop.is_set():
                 return
+            if i % 10 == 9:
+                time.sleep(0.004)
             yield {"uri": "forever", "index": i}, self.x[i % len(self.x)]
 
 
