@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,102 @@ def test_fuzz_the_loop_inputs(make_config, inputs):
                 ref = classify(model(preprocess(np.ascontiguousarray(x), m.preprocessing)), m.labels,
                                m.output_activation)
                 assert line["label"] == ref.label
+
+
+def _contrast(manifest: dict) -> None:
+    """Twice the contrast around mid-grey (``raw * 2/255 - 0.5``): a camera whose pictures come out washed out."""
+    manifest["version"] = "1-contrast"
+    manifest["preprocessing"].update(scale=2 / 255, offset=-0.5)
+
+
+@pytest.fixture(scope="module")
+def contrast_bundle(tmp_path_factory) -> Path:
+    """The digits bundle with :func:`_contrast` preprocessing (same model, same sha256). Its 8-bit table clips at
+    both ends and maps several bytes to one: neither nothing to do nor a bit flip, so the agent picks
+    ``bytes.translate`` for it by itself."""
+    from conftest import BUNDLE
+
+    return craft.edited_bundle(tmp_path_factory.mktemp("translate"), _contrast, source=BUNDLE)
+
+
+def _any_layout(x: np.ndarray):
+    """The same picture in every memory layout a source may hand over: C or Fortran order, rows or both axes
+    flipped (negative strides), rows and columns swapped in memory, one channel of a wider picture, every other
+    pixel of a bigger one."""
+    def strided(a):
+        big = np.zeros((a.shape[0] * 2 + 1, a.shape[1] * 3, a.shape[2] + 2), np.uint8)
+        big[1::2, ::3, 1:-1] = a
+        return big[1::2, ::3, 1:-1]
+
+    def channel_of_rgb(a):
+        rgb = np.zeros(a.shape[:2] + (3,), np.uint8)
+        rgb[:, :, 1:2] = a
+        return rgb[:, :, 1:2]
+
+    return st.sampled_from([x, np.asfortranarray(x), np.flip(np.flip(x, 0).copy(), 0),
+                            np.flip(np.flip(x, (0, 1)).copy(), (0, 1)),
+                            np.ascontiguousarray(x.transpose(1, 0, 2)).transpose(1, 0, 2), channel_of_rgb(x),
+                            strided(x)])
+
+
+_PIXELS = int(np.prod(_SHAPE))
+_PICTURES = st.one_of(  # uint8 pictures of the bundle's shape: the translate path
+    st.binary(min_size=_PIXELS, max_size=_PIXELS).map(lambda b: np.frombuffer(b, np.uint8).reshape(_SHAPE)),
+    st.sampled_from([0, 63, 64, 127, 128, 191, 192, 255]).map(  # where the contrast table clips and steps
+        lambda v: np.full(_SHAPE, v, np.uint8)),
+).flatmap(_any_layout)
+TRANSLATE_INPUTS = st.lists(st.one_of(
+    _PICTURES, _PICTURES,  # twice as often as anything else
+    # almost such a picture: the same bytes as int8, without the channel axis, three channels, a batch axis,
+    # two channels, flat, another size (the general path, or refused in one line)
+    _PICTURES.map(lambda x: x.view(np.int8)),
+    _PICTURES.map(lambda x: x[:, :, 0]),
+    _PICTURES.map(lambda x: np.repeat(x, 3, axis=2)),
+    _PICTURES.map(lambda x: x[None]),
+    _PICTURES.map(lambda x: np.concatenate([x, x], axis=2)),
+    _PICTURES.map(lambda x: x.reshape(-1)),
+    st.tuples(st.integers(1, 12), st.integers(1, 12), st.sampled_from([1, 3])).flatmap(
+        lambda s: st.binary(min_size=int(np.prod(s)), max_size=int(np.prod(s))).map(
+            lambda b: np.frombuffer(b, np.uint8).reshape(s))),
+    # the bundle's shape in another dtype, NaN and infinities included
+    st.sampled_from([np.float32, np.float64, np.int8, np.uint16, np.int64, np.bool_]).flatmap(
+        lambda t: st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=_PIXELS,
+                           max_size=_PIXELS).map(
+            lambda v: np.asarray(v, np.float64).astype(t, casting="unsafe").reshape(_SHAPE))),
+), min_size=1, max_size=8)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # casting NaN/inf to integers, as a hostile source does
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 50))
+@given(TRANSLATE_INPUTS)
+def test_fuzz_the_translate_lookup_against_the_general_path(make_config, contrast_bundle, inputs):
+    """A bundle whose 8-bit table is neither nothing to do nor a bit flip is looked up with bytes.translate; every
+    uint8 picture of its shape is classified, with exactly the label and confidence of the general path
+    (preprocess + float input), whatever its values and memory layout; anything else is classified the same way or
+    counted as refused, and the loop goes on."""
+    from device_agent.agent import Agent
+    from device_agent.inference.classify import classify
+    from device_agent.inference.interpreter import TFLiteModel
+    from device_agent.sources import ArraySource
+
+    bundle = load_bundle(contrast_bundle)
+    m = bundle.manifest
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = make_config("", outbox={"path": f"{tmp}/outbox.sqlite"}, results={"path": f"{tmp}/results.jsonl"})
+        cfg = replace(cfg, bundle=replace(cfg.bundle, path=str(contrast_bundle)))
+        with Agent(cfg, source=ArraySource(list(inputs))) as agent:
+            # the path under test, picked by the agent from the table (a change of that choice fails here)
+            assert (agent.manifest.version, agent._lut_kind) == ("1-contrast", "translate")
+            stats = agent.run()
+        lines = [json.loads(ln) for ln in Path(f"{tmp}/results.jsonl").read_text().splitlines()]
+    assert stats.inferences == len(lines)
+    assert stats.inferences + stats.errors.get("input", 0) + stats.errors.get("inference", 0) == len(inputs)
+    pictures = {i for i, x in enumerate(inputs) if x.dtype == np.uint8 and x.shape == _SHAPE}
+    assert pictures <= {line["source"]["index"] for line in lines}  # the lookup refuses no picture
+    with TFLiteModel.open(bundle.model_path, cfg.runtime.name) as model:
+        for line in lines:
+            i = line["source"]["index"]
+            ref = classify(model(preprocess(np.ascontiguousarray(inputs[i]), m.preprocessing)), m.labels,
+                           m.output_activation)
+            assert (line["label"], line["confidence"]) == (ref.label, round(ref.confidence, 6)), \
+                (i, inputs[i].dtype, inputs[i].shape, inputs[i].strides)
