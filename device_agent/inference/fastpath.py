@@ -25,7 +25,7 @@ __all__ = ["FastPath", "classified"]
 
 _log = logging.getLogger("device_agent.agent")
 
-_MEMO_MAX = 4096  # distinct 8-bit outputs whose prediction is kept (a few hundred bytes each)
+_MEMO_MAX = 2048  # distinct 8-bit outputs whose prediction is kept (~700 bytes each by tracemalloc: <= ~1.4 MiB)
 
 
 class FastPath:
