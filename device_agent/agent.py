@@ -145,7 +145,7 @@ class Agent(FleetControl, LiveUpdates, FastPath):
             self._closers.append(self.source.close)
             # A result line reaches the file only after the sample it names is committed to the outbox.
             self.results = ResultsWriter(config.results.path, on_error=lambda: self.stats.error("results"),
-                                         before_flush=self.outbox.commit)
+                                         before_flush=self.outbox.commit, keep_free=config.results.keep_free_bytes)
             self._closers.append(self.results.close)
         except BaseException:
             self.close()

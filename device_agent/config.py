@@ -238,6 +238,11 @@ class TelemetryConfig:
 @dataclass(frozen=True)
 class ResultsConfig:
     path: str = "-"  # "-": stdout, "": off
+    # a results file never takes the last bytes of its disk: the outbox (usually on the same disk) needs them more
+    keep_free_bytes: int = 512 << 10
+
+    def __post_init__(self) -> None:
+        _within("results", "keep_free_bytes", self.keep_free_bytes, 0)
 
 
 @dataclass(frozen=True)

@@ -9,19 +9,26 @@ line of a run at once; and at :meth:`ResultsWriter.flush` / :meth:`~ResultsWrite
 reaches the file. A ``kill -9`` loses the lines of the block being gathered (up to ``flush_every_s``
 of them), never leaves a line on disk whose sample is not in the outbox.
 
-A write that fails (a full disk, a closed pipe) never stops the agent: the file is
-closed, lines are counted as lost (``on_error``) and dropped, and the file is opened
-again a few seconds later.
+A write that fails (a full disk, a closed pipe) never stops the agent: what the failed block had
+written is cut off again (the file keeps whole lines only), the file is closed, the block's lines are
+counted as lost (``on_error``) and dropped, and the file is opened again a few seconds later.
+
+Result lines never take the last ``keep_free`` bytes of their disk (``[results].keep_free_bytes``):
+a block that would is dropped and counted the same way. On a board the outbox usually shares that disk,
+and its samples (the data the learning loop is for) and its write-ahead log need the room more than a
+log of predictions does: a results file left to grow filled a 2 MiB disk that the outbox had just
+drained, and the outbox had to drop samples again (tests/device_agent/test_full_disk.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional
 
 from .errors import ConfigError
 
@@ -49,8 +56,10 @@ class ResultsWriter:
     """Appends JSON lines; ``path="-"`` writes to stdout, ``path=""`` writes nothing."""
 
     def __init__(self, path: str = "-", flush_every_s: float = 0.5, on_error: Optional[Callable[[], None]] = None,
-                 before_flush: Optional[Callable[[], None]] = None):
+                 before_flush: Optional[Callable[[], None]] = None, keep_free: int = 0):
         self.path = path
+        self.keep_free = int(keep_free)
+        self._short = False  # blocks are being dropped for want of room (logged once per episode)
         self._before_flush = before_flush
         self._block: List[str] = []  # encoded lines not yet handed to the file
         self._started = False
@@ -59,14 +68,14 @@ class ResultsWriter:
         self._on_error = on_error
         self._retry_at = 0.0
         self._last_flush = time.monotonic()
-        self._fh: Optional[TextIO] = None
+        self._fh: Optional[Any] = None  # sys.stdout (text), or our own file (binary, unbuffered: whole lines only)
         self._own = False
         if path == "-":
             self._fh = sys.stdout
         elif path:
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(path, "a", encoding="utf-8")
+                self._fh = open(path, "ab", buffering=0)
                 self._own = True
             except OSError as exc:
                 raise ConfigError(f"config [results].path={path!r} cannot be written ({exc}); use a writable path or '-'") from exc
@@ -92,12 +101,54 @@ class ResultsWriter:
         if self._block and self._before_flush is not None:
             self._before_flush()
         block, self._block = self._block, []
+        if not self._own:
+            try:
+                if block:
+                    self._fh.write("".join(block))
+                self._fh.flush()
+            except (OSError, ValueError) as exc:
+                self._broken(exc, max(1, len(block)))
+            return
+        if not block:
+            return
+        data = "".join(block).encode("utf-8")
+        fd = self._fh.fileno()
+        size = -1
         try:
-            if block:
-                self._fh.write("".join(block))
-            self._fh.flush()
+            st = os.fstat(fd)
+            size = st.st_size
+            if self.keep_free and hasattr(os, "fstatvfs"):
+                vfs = os.fstatvfs(fd)
+                if vfs.f_bavail * vfs.f_frsize - len(data) < self.keep_free:
+                    self._no_room(len(block))
+                    return
+            view = memoryview(data)
+            while view:  # a write may be short on a filling disk; the next one then says why
+                view = view[self._fh.write(view):]
         except (OSError, ValueError) as exc:
-            self._broken(exc, max(1, len(block)))
+            if size >= 0:
+                try:  # the lines of this block the disk took: cut off again, so the file holds whole lines only
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass
+            self._broken(exc, len(block))
+            return
+        if self._short:
+            self._short = False
+            log.info("results %s are written again: its disk has more than [results].keep_free_bytes=%d free "
+                     "(%d lines were lost)", self.path, self.keep_free, self.lost)
+
+    def _no_room(self, lines: int) -> None:
+        """Fewer than ``keep_free`` bytes would be left: the block is dropped and counted, the file stays open."""
+        self.lost += lines
+        if self._on_error is not None:
+            for _ in range(lines):
+                self._on_error()
+        if not self._short:
+            self._short = True
+            log.warning("results %s: its disk would have less than [results].keep_free_bytes=%d free; result lines "
+                        "are dropped and counted in errors.results until there is room (the outbox's samples keep "
+                        "it)", self.path, self.keep_free)
 
     def _broken(self, exc: BaseException, lines: int = 1) -> None:
         """A failed write: these lines are lost; try again in a few seconds."""
@@ -123,7 +174,7 @@ class ResultsWriter:
                 self._on_error()
             return False
         try:
-            self._fh = open(self.path, "a", encoding="utf-8") if self._own else sys.stdout
+            self._fh = open(self.path, "ab", buffering=0) if self._own else sys.stdout
         except OSError as exc:
             self._broken(exc)
             return False

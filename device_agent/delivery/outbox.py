@@ -122,6 +122,9 @@ class Outbox(DiskSpace):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
             self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES_BACKSTOP}")
+            # a WAL that grew while checkpoints could not keep up (a full disk, a long drain) is cut back to the
+            # backstop's size when it is next reset, instead of keeping its largest size on the disk for good
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_PAGES_BACKSTOP * 4096}")
             self._db.executescript(_SCHEMA)
         except BaseException:
             self._db.close()

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -44,9 +43,9 @@ def small_disk(tmp_path):
 
 
 class Forever(Source):
-    """Real digits, over and over, at most ~2,500 a second (every one flagged: a camera's rate, not the loop's
-    ceiling; unthrottled, the agent flagged 5-10k samples a second into the 2 MiB disk while the broker drained
-    it, and on a loaded machine the test measured that race rather than the recovery)."""
+    """Real digits, over and over, as fast as the agent takes them (every one flagged: thousands of samples a
+    second into the 2 MiB disk while the broker drains it; a throttled source hid that the result lines took
+    every page the drained outbox gave back)."""
 
     finite = False
 
@@ -57,8 +56,6 @@ class Forever(Source):
         for i in itertools.count():
             if stop.is_set():
                 return
-            if i % 10 == 9:
-                time.sleep(0.004)
             yield {"uri": "forever", "index": i}, self.x[i % len(self.x)]
 
 
@@ -152,3 +149,67 @@ def test_a_drain_that_fails_on_the_outbox_ends_the_run_normally_and_keeps_the_sa
         stats = agent.run()
     assert stats.inferences == stats.flagged == stats.pending == 20
     assert stats.errors.get("outbox", 0) >= 1
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A file that takes the disk's room until about ``leave`` bytes are free."""
+    filler = disk / "filler"
+    with open(filler, "wb") as fh:
+        fh.write(b"\0" * max(0, free(disk) - leave))
+    return filler
+
+
+def _whole_lines(path: Path) -> list:
+    import json
+
+    text = path.read_text()
+    assert text == "" or text.endswith("\n"), "a line was cut short"
+    return [json.loads(ln) for ln in text.splitlines()]
+
+
+def test_result_lines_leave_the_last_bytes_of_the_disk_to_the_outbox_and_come_back(small_disk):
+    """On a board the outbox shares the results' disk, and its samples need the room more than a log of
+    predictions: result lines stop, counted, before they would leave less than keep_free bytes, and are written
+    again as soon as there is room."""
+    from device_agent.results import ResultsWriter
+
+    lost = []
+    path = small_disk / "results.jsonl"
+    keep = 256 * 1024
+    filler = _fill(small_disk, keep + 40_000)
+    with ResultsWriter(str(path), flush_every_s=0.0, on_error=lambda: lost.append(1), keep_free=keep) as w:
+        for i in range(200):  # ~100 KB of lines, 500 bytes each, flushed one by one
+            w.write({"seq": i, "pad": "x" * 480})
+            w.flush()
+        written = _whole_lines(path)
+        assert 40 <= len(written) <= 80, len(written)  # about the 40 KB above keep_free, not one line more
+        assert free(small_disk) >= keep
+        assert len(lost) == w.lost == 200 - len(written)
+        assert [ln["seq"] for ln in written] == list(range(len(written)))
+        filler.unlink()
+        w.write({"seq": 1000})
+        w.flush()
+    assert _whole_lines(path)[-1] == {"seq": 1000}  # room again: written again, with nothing else to do
+
+
+def test_a_block_the_full_disk_cuts_short_leaves_only_whole_lines(small_disk, monkeypatch):
+    """A disk that fills in the middle of a block (another writer took the room): the lines it took are cut off
+    again, so whoever reads the file never meets half a line; the block is counted lost, and once there is room
+    lines are appended again."""
+    import device_agent.results as results
+
+    monkeypatch.setattr(results, "_RETRY_S", 0.0)
+    path = small_disk / "results.jsonl"
+    with results.ResultsWriter(str(path), flush_every_s=60.0, keep_free=0) as w:
+        w.write({"seq": -1})
+        w.flush()
+        filler = _fill(small_disk, 6_000)
+        for i in range(40):  # 40 KB in one block, on a disk with about 6 KB left
+            w.write({"seq": i, "pad": "x" * 1000})
+        w.flush()
+        assert w.lost == 40
+        assert _whole_lines(path) == [{"seq": -1}]
+        filler.unlink()
+        w.write({"seq": 99})
+        w.flush()
+    assert _whole_lines(path) == [{"seq": -1}, {"seq": 99}]
