@@ -147,11 +147,10 @@ class Agent(FleetControl, LiveUpdates, FastPath):
             self.results = ResultsWriter(config.results.path, on_error=lambda: self.stats.error("results"),
                                          before_flush=self.outbox.commit, keep_free=config.results.keep_free_bytes)
             self._closers.append(self.results.close)
+            self._prepare_fast_path()  # and the drift window
         except BaseException:
             self.close()
             raise
-        self._prepare_fast_path()
-        self._prepare_drift()
         if fallback:
             self.last_update_error = fallback
             self.stats.error("update")

@@ -6,6 +6,9 @@
   each distinct output is kept (``_MEMO_MAX`` of them): a confident softmax is the same few bytes again and
   again (on the 1,797 scikit-learn digits, 386 distinct outputs; 78% of inferences find theirs kept);
 * the drift window's per-channel means are read from the raw bytes (a strided subsample for big pictures).
+
+:func:`prepare` computes all of it for a model and its manifest without touching the agent; the agent takes it
+in one go (at start-up, and when an update swaps a bundle in: a bundle whose preparation fails changes nothing).
 """
 
 from __future__ import annotations
@@ -21,11 +24,69 @@ from .inputcheck import InputCheck
 from .lut import lookup_table
 from ..sampling.drift import DriftMonitor, channel_means, monitor_for
 
-__all__ = ["FastPath", "classified"]
+__all__ = ["FastPath", "classified", "prepare"]
 
 _log = logging.getLogger("device_agent.agent")
 
 _MEMO_MAX = 2048  # distinct 8-bit outputs whose prediction is kept (~700 bytes each by tracemalloc: <= ~1.4 MiB)
+
+
+def prepare(model: Any, manifest: Any) -> Dict[str, Any]:
+    """Everything the loop reads for ``model`` running ``manifest`` (the fast path's and the drift window's state),
+    as the agent attributes it becomes, computed without touching any agent.
+
+    A bundle update prepares this before anything of the running bundle changes (update/live.py): when it raises,
+    the agent still runs its bundle as before, model, manifest and fast path alike.
+    """
+    st: Dict[str, Any] = {}
+    st["_check"] = check = InputCheck(manifest.preprocessing, manifest.reference)
+    st["_fits"] = check.expected if check.integer else None  # a dtype that needs no look at the values
+    lut, lut_shape = lookup_table(manifest.preprocessing, model.input_spec)
+    st["_lut"], st["_lut_shape"] = lut, lut_shape
+    st["_qin"] = st["_qbuf"] = st["_qbuf_u8"] = st["_lut_bytes"] = None
+    if lut is not None:  # the lookup writes into a buffer of the model's own shape, set as it is
+        st["_qin"] = qin = np.empty(model.input_spec.shape, dtype=lut.dtype)
+        st["_qbuf"] = qbuf = qin.reshape(lut_shape)  # a view of it in the picture's shape
+        st["_qbuf_u8"] = qbuf.view(np.uint8)
+    small = int(np.prod(model.output_spec.shape)) <= 64  # classify()'s arithmetic on Python floats
+    st["_scores"] = model.score_table() if small else None
+    # An 8-bit output has few distinct values in practice (a confident softmax is one byte at the top, the
+    # rest at the bottom): its prediction, and the rounded figures of its result line, computed once per
+    # distinct output. The same immutable values classify_table() gives; bounded, emptied when full.
+    st["_memo"] = {}
+    st["_lut_kind"] = "take"
+    if lut is not None:
+        every = np.arange(256, dtype=np.uint8)
+        if lut.dtype == np.uint8 and np.array_equal(lut, every):
+            st["_lut_kind"] = "identity"
+        elif lut.dtype == np.int8 and np.array_equal(lut, (every ^ np.uint8(128)).view(np.int8)):
+            st["_lut_kind"] = "xor"
+        elif lut.dtype.itemsize == 1:  # bytes.translate: the same lookup, ~25% faster than np.take
+            st["_lut_kind"] = "translate"
+            st["_lut_bytes"] = lut.view(np.uint8).tobytes()
+    st.update(_drift_state(model, manifest, lut_shape if lut is not None else None))
+    # Last: nothing after this can fail, so the interpreter's bound calls never outlive a preparation that did.
+    st["_set_input"], st["_invoke"], st["_output"] = model.calls()
+    return st
+
+
+def _drift_state(model: Any, manifest: Any, lut_shape: Optional[tuple]) -> Dict[str, Any]:
+    """A fresh drift window against the bundle's ``reference`` (None for bundles without one)."""
+    drift = monitor_for(manifest.reference)
+    c = drift.channels if drift is not None else None
+    last = int(model.input_spec.shape[-1]) if len(model.input_spec.shape) else 1
+    if c is not None and c != 1 and c != last:
+        _log.warning("bundle %s v%s: reference has %d input channels but the model input %s; drift is off",
+                     manifest.name, manifest.version, c, list(model.input_spec.shape))
+        drift = None
+    st: Dict[str, Any] = {"drift": drift, "_drift_k": 0.0, "_drift_offset": 0.0, "_drift_step": 1}
+    if lut_shape is not None:  # the fast path: model input = raw * scale + offset, value by value
+        pre, (h, w, _) = manifest.preprocessing, lut_shape
+        # Big images: the mean of every s-th row and column (<= 1024 pixels) costs a few us, all of them 100+.
+        s = st["_drift_step"] = max(1, math.ceil(math.sqrt(h * w / 1024)))
+        pixels = len(range(0, h, s)) * len(range(0, w, s))
+        st["_drift_k"], st["_drift_offset"] = float(pre.scale) / pixels, float(pre.offset)
+    return st
 
 
 class FastPath:
@@ -33,50 +94,15 @@ class FastPath:
 
     model: Any
     manifest: Any
+    drift: Optional[DriftMonitor]
 
     def _prepare_fast_path(self) -> None:
-        self._check = InputCheck(self.manifest.preprocessing, self.manifest.reference)
-        self._fits = self._check.expected if self._check.integer else None  # a dtype that needs no look at the values
-        self._lut, self._lut_shape = self._lookup_table()
-        if self._lut is not None:  # the lookup writes into a buffer of the model's own shape, set as it is
-            self._qin = np.empty(self.model.input_spec.shape, dtype=self._lut.dtype)
-            self._qbuf = self._qin.reshape(self._lut_shape)  # a view of it in the picture's shape
-            self._qbuf_u8 = self._qbuf.view(np.uint8)
-        self._set_input, self._invoke, self._output = self.model.calls()
-        small = int(np.prod(self.model.output_spec.shape)) <= 64  # classify()'s arithmetic on Python floats
-        self._scores = self.model.score_table() if small else None
-        # An 8-bit output has few distinct values in practice (a confident softmax is one byte at the top, the
-        # rest at the bottom): its prediction, and the rounded figures of its result line, computed once per
-        # distinct output. The same immutable values classify_table() gives; bounded, emptied when full.
-        self._memo: Dict[bytes, tuple] = {}
-        self._lut_kind = "take"
-        if self._lut is not None:
-            every = np.arange(256, dtype=np.uint8)
-            if self._lut.dtype == np.uint8 and np.array_equal(self._lut, every):
-                self._lut_kind = "identity"
-            elif self._lut.dtype == np.int8 and np.array_equal(self._lut, (every ^ np.uint8(128)).view(np.int8)):
-                self._lut_kind = "xor"
-            elif self._lut.dtype.itemsize == 1:  # bytes.translate: the same lookup, ~25% faster than np.take
-                self._lut_kind = "translate"
-                self._lut_bytes = self._lut.view(np.uint8).tobytes()
+        """The fast path and a fresh drift window for the agent's own model and manifest (at start-up)."""
+        self._use_prepared(prepare(self.model, self.manifest))
 
-    def _prepare_drift(self) -> None:
-        """A fresh drift window against this bundle's ``reference`` (None for bundles without one)."""
-        self.drift: Optional[DriftMonitor] = monitor_for(self.manifest.reference)
-        c = self.drift.channels if self.drift is not None else None
-        last = int(self.model.input_spec.shape[-1]) if len(self.model.input_spec.shape) else 1
-        if c is not None and c != 1 and c != last:
-            _log.warning("bundle %s v%s: reference has %d input channels but the model input %s; drift is off",
-                        self.manifest.name, self.manifest.version, c, list(self.model.input_spec.shape))
-            self.drift = None
-        self._drift_k = self._drift_offset = 0.0
-        self._drift_step = 1
-        if self._lut is not None:  # the fast path: model input = raw * scale + offset, value by value
-            pre, (h, w, _) = self.manifest.preprocessing, self._lut_shape
-            # Big images: the mean of every s-th row and column (<= 1024 pixels) costs a few us, all of them 100+.
-            s = self._drift_step = max(1, math.ceil(math.sqrt(h * w / 1024)))
-            pixels = len(range(0, h, s)) * len(range(0, w, s))
-            self._drift_k, self._drift_offset = float(pre.scale) / pixels, float(pre.offset)
+    def _use_prepared(self, state: Dict[str, Any]) -> None:
+        """Take what :func:`prepare` computed (plain assignments: nothing here can fail half-way)."""
+        self.__dict__.update(state)
 
     def _feed_drift(self, raw: np.ndarray, x: Optional[np.ndarray], confidence: float) -> None:
         """Per-channel mean of the model input (from the raw bytes on the fast path) and the confidence."""
@@ -94,9 +120,6 @@ class FastPath:
             else:  # one strided sum per channel: far cheaper than a sum over axis 0 of (pixels, c)
                 mean = [float(sub[:, :, j].sum()) * k + offset for j in range(c)]
         drift.update(mean, confidence)
-
-    def _lookup_table(self):
-        return lookup_table(self.manifest.preprocessing, self.model.input_spec)
 
     def _known(self, out: np.ndarray, scores, labels, activation: str):
         """``_classified(classify_table(out, ...))``, once per distinct output."""

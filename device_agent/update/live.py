@@ -12,12 +12,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
-from ..errors import BundleError, ConfigError, InputError
+from ..errors import AgentError, BundleError, ConfigError, InputError
 from ..inference.classify import classify
+from ..inference.fastpath import prepare
 from ..inference.interpreter import TFLiteModel
 from ..inference.lut import lookup_table
 from ..inference.preprocess import preprocess
@@ -88,6 +89,11 @@ class LiveUpdates:
             else:
                 bundle = load_bundle(self.config.bundle.path)
             model = self._open_like_running(bundle.model_path)
+            try:
+                ready = prepare(model, bundle.manifest)  # before anything changes: on failure the loop runs on as it is
+            except BaseException:
+                model.close()
+                raise
         except Exception as exc:  # noqa: BLE001 - the state already says what a restart runs
             self.rollbacks += 1
             self.last_update_error = (f"bundle {failed.name} v{failed.version} failed its probation ({why}), but the "
@@ -103,7 +109,7 @@ class LiveUpdates:
         self.last_update_error = (f"bundle {failed.name} v{failed.version} (sha256 {failed.sha256[:12]}...) failed its "
                                   f"probation: {why}; back to {bundle.manifest.name} v{bundle.manifest.version}")
         self.stats.error("update")
-        self._install(bundle, model)
+        self._install(bundle, model, ready)
         log.warning("%s", self.last_update_error)
         self._announce()
 
@@ -152,19 +158,27 @@ class LiveUpdates:
             elif isinstance(item, Staged):
                 self._swap(item)
             elif isinstance(item, Failed):
-                self.last_update_error = item.reason  # before the count: whoever sees the count sees why
-                self.last_update_archive = item.meta.get("archive_sha256") or item.meta.get("refused_archive")
-                self.stats.error("update")
-                log.warning("update refused: %s; still running %s v%s", item.reason, self.manifest.name,
-                            self.manifest.version)
-                self._publish_status()
+                self._refused(item.reason, item.meta.get("archive_sha256") or item.meta.get("refused_archive"))
+
+    def _refused(self, reason: str, archive: Optional[str]) -> None:
+        """An update was refused: the running bundle stays; the count, the log and the retained status say why."""
+        self.last_update_error = reason  # before the count: whoever sees the count sees why
+        self.last_update_archive = archive
+        self.stats.error("update")
+        log.warning("update refused: %s; still running %s v%s", reason, self.manifest.name, self.manifest.version)
+        self._publish_status()
 
     def _swap(self, staged: Staged) -> None:
         old = self.manifest
+        try:
+            ready = prepare(staged.model, staged.bundle.manifest)  # nothing of the running bundle changes before
+        except Exception as exc:  # noqa: BLE001 - a bundle the loop cannot run is refused; the running one stays
+            self._refuse_staged(staged, exc)
+            return
         baseline = self.stats.latency()["p95"]  # the model being replaced, on this board, just now
         # cleared first: another thread that sees the new manifest (set last by _install) sees no stale error
         self.last_update_error = self.last_update_archive = None
-        self._install(staged.bundle, staged.model)
+        self._install(staged.bundle, staged.model, ready)
         self.updater.installed(staged)  # a restart runs it; uncommitted until its probation passes
         self.probation = self._probation_for_current(baseline_p95_ms=baseline)
         m = self.manifest
@@ -172,8 +186,28 @@ class LiveUpdates:
                  m.version, m.sha256[:12], self.bundle.path)
         self._announce()
 
-    def _install(self, bundle: Bundle, model: TFLiteModel) -> None:
-        """Run ``model`` of ``bundle`` from the next inference on (the one running is closed)."""
+    def _refuse_staged(self, staged: Staged, exc: Exception) -> None:
+        """Preparing the loop for a staged bundle failed: it is closed and refused, the running bundle stays.
+
+        As the updater does with what fails while staging: a bundle error (the archive's bytes, verified, are
+        at fault) is remembered, so a retained message that brings it back is refused at once; anything else
+        (MemoryError on a busy board, ...) ends the attempt only, and may pass next time.
+        """
+        staged.model.close()
+        m = staged.bundle.manifest
+        remember = isinstance(exc, AgentError) and not isinstance(exc, ConfigError)
+        reason = (f"bundle {m.name} v{m.version} (sha256 {m.sha256[:12]}...) cannot run on this agent: preparing its "
+                  f"fast path failed ({exc.__class__.__name__}: {str(exc)[:300]})"
+                  + ("; push a fixed bundle" if remember else ""))
+        self.updater.not_installed(staged.slot, reason, remember=remember)
+        self._refused(reason, staged.slot.archive_sha256 if staged.slot and staged.slot.archive_sha256 else None)
+
+    def _install(self, bundle: Bundle, model: TFLiteModel, ready: Dict[str, Any]) -> None:
+        """Run ``model`` of ``bundle`` from the next inference on (the one running is closed).
+
+        ``ready`` is :func:`~device_agent.inference.fastpath.prepare` of them, computed by the caller before
+        anything changed: from here on nothing can fail half-way (model, manifest, fast path and drift window
+        change together, between two inferences)."""
         old_model = self.model
         m, cfg = bundle.manifest, self.config.policy
         # the thresholds before the manifest: another thread that sees the new manifest sees its policy too
@@ -181,11 +215,11 @@ class LiveUpdates:
             cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold,
             cfg.margin_threshold if cfg.margin_threshold is not None else m.margin_threshold,
         )
+        # the fast path's bound calls of the old interpreter are replaced here: once closed, it can be freed
+        self._use_prepared(ready)  # a fresh drift window too: it describes one model, against its reference
         self.model, self.bundle, self.manifest = model, bundle, bundle.manifest
         old_model.close()
         self.stats.latencies_ms.clear()  # telemetry latency_ms describes the model that runs
-        self._prepare_fast_path()
-        self._prepare_drift()  # the window describes one model: start afresh against the new reference
 
     # -- shadow runs (update/shadow.py) -------------------------------------
     def _start_shadow(self, staged: Staged) -> None:

@@ -418,7 +418,13 @@ class Updater:
 
     def shadow_failed(self, slot: Optional[Slot], reason: str) -> None:
         """A shadow candidate failed: its archive is refused (a retained message that brings it back is refused)."""
-        if slot is not None and slot.archive_sha256:
+        self.not_installed(slot, reason, remember=True)
+
+    def not_installed(self, slot: Optional[Slot], reason: str, *, remember: bool) -> None:
+        """A staged bundle was not swapped in after all (the agent could not prepare its loop for it, or its shadow
+        run failed): its attempt ends; with ``remember`` its archive is refused (a retained message that brings it
+        back is refused at once)."""
+        if remember and slot is not None and slot.archive_sha256:
             self.states_update(lambda s: s.refuse(slot.archive_sha256, slot.name, slot.version, reason))
         else:
             self._forget_try()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import cli
@@ -28,6 +29,7 @@ from device_agent.agent import Agent
 from device_agent.update.manifest import load_bundle
 
 from conftest import BUNDLE, DATA, validate, wait_for
+from craft import edited_bundle
 from test_agent_mqtt import SlowSource
 
 V2 = DATA / "digits-bundle-v2"
@@ -255,6 +257,114 @@ def test_rolling_back_is_pushing_the_old_bundle_again(broker, make_config, digit
     assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == [
         f"digits-1-{archives[BUNDLE][:16]}", f"digits-2-{archives[V2][:16]}"]
     assert json.loads((tmp_path / "current_bundle-dev1.json").read_text())["current"]["sha256"] == v2.sha256
+
+
+def _fast_path_cannot_be_prepared(tmp_path: Path) -> Path:
+    """v2 (its model, sha256 and all) with ``preprocessing.scale`` 1e37: a valid manifest number, and a bundle that
+    stages (the trial run feeds the model directly; the update check preprocesses zeros, 0 * 1e37 = 0), but any
+    pixel above 0 overflows float32, so the 8-bit lookup table of the fast path cannot be computed."""
+    def change(m: dict) -> None:
+        m["version"] = "3"
+        m["preprocessing"]["scale"] = 1e37
+
+    return edited_bundle(tmp_path, change, name="v3-scale-1e37")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the 1e37 scale, as intended
+def test_a_bundle_whose_fast_path_cannot_be_prepared_is_refused_and_the_old_bundle_runs_on_unchanged(
+        broker, sub_factory, make_config, digits, tmp_path):
+    """Preparing the loop for a staged bundle happens before anything of the running bundle changes: when it fails,
+    every later result line is the old model's prediction under the old version, on the fast path (8x8 frames) and
+    the general one (16x16 frames, resized), and the bundle is refused like any other, for good."""
+    from device_agent.inference.classify import classify
+    from device_agent.inference.interpreter import TFLiteModel
+    from device_agent.inference.preprocess import preprocess
+
+    x, _ = digits
+    v1 = load_bundle(BUNDLE)
+    m = v1.manifest
+    big = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+    inputs = [a for pair in zip(x, big) for a in pair] * 10  # fast path and general path in turn
+    old_model = TFLiteModel.open(v1.model_path, make_config().runtime.name)  # the old model, run directly
+
+    def by_the_old_bundle(lines: list) -> None:
+        assert [r["seq"] for r in lines] == list(range(len(lines)))
+        for r in lines:
+            raw = inputs[r["source"]["index"]]
+            want = classify(old_model(preprocess(raw, m.preprocessing)), m.labels, m.output_activation)
+            assert (r["model_version"], r["label"], r["confidence"]) == ("1", want.label, round(want.confidence, 6)), \
+                (r["seq"], raw.shape)
+
+    sub = sub_factory(broker.port, topic="edgekit/v1/test/dev1/status")
+    out = tmp_path / "results.jsonl"
+    message = json.dumps(protocol.bundle_payload(_fast_path_cannot_be_prepared(tmp_path))).encode()
+    run = Running(make_config(broker.url), SlowSource(inputs, period_s=0.01))
+    try:
+        assert wait_for(lambda: len(results(out)) >= 10, 15)
+        push(broker.port, message)
+        assert wait_for(lambda: run.agent.stats.errors.get("update", 0) >= 1, 30), "not refused"
+        refused_at = len(results(out))
+        assert wait_for(lambda: len(results(out)) >= refused_at + 40, 15), "the old model stopped"
+        by_the_old_bundle(results(out))
+        assert "preparing its fast path failed" in run.agent.last_update_error
+        assert sub.wait(lambda s: "preparing its fast path failed" in s.messages()[-1].get("last_update_error", ""), 10)
+        push(broker.port, message)  # remembered: the same archive again is refused without being staged
+        assert wait_for(lambda: run.agent.stats.errors.get("update", 0) >= 2, 15)
+        assert "was refused before" in run.agent.last_update_error
+        n = len(results(out))
+        assert wait_for(lambda: len(results(out)) >= n + 10, 15)
+    finally:
+        stats = run.finish()
+
+    lines = results(out)
+    by_the_old_bundle(lines)
+    old_model.close()
+    assert len(lines) >= refused_at + 50 and stats.errors == {"update": 2}
+    assert run.agent.manifest.sha256 == m.sha256
+    s = json.loads((tmp_path / "current_bundle-dev1.json").read_text())
+    assert s["current"] is None and s["pending"] is None  # a restart runs the configured bundle, and counts nothing
+    assert s["refused"][-1]["archive_sha256"] == json.loads(message)["archive_sha256"]
+    assert "preparing its fast path failed" in s["refused"][-1]["reason"]
+    for status in sub.messages():
+        validate(status)
+        assert status["model"] == m.model_ref
+
+
+def _apply(agent: Agent, bundle_dir: Path):
+    """Push ``bundle_dir`` to an agent without a broker, as its MQTT thread would, and apply what the updater
+    staged as service() does between two inferences. A weak reference to the staged model's interpreter."""
+    import weakref
+
+    agent.updater.offer(TOPIC, json.dumps(protocol.bundle_payload(bundle_dir)).encode())
+    assert wait_for(lambda: not agent.updater.ready.empty(), 60), "nothing staged"
+    staged = agent.updater.ready.get()
+    ref = weakref.ref(staged.model.interpreter)
+    agent.updater.ready.put(staged)
+    del staged
+    agent._apply_updates()
+    return ref
+
+
+def _classify_some(agent: Agent, x) -> None:
+    for i, raw in enumerate(x[:20]):
+        assert agent.step({"uri": "t", "index": i}, raw) is not None
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the 1e37 scale, as intended
+def test_a_staged_model_refused_at_the_swap_is_closed_and_freed(make_config, digits, tmp_path):
+    import gc
+
+    from device_agent.sources import ArraySource
+
+    x, _ = digits
+    with Agent(make_config(), source=ArraySource(x[:1])) as agent:
+        running = agent.model.interpreter
+        refused = _apply(agent, _fast_path_cannot_be_prepared(tmp_path))
+        assert agent.manifest.version == "1" and agent.model.interpreter is running
+        assert agent.stats.errors["update"] == 1 and "preparing its fast path failed" in agent.last_update_error
+        _classify_some(agent, x)
+        gc.collect()
+        assert refused() is None, "the refused model's interpreter is still referenced"
 
 
 def test_prune_keeps_the_running_bundle_and_the_newest_previous_ones(tmp_path):
