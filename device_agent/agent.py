@@ -445,6 +445,7 @@ class Agent(FleetControl, LiveUpdates, FastPath):
         for closer in reversed(self._closers):
             closer()
         self._closers = []
+        self._drop_calls()  # the closed model's interpreter is freed even while this Agent object lives on
 
     def __enter__(self) -> "Agent":
         return self

@@ -104,6 +104,10 @@ class FastPath:
         """Take what :func:`prepare` computed (plain assignments: nothing here can fail half-way)."""
         self.__dict__.update(state)
 
+    def _drop_calls(self) -> None:
+        """Forget the interpreter's bound calls (they keep it alive): once the model is closed, it can be freed."""
+        self._set_input = self._invoke = self._output = None
+
     def _feed_drift(self, raw: np.ndarray, x: Optional[np.ndarray], confidence: float) -> None:
         """Per-channel mean of the model input (from the raw bytes on the fast path) and the confidence."""
         drift = self.drift

@@ -350,6 +350,31 @@ def _classify_some(agent: Agent, x) -> None:
         assert agent.step({"uri": "t", "index": i}, raw) is not None
 
 
+def test_an_interpreter_is_freed_once_its_model_is_replaced_or_the_agent_closed(make_config, digits):
+    """The loop calls the interpreter through its own bound methods, which keep it alive: they go with the model
+    that is replaced, and with Agent.close() (edgekit.fleet.sim keeps closed Agents around)."""
+    import gc
+    import weakref
+
+    from device_agent.sources import ArraySource
+
+    x, _ = digits
+    agent = Agent(make_config(), source=ArraySource(x[:1]))
+    try:
+        _classify_some(agent, x)
+        first = weakref.ref(agent.model.interpreter)
+        second = _apply(agent, V2)
+        assert agent.manifest.version == "2" and second() is agent.model.interpreter
+        _classify_some(agent, x)
+        gc.collect()
+        assert first() is None, "the replaced model's interpreter is still referenced"
+    finally:
+        agent.close()
+    gc.collect()
+    assert agent.model.interpreter is None
+    assert second() is None, "Agent.close() left the interpreter referenced (the loop's bound calls)"
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the 1e37 scale, as intended
 def test_a_staged_model_refused_at_the_swap_is_closed_and_freed(make_config, digits, tmp_path):
     import gc
