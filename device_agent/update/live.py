@@ -224,7 +224,12 @@ class LiveUpdates:
     # -- shadow runs (update/shadow.py) -------------------------------------
     def _start_shadow(self, staged: Staged) -> None:
         m = staged.bundle.manifest
-        table, shape = lookup_table(m.preprocessing, staged.model.input_spec)
+        try:  # what its promotion would need: a bundle the loop cannot run is refused now, not after its shadow run
+            prepare(staged.model, m)
+            table, shape = lookup_table(m.preprocessing, staged.model.input_spec)
+        except Exception as exc:  # noqa: BLE001 - the running bundle stays, as with a refusal at the swap
+            self._refuse_staged(staged, exc)
+            return
         cfg = self.config.policy
         threshold = cfg.confidence_threshold if cfg.confidence_threshold is not None else m.confidence_threshold
         self.shadow = _Shadow(staged, table, shape, threshold,

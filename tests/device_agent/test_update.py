@@ -402,3 +402,34 @@ def test_prune_keeps_the_running_bundle_and_the_newest_previous_ones(tmp_path):
     os.utime(tmp_path / "bundles" / "running", (1, 1))  # the oldest, but it runs
     updater.prune(running=[tmp_path / "bundles" / "running"])
     assert sorted(p.name for p in (tmp_path / "bundles").iterdir()) == ["c", "d", "running"]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the 1e37 scale, as intended
+def test_a_shadow_candidate_whose_fast_path_cannot_be_prepared_is_refused_closed_and_not_pending(
+        make_config, digits, tmp_path):
+    """The same bundle pushed for a shadow run: refused at once (its promotion could never run), its model closed
+    and freed, the attempt ended (nothing pending for a restart), the running bundle classifying on."""
+    import gc
+    import weakref
+
+    from device_agent.sources import ArraySource
+
+    x, _ = digits
+    bundle = _fast_path_cannot_be_prepared(tmp_path)
+    with Agent(make_config(), source=ArraySource(x[:1])) as agent:
+        agent.updater.offer(TOPIC, json.dumps(protocol.bundle_payload(bundle, shadow=True)).encode())
+        assert wait_for(lambda: not agent.updater.ready.empty(), 60), "nothing staged"
+        staged = agent.updater.ready.get()
+        ref = weakref.ref(staged.model.interpreter)
+        agent.updater.ready.put(staged)
+        del staged
+        agent._apply_updates()
+        assert agent.shadow is None and agent.stats.errors == {"update": 1}
+        assert "preparing its fast path failed" in agent.last_update_error
+        _classify_some(agent, x)
+        assert agent.manifest.version == "1"
+        gc.collect()
+        assert ref() is None, "the refused shadow candidate's interpreter is still referenced"
+    s = json.loads((tmp_path / "current_bundle-dev1.json").read_text())
+    assert s["pending"] is None
+    assert "preparing its fast path failed" in s["refused"][-1]["reason"]
