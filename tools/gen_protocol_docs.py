@@ -124,7 +124,12 @@ any board's name.
   updates" below); a broker that carries bundles needs a `message_size_limit` of 0 (none) or above
   4/3 of the largest archive.
 - JSON nesting: at most {max_depth} levels on every topic a board reads (`cmd`, `bundle`, a sensor
-  topic), checked with a scan of the brackets before the JSON is parsed.
+  topic), checked with a scan of the brackets before the JSON is parsed; the collector refuses a
+  deeper sample, telemetry or status too (`not_json`, below).
+- Numbers: besides its schema's type, a number the store keeps in a column must fit it: `ts` (and a
+  sample's `confidence`, `margin`, `entropy`) a finite float (no NaN, no 1e400, no 400-digit
+  integer), a sample's `seq` at most 2^63 - 1 and `prediction.index` at most 2^31 - 1; the
+  collector refuses anything else (`schema`, below).
 - A sample's input travels raw, exactly as the board read it (before preprocessing):
   `dtype`, `shape`, `encoding` (`base64`) and `data`; `len(base64decode(data))` must equal
   `prod(shape) * itemsize(dtype)`.
@@ -213,7 +218,9 @@ state (writing it twice is harmless). Give each collector of a group its own `--
 
 Every message is checked before anything is stored; a bad one is counted by reason, kept in the
 store's `quarantine` table (topic, reason, detail, size and the first 64 KiB) and acked, so it
-never blocks the session or crashes the collector:
+never blocks the session or crashes the collector. No message can stop the collector's writer: one
+it still fails on is quarantined too (`store_error`, `collector_error`), and the rest of its batch
+is stored:
 
 | reason | meaning |
 |---|---|
@@ -221,11 +228,12 @@ never blocks the session or crashes the collector:
 | `bad_topic` | the topic is not `{prefix}/<fleet>/<device>/<samples, telemetry or status>` with exact names (no trailing newline or space) |
 | `not_allowed` | the device is not on the collector's allow-list (`--allow-devices`: the CA's enrolment list or a file) |
 | `rate_limited` | the device sent more than `--device-rate` messages a minute (beyond its `--device-burst`) |
-| `not_json` | not UTF-8, not JSON, or not a JSON object |
-| `schema` | the `schema` field does not match the topic, or the JSON Schema below fails |
+| `not_json` | not UTF-8, not JSON, not a JSON object, or nested deeper than {max_depth} levels |
+| `schema` | the `schema` field does not match the topic, the JSON Schema below fails, or a number does not fit its column (see "Numbers" above) |
 | `bad_input` | a sample's base64 does not decode, or its size does not match dtype x shape |
 | `topic_mismatch` | the payload's fleet/device differ from the topic's (compared exactly: the topic is the identity) |
 | `store_error` | the database refused this one row (the rest of the batch is stored) |
+| `collector_error` | the collector failed on this one message (a bug: its log has one error line with the topic and the exception; the rest of the batch is stored) |
 
 An empty retained message on `.../status` (someone clearing it) is ignored.
 

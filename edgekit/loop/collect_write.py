@@ -1,5 +1,9 @@
 """The collector's write path: one writer thread takes batches off the queue, validates and stores each in one
-transaction, then acknowledges (PUBACKs to the broker, edgekit.ack/1 to the boards). See edgekit.loop.collect."""
+transaction, then acknowledges (PUBACKs to the broker, edgekit.ack/1 to the boards). See edgekit.loop.collect.
+
+No message can end the writer: a batch that fails is stored again message by message, and a message that still
+fails, whatever the exception, is quarantined (``store_error`` when the database refused it, ``collector_error``
+for anything else) and acknowledged as such, so the broker and the board stop sending it; the rest is stored."""
 
 from __future__ import annotations
 
@@ -48,7 +52,7 @@ class WritePath:
                 return
             batch = [item]
             stopping = self._fill(batch)
-            self._store_batch(batch)
+            self._store_batch_or_log(batch)
             self._done += len(batch)
             if stopping:
                 self._drain_rest()
@@ -91,7 +95,7 @@ class WritePath:
             if item is not _STOP:
                 rest.append(item)
         if rest:
-            self._store_batch(rest, retry=False)
+            self._store_batch_or_log(rest, retry=False)
             self._done += len(rest)
 
     def _shutdown_writer(self) -> None:
@@ -100,14 +104,27 @@ class WritePath:
         if self._writer is not None:
             self._writer.join(5)
 
+    def _store_batch_or_log(self, batch: List[_Msg], retry: bool = True) -> None:
+        """:meth:`_store_batch`, and the writer goes on whatever happens there. Every message is stored or
+        quarantined before anything is acked, so what fails here (a bug) fails unacked, or after its commit:
+        the broker delivers it again after a reconnect, and a stored sample comes back as a duplicate."""
+        try:
+            self._store_batch(batch, retry)
+        except Exception as exc:
+            log.error("collector writer: a batch of %d message(s) failed (%s: %s); what it did not ack comes again "
+                      "after a reconnect, and the writer goes on", len(batch), exc.__class__.__name__,
+                      _short(exc))
+            log.debug("the batch's failure", exc_info=True)
+
     def _store_batch(self, batch: List[_Msg], retry: bool = True) -> None:
         delay = 0.5
         while True:
             try:
                 counts, acks = self._apply(batch)
                 break
-            except StoreError as exc:
-                # Per message, so one row the database refuses cannot block the rest.
+            except Exception:  # the batch's transaction is rolled back: nothing of it is stored
+                # Per message, so one row the database refuses, or one message the collector fails on,
+                # cannot block the rest.
                 try:
                     counts, acks = Counter(), _Acks()
                     for m in batch:
@@ -115,7 +132,7 @@ class WritePath:
                         counts += c
                         acks.merge(a)
                     break
-                except StoreError:
+                except StoreError as exc:
                     if not retry or not self._accepting:
                         log.error("store unavailable (%s); %d message(s) left unacked for redelivery", exc, len(batch))
                         return
@@ -154,18 +171,30 @@ class WritePath:
         return counts, acks
 
     def _apply_one_or_quarantine(self, m: _Msg) -> "tuple[Counter, _Acks]":
+        """One message in its own transaction; one that fails twice is quarantined and acked as such: as
+        ``store_error`` when the database refused it, as ``collector_error`` when anything else failed on it
+        (a bug in the collector, which must not stop the writer nor have the message sent forever). Only a
+        store that cannot take the quarantine row either raises (StoreError: the batch waits for the store)."""
         try:
             return self._apply([m])
-        except StoreError:
+        except Exception:
             pass
         try:  # twice: the first failure may have been a lost connection, now re-opened
             return self._apply([m])
         except StoreError as exc:
-            self.store.quarantine(m.topic, m.payload, "store_error", str(exc).replace("\x00", ""))
+            reason = "store_error"
+            self.store.quarantine(m.topic, m.payload, reason, str(exc).replace("\x00", ""))
             log.warning("message on %s refused by the store (%s); quarantined", m.topic, exc)
-            acks = _Acks()
-            acks.quarantined(m.topic, m.payload)
-            return Counter({"malformed:store_error": 1}), acks
+        except Exception as exc:  # not the payload: it may be anything a board sent
+            reason = "collector_error"
+            self.store.quarantine(m.topic, m.payload, reason, f"{exc.__class__.__name__}: {_short(exc)}"
+                                  .replace("\x00", ""))
+            log.error("the collector failed on a message on %s (%s: %s); quarantined as collector_error, acked, "
+                      "and the writer goes on: please report this", m.topic, exc.__class__.__name__, _short(exc))
+            log.debug("the failure on %s", m.topic, exc_info=True)
+        acks = _Acks()
+        acks.quarantined(m.topic, m.payload)
+        return Counter({f"malformed:{reason}": 1}), acks
 
     def _handle(self, m: _Msg) -> Any:
         """The counter a message goes to, or a valid sample's payload for the batch INSERT."""
@@ -215,6 +244,15 @@ class WritePath:
         for m in batch:
             if m.qos == 2 and m.generation == generation:  # not subscribed for; paho's own handshake if it comes
                 client.ack(m.mid, m.qos)
+
+
+def _short(exc: BaseException) -> str:
+    """An exception's text for one log line: cut, since it may quote some of a payload."""
+    try:
+        text = str(exc)
+    except Exception:  # an exception whose text fails too: its class says enough
+        return "(no text)"
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 _PUBACK = 0x40

@@ -116,7 +116,7 @@ class Store(LabelingMixin):
         if not payloads:
             return []
         now = time.time()
-        rows = [_row(p, now) for p in payloads]
+        rows = [_row(p, now, self.url) for p in payloads]
         new_ids: set = set()
         with self._lock:
             for i in range(0, len(rows), 200):
@@ -149,23 +149,25 @@ class Store(LabelingMixin):
     def put_telemetry(self, payload: Mapping[str, Any]) -> None:
         """Append one ``edgekit.telemetry/1`` and make it the device's latest."""
         now = time.time()
+        ts = _ts(payload, self.url)
         text = json.dumps(dict(payload))
         with self._lock:
             self._exec(
                 "INSERT INTO telemetry (fleet, device, ts, received_at, payload) VALUES (?, ?, ?, ?, ?)",
-                (payload["fleet"], payload["device"], float(payload["ts"]), now, text),
+                (payload["fleet"], payload["device"], ts, now, text),
             )
             self._touch_device(payload["fleet"], payload["device"], now, payload.get("model") or {})
             self._exec(
                 "UPDATE devices SET telemetry = ?, telemetry_ts = ? WHERE fleet = ? AND device = ? "
                 "AND (telemetry_ts IS NULL OR telemetry_ts <= ?)",
-                (text, float(payload["ts"]), payload["fleet"], payload["device"], float(payload["ts"])),
+                (text, ts, payload["fleet"], payload["device"], ts),
             )
             self._commit()
 
     def put_status(self, payload: Mapping[str, Any]) -> None:
         """Record an ``edgekit.status/1`` (online, or offline from the last will)."""
         now = time.time()
+        ts = _ts(payload, self.url)
         model = payload.get("model") or {}
         with self._lock:
             self._touch_device(payload["fleet"], payload["device"], now, model,
@@ -174,7 +176,7 @@ class Store(LabelingMixin):
             # the board connects, so its ts is older than the "online" that follows it.
             self._exec(
                 "UPDATE devices SET state = ?, state_ts = ? WHERE fleet = ? AND device = ?",
-                (payload["state"], float(payload["ts"]), payload["fleet"], payload["device"]),
+                (payload["state"], ts, payload["fleet"], payload["device"]),
             )
             self._commit()
 
@@ -355,7 +357,27 @@ def _json_list(items: Any) -> str:
     return text
 
 
-def _row(payload: Mapping[str, Any], now: float) -> tuple:
+def _ts(payload: Mapping[str, Any], url: str) -> float:
+    """A telemetry's or status's ``ts`` for its float column; StoreError, not OverflowError, for one that no
+    float holds (a 400-digit integer passes the schema's ``number``; the collector refuses it before)."""
+    try:
+        return float(payload["ts"])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise StoreError(f"store {url}: {payload.get('schema')} from {payload.get('fleet')}/"
+                         f"{payload.get('device')} has a ts no float column holds ({exc})") from None
+
+
+def _row(payload: Mapping[str, Any], now: float, url: str = "") -> tuple:
+    """A sample's column values; StoreError (as for a row the database refuses) when a field cannot be
+    converted, e.g. a 400-digit ``ts`` (the collector refuses such a sample before it comes here)."""
+    try:
+        return _columns(payload, now)
+    except (TypeError, ValueError, OverflowError, KeyError) as exc:  # binascii.Error is a ValueError
+        raise StoreError(f"store {url}: sample {payload.get('sample_id')} cannot be stored: "
+                         f"{exc.__class__.__name__}: {exc}") from None
+
+
+def _columns(payload: Mapping[str, Any], now: float) -> tuple:
     model = payload.get("model") or {}
     pred = payload.get("prediction") or {}
     inp = payload["input"]
