@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -121,19 +122,38 @@ def test_fleet_status_is_not_fooled_by_devices_off_the_allow_list(broker, tmp_pa
 NAMES = st.text(alphabet="ab1.-_ /\n+#\x00é", min_size=0, max_size=8) | st.sampled_from(["pi-1", "lab", "x" * 64, "x" * 65])
 
 
+# Poison: a ts no float column holds (400 digits, 1e400 read as inf, NaN) and models nested past any limit.
+TS = st.none() | st.floats() | st.integers() | st.sampled_from([10**400, -10**400, 2**1024, 2**1023])
+NEST = st.just(0) | st.integers(1, 40) | st.sampled_from([999, 3000, 100_000])
+
+
+def _finite(ts) -> bool:
+    try:
+        return math.isfinite(ts)
+    except OverflowError:
+        return False
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(fleet=NAMES, device=NAMES, claimed=st.none() | NAMES, claimed_fleet=st.none() | NAMES)
-def test_fuzz_only_exact_names_on_topic_and_payload_pass(fleet, device, claimed, claimed_fleet):
-    """Whatever the topic and the payload's names, a message passes only when both are the same valid
-    names; anything else is refused with a reason, never an exception of another kind."""
+@given(fleet=NAMES, device=NAMES, claimed=st.none() | NAMES, claimed_fleet=st.none() | NAMES, ts=TS, nest=NEST)
+def test_fuzz_only_exact_names_on_topic_and_payload_pass(fleet, device, claimed, claimed_fleet, ts, nest):
+    """Whatever the topic, the payload's names, its ts and how deep its model nests, a message passes only when
+    both are the same valid names, its ts a finite number and its nesting within 32 levels; anything else is
+    refused with a reason, never an exception of another kind."""
     payload = status(device if claimed is None else claimed, fleet=fleet if claimed_fleet is None else claimed_fleet)
+    if ts is not None:
+        payload["ts"] = ts
+    data = json.dumps(payload)
+    if nest:  # the status's model is any object: the schema sets no depth
+        data = data.replace('"model": {', '"model": {"x": ' + "[" * nest + "]" * nest + ", ", 1)
     topic = f"edgekit/v1/{fleet}/{device}/status"
     gate = DeviceGate(rate_per_minute=1000)
     try:
         gate.admit(topic)
-        _, obj = check_message(topic, json.dumps(payload).encode())
+        _, obj = check_message(topic, data.encode())
     except Malformed as bad:
-        assert bad.reason in {"bad_topic", "schema", "topic_mismatch", "rate_limited"}
+        assert bad.reason in {"bad_topic", "schema", "topic_mismatch", "rate_limited", "not_json"}
     else:
         assert NAME.fullmatch(fleet) and NAME.fullmatch(device)
         assert (obj["fleet"], obj["device"]) == (fleet, device) and claimed in (None, device)
+        assert _finite(obj["ts"]) and nest <= 30  # 32 levels: the payload, its model, 30 lists

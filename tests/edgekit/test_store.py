@@ -141,3 +141,21 @@ def test_a_batch_updates_each_of_its_devices_once_with_its_last_model(store):
     assert {k: (d.model_version, d.samples, d.state) for k, d in devices.items()} == {
         "pi-1": ("2.0.0", 2, None), "pi-2": ("1.1.0", 1, "online"), "pi-3": ("1.0.0", 1, None)}
     assert all(d.last_seen >= before.last_seen for d in devices.values())
+
+
+def test_a_value_no_column_holds_is_a_store_error_and_stores_nothing(store):
+    """A 400-digit ts or seq (JSON numbers the schema lets through; the collector refuses them before) is a
+    StoreError naming the sample or board, never an OverflowError, and leaves nothing half-written."""
+    huge = 10**400
+    for field in ("ts", "seq"):
+        p = sample(1)
+        p[field] = huge
+        with pytest.raises(StoreError, match=p["sample_id"] if field == "ts" else "store"):
+            store.put_samples([sample(2), p])
+    with pytest.raises(StoreError, match="lab/pi-1 has a ts no float column holds"):
+        store.put_telemetry(telemetry(ts=huge))
+    with pytest.raises(StoreError, match="lab/pi-1 has a ts no float column holds"):
+        store.put_status(protocol.status_payload(device="pi-1", fleet="lab", state="online", ts=huge))
+    assert (store.count_samples(), store.count_telemetry(), store.devices()) == (0, 0, [])
+    store.put_sample(sample(3), "t")  # the store still works
+    assert store.count_samples() == 1
