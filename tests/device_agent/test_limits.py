@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -31,9 +32,23 @@ from craft import entry, tar_gz
 @pytest.mark.parametrize("payload, depth", [
     (b"1", 0), (b"{}", 1), (b'[[1], {"a": [2]}]', 3), (b'"[[[[[[[["', 0), (b'["\\"[[", "\\\\", [[]]]', 3),
     (b"[" * 100000, 100000), (b"]]]][[", 2),
+    # a string with no closing quote runs to the end: json.loads never recurses into what follows it either
+    (b'[["abc\\', 2), (b'["\\"[[[', 1), (b'[[1], "x[[[[', 2), (b'["a\\\\"[[', 3),
 ])
 def test_json_depth_counts_brackets_outside_strings(payload, depth):
     assert limits.json_depth(payload) == depth
+
+
+def test_an_unterminated_string_of_escapes_is_measured_in_one_pass():
+    """A hostile board or client sends a string that never closes, full of escaped quotes, on a topic that takes
+    4 MiB: the depth check must not retry the string from every quote in it (it did: 55 s for 80 KB, hours for
+    4 MiB, the agent's MQTT thread stuck). Run in a child with a bound a linear pass is thousands of times under."""
+    code = ("from device_agent import limits\n"
+            "d = b'\"' + b'\\\\\"' * 2_000_000 + b'[' * 40\n"
+            "assert len(d) > 4_000_000 and limits.json_depth(d) == 0\n"
+            "assert limits.json_depth(b'[' * 40 + d) == 40\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_a_deep_or_big_payload_is_refused_before_json_sees_it():
