@@ -70,9 +70,12 @@ def test_a_batch_of_pubacks_is_the_bytes_paho_sends_one_by_one():
     from edgekit.loop.collect_write import puback
 
     mids = [1, 2, 255, 256, 4097, 65535]
-    sent = []
+    sent, packets = [], []
     for ack in (lambda c: [c.ack(mid, 1) for mid in mids], lambda c: puback(c, mids), lambda c: puback(c, mids[:1])):
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
         ack(client)  # not connected: paho keeps the packets queued
         sent.append(b"".join(bytes(p["packet"]) for p in client._out_packet))
+        packets.append(len(client._out_packet))
     assert sent[0] == sent[1] and sent[2] == sent[0][:4] and len(sent[0]) == 4 * len(mids)
+    # the paho installed here is one whose private queue was checked: the batch really goes out as one write
+    assert packets == [len(mids), 1, 1]

@@ -181,8 +181,10 @@ class Store(LabelingMixin):
             self._commit()
 
     def _flush_touches(self) -> None:
-        """The batch's device rows in one statement per 100 (a round trip each to PostgreSQL), in key order,
-        so that collectors sharing a database lock them in the same order."""
+        """The batch's device rows in one statement per 100 (a round trip each to PostgreSQL), in key order.
+        Telemetry and status upsert their device row where they come in the batch, so two collectors sharing a
+        PostgreSQL database can still lock two rows in opposite orders: PostgreSQL then aborts one batch as a
+        deadlock, and its messages are stored one by one (a cost, nothing lost)."""
         touches, self._touches = self._touches, {}
         rows = [(fleet, device, now, model.get("name") or None, model.get("version") or None)
                 for (fleet, device), (now, model) in sorted(touches.items(), key=lambda kv: kv[0])]
