@@ -279,7 +279,7 @@ class Agent(FleetControl, LiveUpdates, FastPath):
         if decision.flagged:
             sample_id = str(uuid.uuid4())
             seq = self.outbox.next_seq()
-            message = protocol.sample_message(
+            message = protocol.sample_parts(
                 device=self.device, fleet=self.fleet, seq=seq, model=m.model_ref, prediction=pred.to_dict(),
                 reasons=decision.reasons, raw=raw, source=info, sample_id=sample_id, ts=ts,
             )

@@ -34,11 +34,12 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError
+from .protocol import SampleParts
+from .rows import COLUMNS, SCHEMA, Payload, Recent, Row, migrate, payload_size, row_from
 from .space import RESERVE_BYTES, WAL_PAGES_BACKSTOP, Checkpointer, DiskSpace
 from .space import disk_full as _disk_full
 
@@ -46,29 +47,8 @@ __all__ = ["Row", "Outbox", "Publisher", "RESERVE_BYTES"]
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS samples (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    sample_id TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    size INTEGER NOT NULL,
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS samples_sample_id ON samples (sample_id);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS seen (digest TEXT PRIMARY KEY, ts REAL NOT NULL);
-"""
 _SEEN_MAX = 100_000
-_Item = Tuple[str, bytes, str, Optional[str], Optional[int]]  # topic, payload, sample_id, digest, seq
-
-
-@dataclass(frozen=True)
-class Row:
-    id: int
-    sample_id: str
-    topic: str
-    payload: bytes
+_Item = Tuple[str, Payload, str, Optional[str], Optional[int]]  # topic, payload, sample_id, digest, seq
 
 
 class Outbox(DiskSpace):
@@ -108,6 +88,7 @@ class Outbox(DiskSpace):
         self._seen_count = self._db.execute("SELECT COUNT(*) FROM seen").fetchone()[0]
         self._seq = self._meta("seq")
         self.last_id = int(self._db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()[0])
+        self._recent = Recent(self.last_id)  # what is committed from now on, for the publisher, in memory
         self._take_reserve()
         self._checkpointer = Checkpointer(self.path)
         self._wal_pages = 0  # an estimate of the pages written to the WAL since the last checkpoint was asked for
@@ -125,7 +106,12 @@ class Outbox(DiskSpace):
             # a WAL that grew while checkpoints could not keep up (a full disk, a long drain) is cut back to the
             # backstop's size when it is next reset, instead of keeping its largest size on the disk for good
             self._db.execute(f"PRAGMA journal_size_limit={WAL_PAGES_BACKSTOP * 4096}")
-            self._db.executescript(_SCHEMA)
+            # Debian's SQLite (Raspberry Pi OS's too) is built with secure_delete on: each delivered sample's
+            # pages were zeroed on delete, as many pages written as it took to store it. FAST zeroes what is
+            # deleted from b-tree pages only; the freed overflow pages are reused by the next samples.
+            self._db.execute("PRAGMA secure_delete=FAST")
+            self._db.executescript(SCHEMA)
+            migrate(self._db)  # an outbox written by an earlier agent keeps its samples
         except BaseException:
             self._db.close()
             raise
@@ -170,9 +156,11 @@ class Outbox(DiskSpace):
 
     # -- samples ------------------------------------------------------------
     def put(
-        self, topic: str, payload: bytes, sample_id: str, digest: Optional[str] = None, seq: Optional[int] = None
+        self, topic: str, payload: Payload, sample_id: str, digest: Optional[str] = None, seq: Optional[int] = None
     ) -> List[int]:
         """Commit one sample (with its input digest and sequence number); return the ids dropped to make room.
+
+        ``payload``: the message, or its :class:`~.protocol.SampleParts` (stored as raw bytes, see :mod:`.rows`).
 
         Never raises on a database or disk error: on a full disk the oldest samples make room (counted); when
         nothing can be written the sample is dropped (counted, saved with the next write that succeeds).
@@ -192,7 +180,7 @@ class Outbox(DiskSpace):
                             "there is space again", self.path)
             self._last_full = now
             try:
-                freed = self._make_room(len(payload))
+                freed = self._make_room(payload_size(payload))
                 dropped = freed + self._put(topic, payload, sample_id, digest, seq)
             except (sqlite3.Error, OSError) as exc2:
                 self._unsaved_drops += 1
@@ -202,7 +190,7 @@ class Outbox(DiskSpace):
             self._after_full()
         return dropped
 
-    def _put(self, topic: str, payload: bytes, sample_id: str, digest: Optional[str], seq: Optional[int]) -> List[int]:
+    def _put(self, topic: str, payload: Payload, sample_id: str, digest: Optional[str], seq: Optional[int]) -> List[int]:
         return self._put_rows([(topic, payload, sample_id, digest, seq)])
 
     def _put_rows(self, items: Sequence[_Item]) -> List[int]:
@@ -210,13 +198,14 @@ class Outbox(DiskSpace):
         dropped: List[int] = []
         total = 0
         new_id = 0
+        added: list = []
         seqs = [int(it[4]) for it in items if it[4] is not None]
         self._db.execute("BEGIN IMMEDIATE")
         try:
             if self._unsaved_drops:
                 self._bump("dropped", self._unsaved_drops)
             for topic, payload, sample_id, digest, _ in items:
-                size = len(payload)
+                size = payload_size(payload)
                 total += size
                 if size > self.max_bytes:
                     self._bump("dropped", 1)
@@ -235,11 +224,15 @@ class Outbox(DiskSpace):
                         self._db.executemany("DELETE FROM samples WHERE id=?", [(r,) for r in gone])
                         self._bump("dropped", len(gone))
                         dropped.extend(gone)
+                    parts = isinstance(payload, SampleParts)
                     cur = self._db.execute(
-                        "INSERT INTO samples(sample_id, topic, payload, size, created) VALUES(?, ?, ?, ?, ?)",
-                        (sample_id, topic, payload, size, time.time()),
+                        "INSERT INTO samples(sample_id, topic, payload, size, created, head, tail) "
+                        "VALUES(?, ?, ?, ?, ?, ?, ?)",
+                        (sample_id, topic, payload.data if parts else payload, size, time.time(),
+                         payload.head if parts else None, payload.tail if parts else None),
                     )
                     new_id = int(cur.lastrowid)
+                    added.append((new_id, sample_id, topic, payload, size))
                     self._depth += 1 - len(gone)
                     self._bytes += size - freed
                 if digest:
@@ -254,6 +247,9 @@ class Outbox(DiskSpace):
         except BaseException:
             self._rollback()
             raise
+        for entry in added:
+            self._recent.added(*entry)
+        self._recent.forget(dropped)
         self._wrote(total)
         self._unsaved_drops = 0
         if new_id:
@@ -263,7 +259,7 @@ class Outbox(DiskSpace):
         return dropped
 
     # -- samples gathered in a block (the agent's loop) ----------------------
-    def add(self, topic: str, payload: bytes, sample_id: str, digest: Optional[str] = None,
+    def add(self, topic: str, payload: Payload, sample_id: str, digest: Optional[str] = None,
             seq: Optional[int] = None) -> None:
         """Gather one sample for the next :meth:`commit` (one transaction for the block); commits at once when
         the block holds ``batch`` samples or ``batch_bytes``. Until then the sample is in memory only: a
@@ -271,7 +267,7 @@ class Outbox(DiskSpace):
         if not self._block:
             self._block_since = time.monotonic()
         self._block.append((topic, payload, sample_id, digest, seq))
-        self._block_bytes += len(payload)
+        self._block_bytes += payload_size(payload)
         if digest:
             self._block_digests.add(digest)
         if len(self._block) >= self.batch or self._block_bytes >= self.batch_bytes or self._full_since:
@@ -318,16 +314,20 @@ class Outbox(DiskSpace):
         return self._db.execute("SELECT 1 FROM seen WHERE digest=?", (digest,)).fetchone() is not None
 
     def pending(self, after_id: int = 0, limit: int = 100) -> List[Row]:
-        """Samples not yet acknowledged, oldest first, with ``id > after_id``."""
-        cur = self._db.execute(
-            "SELECT id, sample_id, topic, payload FROM samples WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
-        )
-        return [Row(int(r[0]), r[1], r[2], bytes(r[3])) for r in cur]
+        """Samples not yet acknowledged, oldest first, with ``id > after_id``: from memory when they were
+        committed lately (:class:`~.rows.Recent`), else read back from SQLite."""
+        rows = self._recent.after(after_id, limit)
+        if rows is not None:
+            return rows
+        cur = self._db.execute(f"SELECT {COLUMNS} FROM samples WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit))
+        return [row_from(r) for r in cur]
 
     def get(self, row_id: int) -> Optional[Row]:
         """One waiting sample by its row id; None once it is gone (delivered or dropped)."""
-        r = self._db.execute("SELECT id, sample_id, topic, payload FROM samples WHERE id = ?", (row_id,)).fetchone()
-        return Row(int(r[0]), r[1], r[2], bytes(r[3])) if r else None
+        if row_id > self._recent.floor:
+            return self._recent.get(row_id)
+        r = self._db.execute(f"SELECT {COLUMNS} FROM samples WHERE id = ?", (row_id,)).fetchone()
+        return row_from(r) if r else None
 
     def remove_samples(self, sample_ids: Iterable[str]) -> List[str]:
         """Delete the samples a collector acknowledged, by ``sample_id``, in one transaction;
@@ -340,13 +340,13 @@ class Outbox(DiskSpace):
         try:
             return self._remove_samples(sample_ids)
         except (sqlite3.Error, OSError) as exc:
-            if not (_disk_full(exc) and self._release_reserve()):
+            if not _disk_full(exc):
                 raise
-            self._checkpoint()
-            return self._remove_samples(sample_ids)
+            return self._on_full_disk(self._remove_samples, sample_ids)
 
     def _remove_samples(self, sample_ids: List[str]) -> List[str]:
         found: List[str] = []
+        gone: List[int] = []
         freed = 0
         self._db.execute("BEGIN IMMEDIATE")
         try:
@@ -361,13 +361,15 @@ class Outbox(DiskSpace):
                                      [r[0] for r in rows])
                 found.extend(r[1] for r in rows)
                 freed += sum(int(r[2]) for r in rows)
+                gone.extend(r[0] for r in rows)
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+        self._recent.forget(gone)
         self._depth -= len(found)
         self._bytes -= freed
-        self._wrote(freed)
+        self._wrote(freed)  # a checkpoint asked for as often as before a full disk could need it
         return found
 
     def ack(self, ids: Iterable[int]) -> int:
@@ -376,16 +378,15 @@ class Outbox(DiskSpace):
         On a full disk the reserve is given up to make the delete possible; if it still fails the
         rows stay and are published again later (a duplicate, which the collector ignores).
         """
-        ids = list(ids)
+        ids = list(dict.fromkeys(ids))
         if not ids:
             return 0
         try:
             return self._ack(ids)
         except (sqlite3.Error, OSError) as exc:
-            if _disk_full(exc) and self._release_reserve():
-                self._checkpoint()
+            if _disk_full(exc):
                 try:
-                    return self._ack(ids)
+                    return sum(self._on_full_disk(lambda chunk: [self._ack(chunk)], ids))
                 except (sqlite3.Error, OSError) as exc2:
                     exc = exc2
             log.warning("outbox %s: %d acknowledged samples cannot be deleted (%s); they are sent again later",
@@ -393,22 +394,27 @@ class Outbox(DiskSpace):
             return 0
 
     def _ack(self, ids: List[int]) -> int:
-        removed = freed = 0
+        recent = self._recent
+        ids = list(dict.fromkeys(ids))
+        known = [i for i in ids if i in recent]  # in the outbox, their sizes known: no need to ask SQLite
+        removed, freed = len(known), sum(recent.size(i) for i in known)
+        unknown = ids if not known else [i for i in ids if i not in recent]
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for start in range(0, len(ids), 500):  # old SQLite builds bind at most 999 parameters
-                chunk = ids[start:start + 500]
-                marks = ",".join("?" * len(chunk))
-                n, size = self._db.execute(
-                    f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE id IN ({marks})", chunk
-                ).fetchone()
-                self._db.execute(f"DELETE FROM samples WHERE id IN ({marks})", chunk)
+            for start in range(0, len(unknown), 500):  # old SQLite builds bind at most 999 parameters
+                chunk = unknown[start:start + 500]
+                n, size = self._db.execute(f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM samples WHERE id IN "
+                                           f"({','.join('?' * len(chunk))})", chunk).fetchone()
                 removed += int(n)
                 freed += int(size)
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                self._db.execute(f"DELETE FROM samples WHERE id IN ({','.join('?' * len(chunk))})", chunk)
             self._db.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+        recent.forget(ids)
         self._depth -= removed
         self._bytes -= freed
         self._wrote(freed)

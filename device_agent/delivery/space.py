@@ -80,6 +80,26 @@ class DiskSpace:
         except sqlite3.Error:
             pass
 
+    def _on_full_disk(self, delete, keys: list) -> list:
+        """A delete of delivered samples failed on a full disk: without the reserve, the WAL emptied, in
+        transactions of _ROOM_BATCH rows with the WAL emptied between them (a small transaction needs a few
+        pages, which is what a full disk may still have; one for every acknowledged sample at once may not,
+        and then nothing would ever leave the outbox). ``delete(chunk)`` returns a list; the lists joined.
+        A chunk that still fails ends it: what was deleted before is returned (the rest stays, is sent again
+        and acknowledged again); raises when nothing could be deleted."""
+        self._release_reserve()
+        self._checkpoint()
+        out: list = []
+        for start in range(0, len(keys), _ROOM_BATCH):
+            try:
+                out.extend(delete(keys[start:start + _ROOM_BATCH]))
+            except (sqlite3.Error, OSError):
+                if start == 0:
+                    raise
+                break
+            self._checkpoint()
+        return out
+
     def _make_room(self, size: int) -> List[int]:
         """The disk is full: give up the reserve, then drop the oldest samples (counted, in the same
         transactions) until about ``max(4 * size, RESERVE_BYTES / 2)`` bytes are free again."""
@@ -105,6 +125,7 @@ class DiskSpace:
                 self._rollback()
                 raise
             self._unsaved_drops = 0
+            self._recent.forget(r[0] for r in rows)
             dropped.extend(r[0] for r in rows)
             self._depth -= len(rows)
             self._bytes -= sum(r[1] for r in rows)
