@@ -330,12 +330,12 @@ def test_a_bundle_whose_fast_path_cannot_be_prepared_is_refused_and_the_old_bund
         assert status["model"] == m.model_ref
 
 
-def _apply(agent: Agent, bundle_dir: Path):
+def _apply(agent: Agent, bundle_dir: Path, shadow: bool = False):
     """Push ``bundle_dir`` to an agent without a broker, as its MQTT thread would, and apply what the updater
     staged as service() does between two inferences. A weak reference to the staged model's interpreter."""
     import weakref
 
-    agent.updater.offer(TOPIC, json.dumps(protocol.bundle_payload(bundle_dir)).encode())
+    agent.updater.offer(TOPIC, json.dumps(protocol.bundle_payload(bundle_dir, shadow=shadow)).encode())
     assert wait_for(lambda: not agent.updater.ready.empty(), 60), "nothing staged"
     staged = agent.updater.ready.get()
     ref = weakref.ref(staged.model.interpreter)
@@ -410,20 +410,13 @@ def test_a_shadow_candidate_whose_fast_path_cannot_be_prepared_is_refused_closed
     """The same bundle pushed for a shadow run: refused at once (its promotion could never run), its model closed
     and freed, the attempt ended (nothing pending for a restart), the running bundle classifying on."""
     import gc
-    import weakref
 
     from device_agent.sources import ArraySource
 
     x, _ = digits
     bundle = _fast_path_cannot_be_prepared(tmp_path)
     with Agent(make_config(), source=ArraySource(x[:1])) as agent:
-        agent.updater.offer(TOPIC, json.dumps(protocol.bundle_payload(bundle, shadow=True)).encode())
-        assert wait_for(lambda: not agent.updater.ready.empty(), 60), "nothing staged"
-        staged = agent.updater.ready.get()
-        ref = weakref.ref(staged.model.interpreter)
-        agent.updater.ready.put(staged)
-        del staged
-        agent._apply_updates()
+        ref = _apply(agent, bundle, shadow=True)
         assert agent.shadow is None and agent.stats.errors == {"update": 1}
         assert "preparing its fast path failed" in agent.last_update_error
         _classify_some(agent, x)
