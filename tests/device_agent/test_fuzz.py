@@ -152,10 +152,7 @@ def test_json_depth_agrees_with_the_json_module():
     samples = [b"{}", b"[]", b"[[[]]]", b'{"a": "[[[[[[", "b": [1, [2, {"c": "]]]"}]]}', b'"\\\\"', b'["\\"[[["]',
                json.dumps(MANIFEST).encode(), json.dumps(nested(40)).encode()]
     for s in samples:
-        def depth(v):
-            return 1 + max([depth(x) for x in (v.values() if isinstance(v, dict) else v)] or [0]) \
-                if isinstance(v, (dict, list)) else 0
-        assert limits.json_depth(s) == depth(json.loads(s)), s
+        assert limits.json_depth(s) == _depth(json.loads(s)), s
 
 
 def _layouts(x: np.ndarray):
@@ -305,3 +302,25 @@ def test_fuzz_the_translate_lookup_against_the_general_path(make_config, contras
                            m.output_activation)
             assert (line["label"], line["confidence"]) == (ref.label, round(ref.confidence, 6)), \
                 (i, inputs[i].dtype, inputs[i].shape, inputs[i].strides)
+
+
+def _depth(v) -> int:
+    return 1 + max([_depth(x) for x in (v.values() if isinstance(v, dict) else v)] or [0]) \
+        if isinstance(v, (dict, list)) else 0
+
+
+_TRICKY = st.text(alphabet='[]{}"\\ a\n', max_size=12)  # strings of what the depth scan must not count
+JSON_VALUES = st.recursive(st.none() | st.integers() | _TRICKY,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_TRICKY, inner, max_size=3),
+                           max_leaves=20)
+
+
+@given(JSON_VALUES, st.data())
+@settings(FUZZ)
+def test_fuzz_json_depth_on_whole_and_cut_off_json(value, data):
+    """Whatever a board or a client sends: for whole JSON the depth scan gives exactly what json.loads recurses
+    into; cut off anywhere (an unterminated string, say), never more than the whole had, never more than it opens."""
+    text = json.dumps(value).encode()
+    assert limits.json_depth(text) == _depth(value)
+    cut = text[:data.draw(st.integers(0, len(text)))]
+    assert limits.json_depth(cut) <= min(_depth(value), cut.count(b"[") + cut.count(b"{"))
