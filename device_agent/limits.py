@@ -77,9 +77,8 @@ def json_depth(data: bytes) -> int:
     Linear in ``len(data)`` and cheap: ``bytes.count`` answers most payloads at once; the rest is one
     regex pass to blank out strings, one ``bytes.translate`` and a cumulative sum.
     """
-    opens = data.count(b"[") + data.count(b"{")
-    if opens <= 1:
-        return opens
+    if data.count(b"[") + data.count(b"{") == 0:  # (check_json asks only when there are more than max_depth)
+        return 0
     brackets = _STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
     # A closer with nothing open counts as nothing (depth never goes below 0), so it cannot hide what follows.
     if len(brackets) <= 256:
