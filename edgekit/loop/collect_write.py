@@ -32,7 +32,7 @@ _ACK_CHUNK = 512  # sample ids per edgekit.ack/1 message (MAX_ACK_IDS allows 102
 
 
 class _Msg:
-    __slots__ = ("topic", "payload", "mid", "qos", "generation")
+    __slots__ = ("topic", "payload", "mid", "qos", "generation", "admitted")
 
     def __init__(self, topic: str, payload: bytes, mid: int, qos: int, generation: int) -> None:
         self.topic = topic
@@ -40,6 +40,7 @@ class _Msg:
         self.mid = mid
         self.qos = qos
         self.generation = generation
+        self.admitted: Any = None  # the gate's decision (True, or its Malformed), kept for the message's retries
 
 
 class WritePath:
@@ -204,7 +205,7 @@ class WritePath:
             return "ignored"  # someone cleared the retained status
         try:
             if self.gate is not None:
-                self.gate.admit(m.topic)
+                self._admit(m)
             kind, obj = check_message(m.topic, m.payload, self.max_payload_bytes, decode_input=True)
         except Malformed as bad:
             self.store.quarantine(m.topic, m.payload, bad.reason, bad.detail.replace("\x00", ""))
@@ -217,6 +218,19 @@ class WritePath:
             return "telemetry"
         self.store.put_status(obj)
         return "status"
+
+    def _admit(self, m: _Msg) -> None:
+        """The gate once per message: a batch the store refused is stored again message by message, and its
+        retries must not take the device's rate-limit tokens again (nor find a bucket they emptied)."""
+        if m.admitted is None:
+            try:
+                self.gate.admit(m.topic)
+            except Malformed as bad:
+                m.admitted = bad
+                raise
+            m.admitted = True
+        elif m.admitted is not True:
+            raise Malformed(m.admitted.reason, m.admitted.detail)
 
     def _send_acks(self, acks: "_Acks") -> int:
         """After the commit: tell each board which of its samples are stored or quarantined (QoS 1);

@@ -157,3 +157,30 @@ def test_fuzz_only_exact_names_on_topic_and_payload_pass(fleet, device, claimed,
         assert NAME.fullmatch(fleet) and NAME.fullmatch(device)
         assert (obj["fleet"], obj["device"]) == (fleet, device) and claimed in (None, device)
         assert _finite(obj["ts"]) and nest <= 30  # 32 levels: the payload, its model, 30 lists
+
+
+def test_a_batch_the_store_refused_once_is_not_rate_limited_on_its_retry(tmp_path):
+    """The gate's decision on a message holds for its retries: a batch the database refused is stored again
+    message by message, and that must not take the device's tokens a second (and third) time, turning the
+    board's samples into rate-limited ones after a database hiccup."""
+    from edgekit.loop.collect_write import _Msg
+
+    gate = DeviceGate(rate_per_minute=0.001, burst=4, clock=Clock())  # 4 messages, no refill in the test
+    msgs = [_Msg("edgekit/v1/lab/pi-1/samples", json.dumps(sample(i)).encode(), i + 1, 1, 1) for i in range(4)]
+    with open_store(f"sqlite:///{tmp_path / 'samples.db'}") as store:
+        real, calls = store.put_samples, []
+
+        def put_once_refused(payloads):
+            calls.append(len(payloads))
+            if len(calls) == 1:
+                raise RuntimeError("database is locked")  # a hiccup: the batch's transaction is rolled back
+            return real(payloads)
+
+        store.put_samples = put_once_refused
+        collector = Collector("mqtt://127.0.0.1:1883", store, fleet="lab", gate=gate)  # never started: no acks
+        collector._store_batch(msgs)
+        assert calls[0] == 4 and len(calls) == 5  # the batch, then each message on its own
+        assert store.count_samples() == 4 and store.quarantine_counts() == {}
+        assert collector.stats.stored == 4 and collector.stats.malformed == {}
+        with pytest.raises(Malformed, match="rate_limited"):  # the 4 tokens went to these 4 messages, once each
+            gate.admit("edgekit/v1/lab/pi-1/samples")
