@@ -34,6 +34,8 @@ from craft import entry, tar_gz
     (b"[" * 100000, 100000), (b"]]]][[", 2),
     # a string with no closing quote runs to the end: json.loads never recurses into what follows it either
     (b'[["abc\\', 2), (b'["\\"[[[', 1), (b'[[1], "x[[[[', 2), (b'["a\\\\"[[', 3),
+    # runs of backslashes: pairs from the left, an odd run escapes the quote after it
+    (b'["\\\\\\"[", [[]]]', 3), (b'[["a\\\\\\\\\\"[[', 2), (b'["\\\\\\\\", [[]]]', 3),
 ])
 def test_json_depth_counts_brackets_outside_strings(payload, depth):
     assert limits.json_depth(payload) == depth
@@ -42,7 +44,8 @@ def test_json_depth_counts_brackets_outside_strings(payload, depth):
 def test_an_unterminated_string_of_escapes_is_measured_in_one_pass():
     """A hostile board or client sends a string that never closes, full of escaped quotes, on a topic that takes
     4 MiB: the depth check must not retry the string from every quote in it (it did: 55 s for 80 KB, hours for
-    4 MiB, the agent's MQTT thread stuck). Run in a child with a bound a linear pass is thousands of times under."""
+    4 MiB, the agent's MQTT thread stuck). Run in a child with a bound a linear pass is thousands of times under
+    (bench: tens of ms for 4 MiB, whatever the strings hold; a regex pass over the strings took 0.2-0.35 s)."""
     code = ("from device_agent import limits\n"
             "d = b'\"' + b'\\\\\"' * 2_000_000 + b'[' * 40\n"
             "assert len(d) > 4_000_000 and limits.json_depth(d) == 0\n"
